@@ -1,0 +1,259 @@
+"""Every knob once: environment variable, CLI flag, TOML key, default and a line of doc.
+
+Precedence: CLI flag > environment variable > TOML file (``--config`` / ``TIDINGS_CONFIG``) > default.
+A bad value fails at start with one line naming the setting (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A setting with a bad value; ``str()`` is the one line to print."""
+
+
+def _duration(value: str) -> float:
+    """Seconds from ``"30s"``, ``"250ms"``, ``"2m"``; a bare number is milliseconds (the guide's unit)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 250ms, or milliseconds)")
+    number, unit = float(m.group(1)), m.group(2) or "ms"
+    return number * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+
+
+def _int(value: str) -> int:
+    return int(value.replace("_", ""))
+
+
+def _non_negative_int(value: str) -> int:
+    n = _int(value)
+    if n < 0:
+        raise ValueError("must be >= 0")
+    return n
+
+
+def _positive_int(value: str) -> int:
+    n = _int(value)
+    if n <= 0:
+        raise ValueError("must be > 0")
+    return n
+
+
+def _positive_duration(value: str) -> float:
+    d = _duration(value)
+    if d <= 0:
+        raise ValueError("must be > 0")
+    return d
+
+
+def _non_negative_duration(value: str) -> float:
+    d = _duration(value)
+    if d < 0:
+        raise ValueError("must be >= 0")
+    return d
+
+
+def _port(value: str) -> int:
+    n = _int(value)
+    if not 0 <= n <= 65535:
+        raise ValueError("must be a port number 0-65535")
+    return n
+
+
+def _bool(value: str) -> bool:
+    low = value.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _str(value: str) -> str:
+    return value
+
+
+def _optional_str(value: str) -> str | None:
+    return value or None
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        low = value.strip().lower()
+        if low not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return low
+
+    return parse
+
+
+def _json_object(value: str) -> dict[str, Any] | None:
+    if not value:
+        return None
+    obj = json.loads(value)
+    if not isinstance(obj, dict):
+        raise ValueError("must be a JSON object")
+    return obj
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Setting:
+    """One knob: its field name, env var, parser and doc line."""
+
+    field: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    doc: str
+
+    @property
+    def flag(self) -> str:
+        """The CLI flag, e.g. ``--max-connections``."""
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def toml_key(self) -> str:
+        """The key in the TOML file (top level or under ``[tidings]``)."""
+        return self.field
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "HOST", _str, "0.0.0.0", "Address to listen on."),
+    Setting("port", "PORT", _port, 4000, "TCP port for WebSocket and HTTP."),
+    Setting("max_connections", "MAX_CONNECTIONS", _positive_int, 10_000,
+            "WebSocket connections per process; beyond it the upgrade is refused with 503."),
+    Setting("max_connections_per_user", "MAX_CONNECTIONS_PER_USER", _non_negative_int, 100,
+            "Connections per JWT `sub` (0 = unlimited); beyond it the upgrade gets 429."),
+    Setting("max_channels_per_client", "MAX_CHANNELS_PER_CLIENT", _positive_int, 100,
+            "Channels one connection may join (join error ChannelRateLimitReached)."),
+    Setting("max_joins_per_second", "MAX_JOINS_PER_SECOND", _positive_int, 1_000,
+            "Joins per second on this node, averaged over 10 s (join error ClientJoinRateLimitReached)."),
+    Setting("max_messages_per_second", "MAX_MESSAGES_PER_SECOND", _positive_int, 100,
+            "Messages per second one client may send (bursts of one second allowed)."),
+    Setting("max_node_messages_per_second", "MAX_NODE_MESSAGES_PER_SECOND", _positive_int, 50_000,
+            "Client messages per second on this node, all clients together."),
+    Setting("max_payload_size_kb", "MAX_PAYLOAD_SIZE_KB", _positive_int, 1_000,
+            "Largest broadcast/presence payload in KB (broadcast dropped, REST 413)."),
+    Setting("max_frame_size", "MAX_FRAME_SIZE", _positive_int, 1_048_576,
+            "Largest WebSocket message in bytes; a bigger one closes the connection with 1009."),
+    Setting("max_unsent_bytes", "MAX_UNSENT_BYTES", _positive_int, 1_048_576,
+            "Unsent bytes per connection before it is closed as a slow consumer (1013)."),
+    Setting("heartbeat_interval", "HEARTBEAT_INTERVAL", _positive_duration, 30.0,
+            "Expected client heartbeat interval; a connection silent for 2x this is closed. "
+            "Bare numbers are milliseconds (30000), or use units (30s)."),
+    Setting("connect_error_backoff", "CONNECT_ERROR_BACKOFF_MS", _non_negative_duration, 2.0,
+            "Delay before a refused WebSocket upgrade is answered (slows retry storms)."),
+    Setting("channel_error_backoff", "CHANNEL_ERROR_BACKOFF_MS", _non_negative_duration, 5.0,
+            "Delay before a join error reply is sent (both clients retry joins)."),
+    Setting("drain_window", "DRAIN_WINDOW", _non_negative_duration, 10.0,
+            "On SIGTERM, connections are closed (1012) in batches spread over this window."),
+    Setting("jwt_secret", "JWT_SECRET", _optional_str, None,
+            "HS256/384/512 secret. Unset (and no JWKS): the server is open to everyone."),
+    Setting("jwt_jwks", "JWT_JWKS", _json_object, None,
+            "JSON Web Key Set (JSON text) for RS/ES/PS/EdDSA tokens, matched by `kid`."),
+    Setting("jwt_claim_validators", "JWT_CLAIM_VALIDATORS", _json_object, None,
+            'Claims that must match, as JSON, e.g. {"iss":"supabase"}.'),
+    Setting("history_size", "HISTORY_SIZE", _non_negative_int, 100,
+            "Broadcasts kept per channel for recovery on rejoin (0 = no history)."),
+    Setting("history_ttl", "HISTORY_TTL", _positive_duration, 300.0,
+            "How long broadcasts stay in a channel's history."),
+    Setting("replay_max", "REPLAY_MAX", _positive_int, 100,
+            "Most messages a rejoin may replay (Supabase uses 25)."),
+    Setting("log_level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info", "Log level."),
+    Setting("log_format", "LOG_FORMAT", _choice("plain", "json"), "plain", "Log line format."),
+)
+
+_BY_FIELD = {s.field: s for s in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """The effective settings (see :data:`SETTINGS` for their docs)."""
+
+    host: str = "0.0.0.0"
+    port: int = 4000
+    max_connections: int = 10_000
+    max_connections_per_user: int = 100
+    max_channels_per_client: int = 100
+    max_joins_per_second: int = 1_000
+    max_messages_per_second: int = 100
+    max_node_messages_per_second: int = 50_000
+    max_payload_size_kb: int = 1_000
+    max_frame_size: int = 1_048_576
+    max_unsent_bytes: int = 1_048_576
+    heartbeat_interval: float = 30.0
+    connect_error_backoff: float = 2.0
+    channel_error_backoff: float = 5.0
+    drain_window: float = 10.0
+    jwt_secret: str | None = None
+    jwt_jwks: dict[str, Any] | None = None
+    jwt_claim_validators: dict[str, Any] | None = None
+    history_size: int = 100
+    history_ttl: float = 300.0
+    replay_max: int = 100
+    log_level: str = "info"
+    log_format: str = "plain"
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (already-typed values)."""
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """``(ENV_VAR, value, doc)`` rows; secrets are masked."""
+        rows = []
+        for s in SETTINGS:
+            value = getattr(self, s.field)
+            shown = "(set)" if s.field == "jwt_secret" and value else json.dumps(value) if isinstance(
+                value, dict
+            ) else str(value)
+            rows.append((s.env, shown, s.doc))
+        return rows
+
+
+def _parse(setting: Setting, raw: Any, source: str) -> Any:
+    if raw is None:
+        return None
+    text = json.dumps(raw) if isinstance(raw, dict) else str(raw).lower() if isinstance(raw, bool) else str(raw)
+    try:
+        return setting.parse(text)
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"invalid {setting.env} ({source}): {raw!r}: {exc}") from None
+
+
+def load_config(
+    cli: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    toml_path: str | None = None,
+) -> Config:
+    """Resolve every setting from CLI values, the environment and an optional TOML file."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    toml_path = toml_path or environ.get("TIDINGS_CONFIG")
+    if toml_path:
+        try:
+            with open(toml_path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"invalid TIDINGS_CONFIG ({toml_path}): {exc}") from None
+        table = data.get("tidings", data)
+        for key, raw in table.items():
+            setting = _BY_FIELD.get(key)
+            if setting is None:
+                raise ConfigError(f"unknown setting {key!r} in {toml_path}")
+            values[key] = _parse(setting, raw, toml_path)
+    for s in SETTINGS:
+        if s.env in environ:
+            values[s.field] = _parse(s, environ[s.env], "environment")
+    for key, raw in (cli or {}).items():
+        if raw is not None:
+            values[key] = _parse(_BY_FIELD[key], raw, _BY_FIELD[key].flag)
+    return Config(**values)

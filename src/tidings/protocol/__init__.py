@@ -1,0 +1,1 @@
+"""Pure Phoenix / Supabase Realtime protocol: no asyncio, no sockets, no drivers."""

@@ -1,0 +1,155 @@
+"""``phx_join`` payload -> typed :class:`JoinConfig`, or a :class:`JoinError` with the exact reason.
+
+Validation is lenient as Supabase's is: a field of the wrong type is logged by the caller (see
+``JoinConfig.warnings``) and its default is used; only what makes the join meaningless is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from . import errors
+
+__all__ = ["TOPIC_PREFIX", "JoinConfig", "JoinError", "Replay", "parse_bool", "parse_join"]
+
+TOPIC_PREFIX = "realtime:"
+REPLAY_MAX = 25
+
+
+class JoinError(Exception):
+    """A join refused with ``reason`` (``"<Code>: <message>"``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replay:
+    """Messages asked for at join: by time (``since`` ms epoch) and/or sequence (``since_seq``)."""
+
+    since: int | None
+    since_seq: int | None
+    limit: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JoinConfig:
+    """A validated ``phx_join``."""
+
+    topic: str
+    sub_topic: str
+    private: bool = False
+    broadcast_self: bool = False
+    broadcast_ack: bool = False
+    presence_key: str = ""
+    presence_enabled: bool = False
+    postgres_changes: tuple[dict[str, Any], ...] = ()
+    access_token: str | None = None
+    replay: Replay | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def parse_bool(value: object, default: bool = False) -> bool | None:
+    """JSON booleans or the strings ``"true"``/``"false"`` (any case); ``None`` when neither."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low == "true":
+            return True
+        if low == "false":
+            return False
+    return None
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def parse_join(topic: str, payload: dict[str, Any]) -> JoinConfig:
+    """Validate a join request; raises :class:`JoinError` when it must be refused."""
+    if not topic.startswith(TOPIC_PREFIX):
+        raise JoinError(errors.UNMATCHED_TOPIC)
+    sub_topic = topic[len(TOPIC_PREFIX) :]
+    if not sub_topic:
+        raise JoinError(errors.TOPIC_NAME_REQUIRED)
+    warnings: list[str] = []
+
+    def flag(container: dict[str, Any], key: str, where: str) -> bool:
+        got = parse_bool(container.get(key))
+        if got is None:
+            warnings.append(f"{where}.{key} is not a boolean; using false")
+            return False
+        return got
+
+    config = payload.get("config")
+    if not isinstance(config, dict):
+        if config is not None:
+            warnings.append("config is not an object; using defaults")
+        config = {}
+    broadcast = config.get("broadcast")
+    if not isinstance(broadcast, dict):
+        broadcast = {}
+    presence = config.get("presence")
+    if not isinstance(presence, dict):
+        presence = {}
+
+    key = presence.get("key", "")
+    presence_key = "" if key is None else key if isinstance(key, str) else str(key)
+
+    pg = config.get("postgres_changes") or []
+    if not isinstance(pg, list):
+        warnings.append("postgres_changes is not a list; ignoring it")
+        pg = []
+    bindings = tuple(b for b in pg if b is not None)
+    for b in bindings:
+        if not isinstance(b, dict):
+            raise JoinError("Unable to subscribe to changes with given parameters: each entry must be an object")
+
+    replay = None
+    raw_replay = broadcast.get("replay")
+    if raw_replay is not None:
+        if not isinstance(raw_replay, dict):
+            raise JoinError("UnableToReplayMessages: Replay params are not valid")
+        since, since_seq = raw_replay.get("since"), raw_replay.get("since_seq")
+        since_i, since_seq_i = _int(since), _int(since_seq)
+        if (since is not None and since_i is None) or (since_seq is not None and since_seq_i is None):
+            raise JoinError("UnableToReplayMessages: Replay params are not valid")
+        if since_i is None and since_seq_i is None:
+            raise JoinError("UnableToReplayMessages: Replay params are not valid")
+        limit_raw = raw_replay.get("limit")
+        limit = REPLAY_MAX if limit_raw is None else _int(limit_raw)
+        if limit is None:
+            raise JoinError("UnableToReplayMessages: Replay params are not valid")
+        replay = Replay(since=since_i, since_seq=since_seq_i, limit=max(1, min(limit, REPLAY_MAX)))
+
+    token = payload.get("access_token", payload.get("user_token"))
+    if token is not None and not isinstance(token, str):
+        warnings.append("access_token is not a string; ignoring it")
+        token = None
+
+    return JoinConfig(
+        topic=topic,
+        sub_topic=sub_topic,
+        private=flag(config, "private", "config"),
+        broadcast_self=flag(broadcast, "self", "broadcast"),
+        broadcast_ack=flag(broadcast, "ack", "broadcast"),
+        presence_key=presence_key,
+        presence_enabled=flag(presence, "enabled", "presence"),
+        postgres_changes=bindings,
+        access_token=token,
+        replay=replay,
+        warnings=tuple(warnings),
+    )
