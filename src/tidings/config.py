@@ -129,45 +129,140 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "HOST", _str, "0.0.0.0", "Address to listen on."),
     Setting("port", "PORT", _port, 4000, "TCP port for WebSocket and HTTP."),
-    Setting("max_connections", "MAX_CONNECTIONS", _positive_int, 10_000,
-            "WebSocket connections per process; beyond it the upgrade is refused with 503."),
-    Setting("max_connections_per_user", "MAX_CONNECTIONS_PER_USER", _non_negative_int, 100,
-            "Connections per JWT `sub` (0 = unlimited); beyond it the upgrade gets 429."),
-    Setting("max_channels_per_client", "MAX_CHANNELS_PER_CLIENT", _positive_int, 100,
-            "Channels one connection may join (join error ChannelRateLimitReached)."),
-    Setting("max_joins_per_second", "MAX_JOINS_PER_SECOND", _positive_int, 1_000,
-            "Joins per second on this node, averaged over 10 s (join error ClientJoinRateLimitReached)."),
-    Setting("max_messages_per_second", "MAX_MESSAGES_PER_SECOND", _positive_int, 100,
-            "Messages per second one client may send (bursts of one second allowed)."),
-    Setting("max_node_messages_per_second", "MAX_NODE_MESSAGES_PER_SECOND", _positive_int, 50_000,
-            "Client messages per second on this node, all clients together."),
-    Setting("max_payload_size_kb", "MAX_PAYLOAD_SIZE_KB", _positive_int, 1_000,
-            "Largest broadcast/presence payload in KB (broadcast dropped, REST 413)."),
-    Setting("max_frame_size", "MAX_FRAME_SIZE", _positive_int, 1_048_576,
-            "Largest WebSocket message in bytes; a bigger one closes the connection with 1009."),
-    Setting("max_unsent_bytes", "MAX_UNSENT_BYTES", _positive_int, 1_048_576,
-            "Unsent bytes per connection before it is closed as a slow consumer (1013)."),
-    Setting("heartbeat_interval", "HEARTBEAT_INTERVAL", _positive_duration, 30.0,
-            "Expected client heartbeat interval; a connection silent for 2x this is closed. "
-            "Bare numbers are milliseconds (30000), or use units (30s)."),
-    Setting("connect_error_backoff", "CONNECT_ERROR_BACKOFF_MS", _non_negative_duration, 2.0,
-            "Delay before a refused WebSocket upgrade is answered (slows retry storms)."),
-    Setting("channel_error_backoff", "CHANNEL_ERROR_BACKOFF_MS", _non_negative_duration, 5.0,
-            "Delay before a join error reply is sent (both clients retry joins)."),
-    Setting("drain_window", "DRAIN_WINDOW", _non_negative_duration, 10.0,
-            "On SIGTERM, connections are closed (1012) in batches spread over this window."),
-    Setting("jwt_secret", "JWT_SECRET", _optional_str, None,
-            "HS256/384/512 secret. Unset (and no JWKS): the server is open to everyone."),
-    Setting("jwt_jwks", "JWT_JWKS", _json_object, None,
-            "JSON Web Key Set (JSON text) for RS/ES/PS/EdDSA tokens, matched by `kid`."),
-    Setting("jwt_claim_validators", "JWT_CLAIM_VALIDATORS", _json_object, None,
-            'Claims that must match, as JSON, e.g. {"iss":"supabase"}.'),
-    Setting("history_size", "HISTORY_SIZE", _non_negative_int, 100,
-            "Broadcasts kept per channel for recovery on rejoin (0 = no history)."),
-    Setting("history_ttl", "HISTORY_TTL", _positive_duration, 300.0,
-            "How long broadcasts stay in a channel's history."),
-    Setting("replay_max", "REPLAY_MAX", _positive_int, 100,
-            "Most messages a rejoin may replay (Supabase uses 25)."),
+    Setting(
+        "max_connections",
+        "MAX_CONNECTIONS",
+        _positive_int,
+        10_000,
+        "WebSocket connections per process; beyond it the upgrade is refused with 503.",
+    ),
+    Setting(
+        "max_connections_per_user",
+        "MAX_CONNECTIONS_PER_USER",
+        _non_negative_int,
+        100,
+        "Connections per JWT `sub` (0 = unlimited); beyond it the upgrade gets 429.",
+    ),
+    Setting(
+        "max_channels_per_client",
+        "MAX_CHANNELS_PER_CLIENT",
+        _positive_int,
+        100,
+        "Channels one connection may join (join error ChannelRateLimitReached).",
+    ),
+    Setting(
+        "max_joins_per_second",
+        "MAX_JOINS_PER_SECOND",
+        _positive_int,
+        1_000,
+        "Joins per second on this node, averaged over 10 s (join error ClientJoinRateLimitReached).",
+    ),
+    Setting(
+        "max_messages_per_second",
+        "MAX_MESSAGES_PER_SECOND",
+        _positive_int,
+        100,
+        "Messages per second one client may send (bursts of one second allowed).",
+    ),
+    Setting(
+        "max_node_messages_per_second",
+        "MAX_NODE_MESSAGES_PER_SECOND",
+        _positive_int,
+        50_000,
+        "Client messages per second on this node, all clients together.",
+    ),
+    Setting(
+        "max_payload_size_kb",
+        "MAX_PAYLOAD_SIZE_KB",
+        _positive_int,
+        1_000,
+        "Largest broadcast/presence payload in KB (broadcast dropped, REST 413).",
+    ),
+    Setting(
+        "max_frame_size",
+        "MAX_FRAME_SIZE",
+        _positive_int,
+        1_048_576,
+        "Largest WebSocket message in bytes; a bigger one closes the connection with 1009.",
+    ),
+    Setting(
+        "max_unsent_bytes",
+        "MAX_UNSENT_BYTES",
+        _positive_int,
+        1_048_576,
+        "Unsent bytes per connection before it is closed as a slow consumer (1013).",
+    ),
+    Setting(
+        "heartbeat_interval",
+        "HEARTBEAT_INTERVAL",
+        _positive_duration,
+        30.0,
+        "Expected client heartbeat interval; a connection silent for 2x this is closed. "
+        "Bare numbers are milliseconds (30000), or use units (30s).",
+    ),
+    Setting(
+        "connect_error_backoff",
+        "CONNECT_ERROR_BACKOFF_MS",
+        _non_negative_duration,
+        2.0,
+        "Delay before a refused WebSocket upgrade is answered (slows retry storms).",
+    ),
+    Setting(
+        "channel_error_backoff",
+        "CHANNEL_ERROR_BACKOFF_MS",
+        _non_negative_duration,
+        5.0,
+        "Delay before a join error reply is sent (both clients retry joins).",
+    ),
+    Setting(
+        "drain_window",
+        "DRAIN_WINDOW",
+        _non_negative_duration,
+        10.0,
+        "On SIGTERM, connections are closed (1012) in batches spread over this window.",
+    ),
+    Setting(
+        "jwt_secret",
+        "JWT_SECRET",
+        _optional_str,
+        None,
+        "HS256/384/512 secret. Unset (and no JWKS): the server is open to everyone.",
+    ),
+    Setting(
+        "jwt_jwks",
+        "JWT_JWKS",
+        _json_object,
+        None,
+        "JSON Web Key Set (JSON text) for RS/ES/PS/EdDSA tokens, matched by `kid`.",
+    ),
+    Setting(
+        "jwt_claim_validators",
+        "JWT_CLAIM_VALIDATORS",
+        _json_object,
+        None,
+        'Claims that must match, as JSON, e.g. {"iss":"supabase"}.',
+    ),
+    Setting(
+        "history_size",
+        "HISTORY_SIZE",
+        _non_negative_int,
+        100,
+        "Broadcasts kept per channel for recovery on rejoin (0 = no history).",
+    ),
+    Setting(
+        "history_ttl",
+        "HISTORY_TTL",
+        _positive_duration,
+        300.0,
+        "How long broadcasts stay in a channel's history.",
+    ),
+    Setting(
+        "replay_max",
+        "REPLAY_MAX",
+        _positive_int,
+        100,
+        "Most messages a rejoin may replay (Supabase uses 25).",
+    ),
     Setting("log_level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info", "Log level."),
     Setting("log_format", "LOG_FORMAT", _choice("plain", "json"), "plain", "Log line format."),
 )
@@ -212,9 +307,13 @@ class Config:
         rows = []
         for s in SETTINGS:
             value = getattr(self, s.field)
-            shown = "(set)" if s.field == "jwt_secret" and value else json.dumps(value) if isinstance(
-                value, dict
-            ) else str(value)
+            shown = (
+                "(set)"
+                if s.field == "jwt_secret" and value
+                else json.dumps(value)
+                if isinstance(value, dict)
+                else str(value)
+            )
             rows.append((s.env, shown, s.doc))
         return rows
 
@@ -222,7 +321,9 @@ class Config:
 def _parse(setting: Setting, raw: Any, source: str) -> Any:
     if raw is None:
         return None
-    text = json.dumps(raw) if isinstance(raw, dict) else str(raw).lower() if isinstance(raw, bool) else str(raw)
+    text = (
+        json.dumps(raw) if isinstance(raw, dict) else str(raw).lower() if isinstance(raw, bool) else str(raw)
+    )
     try:
         return setting.parse(text)
     except (ValueError, json.JSONDecodeError) as exc:

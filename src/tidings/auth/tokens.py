@@ -173,7 +173,11 @@ class Verifier:
 
 
 def mint_token(
-    secret: str, role: str = "anon", sub: str | None = None, ttl: float = 3600.0, now: float | None = None,
+    secret: str,
+    role: str = "anon",
+    sub: str | None = None,
+    ttl: float = 3600.0,
+    now: float | None = None,
     **claims: Any,
 ) -> str:
     """Mint an HS256 token (for development and tests)."""

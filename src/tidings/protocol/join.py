@@ -116,7 +116,9 @@ def parse_join(topic: str, payload: dict[str, Any]) -> JoinConfig:
     bindings = tuple(b for b in pg if b is not None)
     for b in bindings:
         if not isinstance(b, dict):
-            raise JoinError("Unable to subscribe to changes with given parameters: each entry must be an object")
+            raise JoinError(
+                "Unable to subscribe to changes with given parameters: each entry must be an object"
+            )
 
     replay = None
     raw_replay = broadcast.get("replay")

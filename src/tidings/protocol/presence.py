@@ -28,7 +28,7 @@ class RefMaker:
 
     def __call__(self) -> str:
         n = next(self._counter)
-        return self._prefix + base64.urlsafe_b64encode(n.to_bytes(8, "big").lstrip(b"\0") or b"\0").decode()
+        return self._prefix + base64.urlsafe_b64encode(n.to_bytes(8, "big").lstrip(b"\0") or b"\0").decode().rstrip("=")
 
 
 class PresenceState:
@@ -65,9 +65,9 @@ class PresenceState:
         previous = self._by_owner.get(owner)
         if previous is not None:
             old_key, old_meta = previous
-            if old_key == key and {k: v for k, v in old_meta.items() if k not in ("phx_ref", "phx_ref_prev")} == (
-                user_state
-            ):
+            if old_key == key and {
+                k: v for k, v in old_meta.items() if k not in ("phx_ref", "phx_ref_prev")
+            } == (user_state):
                 return None
         meta = dict(user_state)
         meta.pop("phx_ref_prev", None)

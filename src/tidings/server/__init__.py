@@ -1,0 +1,1 @@
+"""I/O: the lean WebSocket protocol, the HTTP API, metrics and the process lifecycle."""

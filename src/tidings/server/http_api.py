@@ -1,0 +1,174 @@
+"""HTTP routes: REST broadcast, health and metrics, under ``/api`` and ``/realtime/v1/api``.
+
+Not the hot path: Starlette under uvicorn, on the same port as the WebSocket endpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..auth.tokens import AuthError, Principal
+from ..node import Node
+from .metrics_http import render_prometheus
+
+__all__ = ["build_routes", "cors_middleware"]
+
+PREFIXES = ("/api", "/realtime/v1/api")
+MAX_BATCH = 1000
+
+
+def _node(request: Request) -> Node:
+    node: Node = request.state.node
+    return node
+
+
+def _authenticate(request: Request) -> Principal | Response:
+    node = _node(request)
+    auth = request.headers.get("authorization", "")
+    token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+    token = token or request.headers.get("apikey") or request.query_params.get("apikey")
+    if not node.verifier.enabled:
+        return node.verifier.verify(token)
+    try:
+        return node.verifier.verify(token)
+    except AuthError:
+        return JSONResponse({"message": "Unauthorized"}, status_code=401)
+
+
+def _rate_limited(node: Node, count: int) -> Response | None:
+    if not node.message_bucket.take(time.monotonic(), count):
+        node.metrics.rate_limited += 1
+        return JSONResponse({"message": "You have exceeded your rate limit"}, status_code=429)
+    return None
+
+
+def _may_write(node: Node, principal: Principal, private: bool) -> bool:
+    return not private or not node.verifier.enabled or principal.role not in ("anon", "")
+
+
+async def broadcast_batch(request: Request) -> Response:
+    """``POST /api/broadcast`` with ``{"messages": [{topic, event, payload, private?, id?}]}``."""
+    node = _node(request)
+    principal = _authenticate(request)
+    if isinstance(principal, Response):
+        return principal
+    body = await request.body()
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return JSONResponse({"errors": {"body": ["is not valid JSON"]}}, status_code=422)
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list):
+        return JSONResponse({"errors": {"messages": ["can't be blank"]}}, status_code=422)
+    if len(messages) > MAX_BATCH:
+        return JSONResponse(
+            {"message": "Too many messages to broadcast, please reduce the batch size"}, status_code=429
+        )
+    errors: dict[str, list[str]] = {}
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            errors[f"messages[{i}]"] = ["must be an object"]
+            continue
+        if not isinstance(m.get("topic"), str) or not m["topic"]:
+            errors.setdefault(f"messages[{i}].topic", []).append("can't be blank")
+        if not isinstance(m.get("event"), str) or not m["event"]:
+            errors.setdefault(f"messages[{i}].event", []).append("can't be blank")
+        if not isinstance(m.get("payload"), dict):
+            errors.setdefault(f"messages[{i}].payload", []).append("must be an object")
+        if "id" in m and m["id"] is not None and not isinstance(m["id"], str):
+            errors.setdefault(f"messages[{i}].id", []).append("must be a string")
+        elif len(orjson.dumps(m.get("payload"))) > node.max_payload_bytes:
+            errors.setdefault(f"messages[{i}].payload", []).append("Payload size exceeds tenant limit")
+    if errors:
+        return JSONResponse({"errors": errors}, status_code=422)
+    limited = _rate_limited(node, len(messages))
+    if limited is not None:
+        return limited
+    for m in messages:
+        private = m.get("private") is True or str(m.get("private")).lower() == "true"
+        if not _may_write(node, principal, private):
+            continue  # unauthorised topics are skipped silently (still 202)
+        node.publish_broadcast(private, m["topic"], m["event"], m["payload"], m.get("id") or None)
+    return Response(status_code=202)
+
+
+async def broadcast_single(request: Request) -> Response:
+    """``POST /api/broadcast/{subtopic}/events/{event}`` with the raw payload as the body."""
+    node = _node(request)
+    principal = _authenticate(request)
+    if isinstance(principal, Response):
+        return principal
+    sub_topic, event = request.path_params["subtopic"], request.path_params["event"]
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    body = await request.body()
+    if len(body) > node.max_payload_bytes:
+        return JSONResponse({"errors": {"payload": ["Payload size exceeds tenant limit"]}}, status_code=422)
+    payload: Any
+    if content_type == "application/octet-stream":
+        payload = body
+    elif content_type == "application/json":
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return JSONResponse({"message": "Body is not valid JSON"}, status_code=422)
+        if payload is None:
+            return JSONResponse({"message": "Payload can't be null"}, status_code=422)
+    else:
+        return JSONResponse({"message": f"Unsupported content type {content_type}"}, status_code=415)
+    private = request.query_params.get("private", "false").lower() == "true"
+    if not _may_write(node, principal, private):
+        return JSONResponse({"message": "Unauthorized"}, status_code=403)
+    limited = _rate_limited(node, 1)
+    if limited is not None:
+        return limited
+    node.publish_broadcast(private, sub_topic, event, payload)
+    return Response(status_code=202)
+
+
+async def health(request: Request) -> Response:
+    """``GET /api/health``: liveness plus a few gauges."""
+    node = _node(request)
+    return JSONResponse(
+        {
+            "status": "draining" if node.draining else "ok",
+            "connections": len(node.sessions),
+            "channels": len(node.hub.groups),
+            "uptime_seconds": round(time.time() - node.started_at, 1),
+        },
+        status_code=503 if node.draining else 200,
+    )
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics`` in the Prometheus text format."""
+    return Response(render_prometheus(_node(request)), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def build_routes() -> list[Route]:
+    """Every HTTP route, under both prefixes the clients derive."""
+    routes = [Route("/metrics", metrics, methods=["GET"])]
+    for prefix in PREFIXES:
+        routes += [
+            Route(f"{prefix}/broadcast", broadcast_batch, methods=["POST"]),
+            Route(f"{prefix}/broadcast/{{subtopic}}/events/{{event}}", broadcast_single, methods=["POST"]),
+            Route(f"{prefix}/health", health, methods=["GET"]),
+        ]
+    return routes
+
+
+def cors_middleware() -> Middleware:
+    """CORS as Supabase answers it: any origin, the clients' headers."""
+    return Middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["apikey", "authorization", "content-type", "x-client-info", "x-api-key"],
+    )

@@ -1,0 +1,265 @@
+"""The lean WebSocket connection: one ``asyncio.Protocol`` with ``__slots__`` per client.
+
+uvicorn parses the HTTP request and, on ``Upgrade: websocket``, hands the transport to this class
+(``uvicorn.Config(ws=WebSocketConnection)``). Framing and the handshake are done by the
+``websockets`` library's sans-I/O :class:`~websockets.server.ServerProtocol`; Phoenix messages go
+to :class:`~tidings.session.Session`. No task per connection: everything happens in
+``data_received`` and the node's shared sweeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import OPEN, Protocol
+from websockets.server import ServerProtocol
+
+from ..auth.tokens import AuthError
+from ..node import Node
+from ..protocol import errors
+from ..protocol.codec import parse_vsn
+from ..protocol.frames import close_frame
+from ..session import Session
+
+__all__ = ["WEBSOCKET_PATHS", "WebSocketConnection"]
+
+log = logging.getLogger("tidings.websocket")
+
+WEBSOCKET_PATHS = frozenset({"/realtime/v1/websocket", "/socket/websocket", "/websocket"})
+CLOSE_GRACE = 5.0  # seconds a closing connection may take to flush before it is aborted
+
+
+def _discard(frame: bytes) -> None:
+    """Writer of a closed connection."""
+
+
+class WebSocketConnection(Session, asyncio.Protocol):
+    """One client connection, from the upgrade request to ``connection_lost``."""
+
+    __slots__ = ("_frag", "_frag_op", "_server_state", "transport", "ws")
+
+    def __init__(
+        self,
+        config: Any = None,
+        server_state: Any = None,
+        app_state: dict[str, Any] | None = None,
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        node: Node | None = None,
+    ) -> None:
+        node = node if node is not None else (app_state or {})["node"]
+        Session.__init__(self, node)
+        self._server_state = server_state
+        self.transport: asyncio.Transport | None = None
+        self.ws = ServerProtocol(max_size=node.config.max_frame_size)
+        self._frag: list[bytes] | None = None
+        self._frag_op = Opcode.TEXT
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._server_state is not None:
+            self._server_state.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        self.last_seen = self.node.tick
+        events = ws.events_received()
+        if events:
+            for event in events:
+                if isinstance(event, Frame):
+                    self.receive_frame(event)
+                elif isinstance(event, Request):
+                    self.handshake(event)
+        self.flush_protocol()
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self.flush_protocol()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._server_state is not None:
+            self._server_state.connections.discard(self)
+        self.finish()
+
+    def pause_writing(self) -> None:
+        """Unsent bytes passed ``MAX_UNSENT_BYTES``: close the slow consumer (1013)."""
+        if not self.closed:
+            self.node.metrics.slow_consumer_closes += 1
+            log.info("closing slow consumer")
+            self.node.loop.call_soon(self.close, 1013, "slow consumer")
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- uvicorn graceful shutdown -----------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Called by uvicorn on SIGTERM for each connection: start (or join) the batched drain."""
+        if self.ws.state is OPEN and not self.closed:
+            self.node.drain()
+        elif self.transport is not None and not self.closed:
+            self.transport.close()
+
+    # -- handshake ---------------------------------------------------------------------------
+
+    def handshake(self, request: Request) -> None:
+        """Route, authenticate and limit an upgrade request, then accept or refuse it."""
+        node = self.node
+        url = urlsplit(request.path)
+        if url.path.rstrip("/") not in WEBSOCKET_PATHS:
+            self.refuse(404, "Not Found", delay=False)
+            return
+        query = parse_qs(url.query)
+        serializer = parse_vsn(query.get("vsn", [None])[0])
+        if serializer is None:
+            self.refuse(400, "Unsupported protocol version", delay=False)
+            return
+        if node.draining:
+            self.refuse(503, "Server is restarting", delay=False)
+            return
+        if len(node.sessions) >= node.config.max_connections:
+            node.metrics.connections_refused += 1
+            log.warning("refusing connection: MAX_CONNECTIONS (%d) reached", node.config.max_connections)
+            self.refuse(503, "Too many connections", delay=False)
+            return
+        token = request.headers.get("x-api-key") or query.get("apikey", [None])[0]
+        if node.verifier.enabled and not token:
+            self.refuse(401, errors.HTTP_API_KEY_MISSING)
+            return
+        try:
+            principal = node.verifier.verify(token)
+        except AuthError as exc:
+            self.refuse(401, exc.http_message)
+            return
+        user = principal.sub
+        per_user = node.config.max_connections_per_user
+        if user is not None and per_user and node.users[user] >= per_user:
+            self.refuse(429, errors.HTTP_TOO_MANY_CONNECTED)
+            return
+        response = self.ws.accept(request)
+        if response.status_code != 101:
+            self.ws.send_response(response)
+            return
+        self.ws.send_response(response)
+        self.serializer = serializer
+        self.principal = principal
+        self.user = user
+        node.register(self, user)
+        assert self.transport is not None
+        self.transport.set_write_buffer_limits(high=node.config.max_unsent_bytes)
+        self.flush_protocol()
+        self.write = self.transport.write
+        self._release_handshake()
+
+    def _release_handshake(self) -> None:
+        # ServerProtocol's parser generator keeps the upgrade request alive (~1.6 KB a
+        # connection). With nothing buffered, restart it as the plain frame parser.
+        ws = self.ws
+        if not ws.reader.buffer:
+            ws.parser = Protocol.parse(ws)
+            next(ws.parser)
+
+    def refuse(self, status: int, message: str, delay: bool = True) -> None:
+        """Answer the upgrade with an HTTP error and a JSON ``{"error": ...}`` body."""
+        self.node.metrics.connections_refused += 1
+        log.info("refusing WebSocket upgrade: %d %s", status, message)
+        body = orjson.dumps({"error": message})
+        headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        response = Response(status, _phrase(status), headers, body)
+
+        def send() -> None:
+            if self.transport is None or self.transport.is_closing():
+                return
+            self.ws.send_response(response)
+            self.flush_protocol()
+
+        wait = self.node.config.connect_error_backoff if delay else 0
+        if wait > 0:
+            self.node.loop.call_later(wait, send)
+        else:
+            send()
+
+    # -- frames ------------------------------------------------------------------------------
+
+    def receive_frame(self, frame: Frame) -> None:
+        """Assemble messages from data frames (control frames are handled by ``ws``)."""
+        opcode = frame.opcode
+        data = cast(bytes, frame.data)
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                self.receive_message(opcode, data)
+            else:
+                self._frag, self._frag_op = [data], opcode
+        elif opcode is Opcode.CONT and self._frag is not None:
+            self._frag.append(data)
+            if frame.fin:
+                whole, self._frag = b"".join(self._frag), None
+                self.receive_message(self._frag_op, whole)
+
+    def receive_message(self, opcode: Opcode, data: bytes) -> None:
+        """One complete WebSocket message."""
+        if self.closed:
+            return
+        if opcode is Opcode.TEXT:
+            try:
+                data.decode()
+            except UnicodeDecodeError:
+                self.close(1007, "invalid UTF-8")
+                return
+            self.receive_text(data)
+        else:
+            self.receive_binary(data)
+
+    def flush_protocol(self) -> None:
+        """Write what ``ws`` produced (handshake, pongs, close replies); EOF closes the socket."""
+        transport = self.transport
+        if transport is None:
+            return
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            else:
+                transport.close()
+                self.finish()
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame and close the TCP connection; channels are torn down at once."""
+        if self.closed:
+            return
+        transport = self.transport
+        self.finish()
+        if transport is None or transport.is_closing():
+            return
+        if self.ws.state is OPEN:
+            transport.write(close_frame(code, reason))
+        transport.close()
+        self.node.loop.call_later(CLOSE_GRACE, transport.abort)
+
+    def finish(self) -> None:
+        """Forget the connection: leave every channel (presence leaves) and unregister."""
+        if self.closed:
+            return
+        self.closed = True
+        self.write = _discard
+        self.leave_all()
+        if self.principal is not None:
+            self.node.unregister(self, self.user)
+
+
+def _phrase(status: int) -> str:
+    return {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests"}.get(
+        status, "Service Unavailable"
+    )

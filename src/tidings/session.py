@@ -1,0 +1,458 @@
+"""One client connection's Phoenix state: joined channels, limits, last activity.
+
+:class:`Session` holds no socket. It receives decoded text/binary messages and writes complete
+WebSocket frames through :meth:`Session.write`; the I/O subclass (``server.websocket``) supplies
+``write`` and ``close``. Peer input never raises out of here: bad messages are logged and dropped,
+or answered with the documented error reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .auth.tokens import AuthError, Principal
+from .limits import TokenBucket
+from .node import Node, group_key
+from .protocol import errors
+from .protocol.codec import (
+    MalformedMessage,
+    Message,
+    Outbound,
+    Serializer,
+    decode_binary,
+    decode_text,
+    encode_close,
+    encode_push,
+    encode_reply,
+)
+from .protocol.join import JoinConfig, JoinError, parse_join
+
+__all__ = ["Channel", "Session"]
+
+log = logging.getLogger("tidings.session")
+
+PRESENCE_MAX_CALLS = 5
+PRESENCE_WINDOW = 30.0
+_OK: dict[str, Any] = {}
+
+
+def _discard(frame: bytes) -> None:
+    """The writer of a session with no open transport."""
+
+
+class Channel:
+    """One joined channel instance of a session."""
+
+    __slots__ = (
+        "ack",
+        "broadcast_self",
+        "closed",
+        "join_ref",
+        "key",
+        "presence_bucket",
+        "presence_enabled",
+        "presence_key",
+        "principal",
+        "private",
+        "session",
+        "sub_topic",
+        "topic",
+    )
+
+    def __init__(self, session: Session, cfg: JoinConfig, join_ref: str | None, principal: Principal) -> None:
+        self.session = session
+        self.topic = cfg.topic
+        self.sub_topic = cfg.sub_topic
+        self.private = cfg.private
+        self.key = group_key(cfg.private, cfg.sub_topic)
+        self.join_ref = join_ref
+        self.broadcast_self = cfg.broadcast_self
+        self.ack = cfg.broadcast_ack
+        self.presence_key = cfg.presence_key or session.node.hub.refs()
+        self.presence_enabled = cfg.presence_enabled
+        self.principal = principal
+        self.presence_bucket: TokenBucket | None = None
+        self.closed = False
+
+    def token_expired(self, exp: float, now: float) -> None:
+        """Called by the node's sweeper when a scheduled expiry is due."""
+        if self.closed or self.principal.exp != exp:
+            return
+        self.session.shutdown_channel(self, errors.token_expired_message(int(now - exp)))
+
+
+class Session:
+    """Phoenix protocol state of one connection (no I/O)."""
+
+    __slots__ = (
+        "channels",
+        "closed",
+        "last_seen",
+        "msg_bucket",
+        "node",
+        "principal",
+        "serializer",
+        "user",
+        "write",
+    )
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.serializer = Serializer.V1
+        self.principal: Principal | None = None
+        self.user: str | None = None
+        self.channels: dict[str, Channel] = {}
+        self.last_seen = node.tick
+        self.msg_bucket: TokenBucket | None = None
+        self.closed = False
+        # Writes one complete WebSocket frame. The I/O layer sets it to ``transport.write`` so
+        # replies and fan-out cost one call; it is reset to a no-op once the connection closes.
+        self.write: Callable[[bytes], object] = _discard
+
+    # -- provided by the I/O layer -----------------------------------------------------------
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close the connection with a WebSocket close code."""
+        raise NotImplementedError
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    def receive_text(self, data: bytes) -> None:
+        """A complete text message arrived."""
+        try:
+            msg = decode_text(data, self.serializer)
+        except MalformedMessage as exc:
+            self.node.metrics.malformed += 1
+            log.info("MalformedWebSocketMessage: %s", exc)
+            return
+        self.dispatch(msg, len(data))
+
+    def receive_binary(self, data: bytes) -> None:
+        """A complete binary message arrived (vsn 2.0.0 user broadcast push)."""
+        try:
+            if self.serializer is not Serializer.V2:
+                raise MalformedMessage("binary messages need vsn 2.0.0")
+            msg = decode_binary(data)
+        except MalformedMessage as exc:
+            self.node.metrics.malformed += 1
+            log.info("MalformedWebSocketMessage: %s", exc)
+            return
+        self.dispatch(msg, len(data))
+
+    def dispatch(self, msg: Message, size: int) -> None:
+        """Route one decoded message."""
+        node = self.node
+        node.metrics.messages_in += 1
+        node.metrics.bytes_in += size
+        topic, event = msg.topic, msg.event
+        if topic == "phoenix":
+            if event == "heartbeat":
+                self.write(encode_reply(self.serializer, None, msg.ref, "phoenix", "ok", _OK))
+            return
+        if event == "phx_join":
+            self.join(msg)
+            return
+        channel = self.channels.get(topic)
+        if channel is None:
+            status = "ok" if event == "phx_leave" else "error"
+            response = _OK if event == "phx_leave" else {"reason": errors.UNMATCHED_TOPIC}
+            self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, topic, status, response))
+            return
+        if event == "broadcast":
+            self.broadcast(channel, msg, size)
+        elif event == "presence":
+            self.presence(channel, msg, size)
+        elif event == "phx_leave":
+            self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, topic, "ok", _OK))
+            self.write(encode_close(self.serializer, channel.join_ref, topic))
+            self.leave(channel)
+        elif event == "access_token":
+            self.access_token(channel, msg)
+        else:
+            log.debug("ignoring event %r on %s", event, topic)
+
+    # -- join / leave ------------------------------------------------------------------------
+
+    def join(self, msg: Message) -> None:
+        """Handle ``phx_join`` in the order of spec section 3.3."""
+        node = self.node
+        try:
+            cfg = parse_join(msg.topic, msg.payload)
+        except JoinError as exc:
+            self.refuse_join(msg, exc.reason)
+            return
+        for warning in cfg.warnings:
+            log.info("join %s: %s", msg.topic, warning)
+        old = self.channels.get(cfg.topic)
+        if old is not None:
+            # A duplicate join replaces the old instance; no phx_close (friendlier to realtime-py).
+            self.leave(old)
+        if node.draining:
+            self.refuse_join(msg, errors.REALTIME_RESTARTING)
+            return
+        now = time.monotonic()
+        if not node.join_bucket.take(now):
+            self.refuse_join(msg, errors.CLIENT_JOIN_RATE_LIMIT, close_after=True)
+            return
+        if len(self.channels) >= node.config.max_channels_per_client:
+            self.refuse_join(msg, errors.CHANNEL_RATE_LIMIT)
+            return
+        try:
+            principal = self.channel_principal(cfg.access_token)
+        except AuthError as exc:
+            self.refuse_join(msg, exc.reason)
+            return
+        if cfg.private and not self.may_read_private(principal):
+            self.refuse_join(msg, self.unauthorized_reason(cfg.sub_topic))
+            return
+        if cfg.postgres_changes:
+            self.refuse_join(msg, errors.POSTGRES_CHANGES_UNAVAILABLE)
+            return
+        replayed: list[dict[str, Any]] = []
+        response: dict[str, Any] = {"postgres_changes": []}
+        if cfg.replay is not None:
+            replayed, complete = self.replay(cfg)
+            response["recovered"] = complete
+        channel = Channel(self, cfg, msg.join_ref, principal)
+        self.channels[cfg.topic] = channel
+        group = node.hub.add(channel.key, channel.topic, channel, self.serializer, self.write)
+        node.metrics.joins += 1
+        if principal.exp is not None:
+            node.schedule_expiry(channel, principal.exp)
+        self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, msg.topic, "ok", response))
+        for payload in replayed:
+            self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "broadcast", payload))
+        if channel.presence_enabled:
+            state = group.presence.state() if group.presence else {}
+            self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "presence_state", state))
+
+    def replay(self, cfg: JoinConfig) -> tuple[list[dict[str, Any]], bool]:
+        """Broadcasts a rejoining client missed, as payloads, and whether none is missing."""
+        assert cfg.replay is not None
+        history = self.node.history
+        key = group_key(cfg.private, cfg.sub_topic)
+        limit = min(cfg.replay.limit, self.node.config.replay_max)
+        if cfg.replay.since_seq is not None:
+            result = history.since_seq(key, cfg.replay.since_seq, limit)
+        else:
+            result = history.since_time(key, (cfg.replay.since or 0) / 1000.0, limit)
+        payloads = [
+            {
+                "type": "broadcast",
+                "event": r.event,
+                "payload": r.payload,
+                "meta": {"id": r.id, "seq": r.seq, "replayed": True},
+            }
+            for r in result.records
+            # Raw-binary payloads are not representable in a text push.
+            if not isinstance(r.payload, bytes)
+        ]
+        return payloads, result.complete and len(payloads) == len(result.records)
+
+    def refuse_join(self, msg: Message, reason: str, close_after: bool = False) -> None:
+        """Send a join error reply after the configured backoff (both clients retry joins)."""
+        self.node.metrics.joins_refused += 1
+        log.info("join %s refused: %s", msg.topic, reason)
+        frame = encode_reply(self.serializer, msg.join_ref, msg.ref, msg.topic, "error", {"reason": reason})
+
+        def send() -> None:
+            if self.closed:
+                return
+            self.write(frame)
+            if close_after:
+                self.close(1001, "too many joins")
+
+        delay = self.node.config.channel_error_backoff
+        if delay > 0:
+            self.node.loop.call_later(delay, send)
+        else:
+            send()
+
+    def leave(self, channel: Channel) -> None:
+        """Tear a channel down: unsubscribe and announce its presence leave."""
+        if channel.closed:
+            return
+        channel.closed = True
+        node = self.node
+        if self.channels.get(channel.topic) is channel:
+            del self.channels[channel.topic]
+        group = node.hub.remove(channel.key, channel)
+        if group is not None and group.presence is not None:
+            diff = group.presence.untrack(channel)
+            if diff is not None:
+                node.fanout(channel.key, Outbound(channel.topic, "presence_diff", diff))
+            if not group.presence and not group.v1 and not group.v2:
+                node.hub.groups.pop(channel.key, None)
+
+    def leave_all(self) -> None:
+        """Tear every channel down (the connection is gone)."""
+        for channel in list(self.channels.values()):
+            self.leave(channel)
+
+    def shutdown_channel(self, channel: Channel, message: str) -> None:
+        """Close a channel from the server side: ``system`` error, then ``phx_close``."""
+        if channel.closed or self.closed:
+            return
+        payload = {"extension": "system", "status": "error", "message": message, "channel": channel.sub_topic}
+        self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "system", payload))
+        self.write(encode_close(self.serializer, channel.join_ref, channel.topic))
+        self.leave(channel)
+
+    # -- auth --------------------------------------------------------------------------------
+
+    def channel_principal(self, token: str | None) -> Principal:
+        """The identity a join runs as: its ``access_token``, else the socket's apikey."""
+        assert self.principal is not None
+        if token is None or token.startswith("sb_") or token == self.principal.token:
+            if self.principal.exp is not None and self.principal.exp <= time.time():
+                # The socket's token expired since connect: verify again for the right message.
+                return self.node.verifier.verify(self.principal.token)
+            return self.principal
+        return self.node.verifier.verify(token)
+
+    def may_read_private(self, principal: Principal) -> bool:
+        """Private channels need an authenticated role when auth is on (no RLS database here)."""
+        return not self.node.verifier.enabled or principal.role not in ("anon", "")
+
+    @staticmethod
+    def unauthorized_reason(sub_topic: str) -> str:
+        """The join error for a private channel the token may not read."""
+        return f"Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}"
+
+    def access_token(self, channel: Channel, msg: Message) -> None:
+        """Token refresh on a joined channel; never replied to (spec 7.3)."""
+        token = msg.payload.get("access_token")
+        if not isinstance(token, str) or token.startswith("sb_") or token == channel.principal.token:
+            return
+        try:
+            principal = self.node.verifier.verify(token)
+        except AuthError as exc:
+            self.shutdown_channel(channel, exc.message)
+            return
+        if channel.private and not self.may_read_private(principal):
+            self.shutdown_channel(
+                channel, f"You no longer have permission to read from this Channel topic: {channel.sub_topic}"
+            )
+            return
+        channel.principal = principal
+        if principal.exp is not None:
+            self.node.schedule_expiry(channel, principal.exp)
+
+    # -- broadcast / presence ----------------------------------------------------------------
+
+    def over_message_rate(self) -> bool:
+        """Count one client message against the per-client and per-node limits."""
+        node = self.node
+        now = time.monotonic()
+        bucket = self.msg_bucket
+        if bucket is None:
+            rate = node.config.max_messages_per_second
+            bucket = self.msg_bucket = TokenBucket(rate, rate, now)
+        if bucket.take(now) and node.message_bucket.take(now):
+            return False
+        node.metrics.rate_limited += 1
+        return True
+
+    def broadcast(self, channel: Channel, msg: Message, size: int) -> None:
+        """A client broadcast: limits, then number, store and fan out; ``ack`` reply if asked."""
+        node = self.node
+        payload = msg.payload
+        event = payload.get("event")
+        if not isinstance(event, str):
+            node.metrics.malformed += 1
+            log.info("MalformedWebSocketMessage: broadcast without a string event on %s", channel.topic)
+            return
+        if self.over_message_rate():
+            self.shutdown_channel(channel, errors.TOO_MANY_MESSAGES)
+            return
+        if size > node.max_payload_bytes:
+            node.metrics.dropped_payload_too_large += 1
+            if channel.ack:
+                self.write(
+                    encode_reply(
+                        self.serializer,
+                        msg.join_ref,
+                        msg.ref,
+                        channel.topic,
+                        "error",
+                        {"reason": errors.PAYLOAD_TOO_LARGE},
+                    )
+                )
+            return
+        if channel.private and not self.may_read_private(channel.principal):
+            return  # write not allowed: dropped silently, as Supabase does
+        msg_id = payload.get("id")
+        node.publish_broadcast(
+            channel.private,
+            channel.sub_topic,
+            event,
+            payload.get("payload"),
+            msg_id if isinstance(msg_id, str) and msg_id else None,
+            None if channel.broadcast_self else channel,
+        )
+        if channel.ack:
+            self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, channel.topic, "ok", _OK))
+
+    def presence(self, channel: Channel, msg: Message, size: int) -> None:
+        """``presence`` track/untrack (``type`` not required: realtime-py omits it)."""
+        node = self.node
+        payload = msg.payload
+        event = payload.get("event")
+        kind = event.lower() if isinstance(event, str) else ""
+        if kind not in ("track", "untrack"):
+            self.write(
+                encode_reply(
+                    self.serializer,
+                    msg.join_ref,
+                    msg.ref,
+                    channel.topic,
+                    "error",
+                    {"reason": "unknown presence event"},
+                )
+            )
+            return
+        now = time.monotonic()
+        bucket = channel.presence_bucket
+        if bucket is None:
+            bucket = channel.presence_bucket = TokenBucket(
+                PRESENCE_MAX_CALLS / PRESENCE_WINDOW, PRESENCE_MAX_CALLS, now
+            )
+        if not bucket.take(now):
+            node.metrics.rate_limited += 1
+            self.shutdown_channel(channel, errors.PRESENCE_RATE_LIMIT)
+            return
+        group = node.hub.groups.get(channel.key)
+        if group is None:  # cannot happen while joined; keep the invariant loud in logs
+            log.error("presence on %s without a group", channel.topic)
+            return
+        presence = node.hub.presence_for(group)
+        if kind == "track":
+            state = payload.get("payload", {})
+            if not isinstance(state, dict):
+                self.write(
+                    encode_reply(
+                        self.serializer,
+                        msg.join_ref,
+                        msg.ref,
+                        channel.topic,
+                        "error",
+                        {"reason": errors.PRESENCE_PAYLOAD_NOT_MAP},
+                    )
+                )
+                return
+            if size > node.max_payload_bytes:
+                self.shutdown_channel(channel, errors.TRACK_SIZE_EXCEEDED)
+                return
+            if channel.private and not self.may_read_private(channel.principal):
+                self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, channel.topic, "error", _OK))
+                return
+            diff = presence.track(channel, channel.presence_key, state)
+        else:
+            diff = presence.untrack(channel)
+        self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, channel.topic, "ok", _OK))
+        if diff is not None:
+            node.metrics.presence_events += 1
+            node.fanout(channel.key, Outbound(channel.topic, "presence_diff", diff))
