@@ -73,5 +73,16 @@ def token(secret: str, role: str, sub: str | None, ttl: int) -> None:
     click.echo(mint_token(secret, role=role, sub=sub, ttl=ttl))
 
 
+def _add_optional_commands() -> None:
+    # Commands that live in their own packages register here (the bench pulls in its own deps).
+    try:
+        from .bench.cli import bench
+    except ImportError:
+        return
+    main.add_command(bench)
+
+
+_add_optional_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()
