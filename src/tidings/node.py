@@ -13,12 +13,12 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from .auth.tokens import Verifier
+from .broker.base import Broker, Envelope, PublishDone
+from .broker.memory import MemoryBroker
 from .config import Config
-from .history import MemoryHistory
 from .hub import Hub
 from .limits import TokenBucket
 from .metrics import NodeMetrics
@@ -44,12 +44,21 @@ def group_key(private: bool, sub_topic: str) -> str:
 class Node:
     """State shared by every connection of this process."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, broker: Broker | None = None) -> None:
         self.config = config
         self.verifier = Verifier(config.jwt_secret, config.jwt_jwks, config.jwt_claim_validators)
         self.hub = Hub()
-        self.history = MemoryHistory(config.history_size, config.history_ttl)
+        self.broker = broker or MemoryBroker(config.history_size, config.history_ttl)
+        self.broker.bind(self.deliver, self.report_gap)
+        self.node_id = self.broker.node_id
         self.metrics = NodeMetrics()
+        # Channel instances by id, so a broadcast coming back from the broker can skip its sender.
+        self.channel_ids: dict[int, Channel] = {}
+        self._next_cid = 0
+        # The sequence number of the envelope being fanned out (read by joins still buffering).
+        self.delivering_seq: int | None = None
+        # Long-poll HTTP history requests waiting for the next message of a channel.
+        self.waiters: dict[str, list[asyncio.Future[None]]] = {}
         now = time.monotonic()
         self.join_bucket = TokenBucket(
             config.max_joins_per_second, config.max_joins_per_second * JOIN_WINDOW, now
@@ -80,8 +89,9 @@ class Node:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the shared sweeper."""
+        """Connect the broker and start the shared sweeper."""
         self._loop = asyncio.get_running_loop()
+        await self.broker.start()
         self._sweeper = self._loop.create_task(self._sweep_forever(), name="tidings-sweeper")
 
     async def stop(self) -> None:
@@ -93,6 +103,7 @@ class Node:
             except asyncio.CancelledError:
                 pass
             self._sweeper = None
+        await self.broker.stop()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -114,8 +125,8 @@ class Node:
         while heap and heap[0][0] <= now:
             exp, _, channel = heapq.heappop(heap)
             channel.token_expired(exp, now)
-        if self.tick % 10 == 0:
-            self.history.sweep(now)
+        if self.tick % 10 == 0 and isinstance(self.broker, MemoryBroker):
+            self.broker.sweep(now)
 
     def schedule_expiry(self, channel: Channel, exp: float) -> None:
         """Check ``channel``'s token at ``exp`` (stale entries are ignored by the channel)."""
@@ -162,6 +173,13 @@ class Node:
             else:
                 del self.users[user]
 
+    # -- channels ----------------------------------------------------------------------------
+
+    def new_channel_id(self) -> int:
+        """A node-unique id for a channel instance."""
+        self._next_cid += 1
+        return self._next_cid
+
     # -- broadcast ---------------------------------------------------------------------------
 
     def publish_broadcast(
@@ -171,32 +189,83 @@ class Node:
         event: str,
         payload: Any,
         msg_id: str | None = None,
-        exclude: Hashable | None = None,
-    ) -> int | None:
-        """Number, store and fan out one broadcast; returns its sequence number.
+        exclude: Channel | None = None,
+        done: PublishDone | None = None,
+    ) -> None:
+        """Publish a broadcast through the broker; ``done(seq)`` once it is stored.
 
-        Returns ``None`` (and delivers nothing) when ``msg_id`` was already published on the
-        channel: a client re-sending a message after a reconnect gets it delivered once.
+        ``done(None)`` means ``msg_id`` was already published on the channel: a client re-sending
+        a message after a reconnect gets it delivered once.
         """
-        key = group_key(private, sub_topic)
-        history = self.history
-        if msg_id is None:
-            msg_id = str(uuid.uuid4())
-        elif history.seen(key, msg_id):
-            return None
-        store = payload if not isinstance(payload, bytes | bytearray) else bytes(payload)
-        seq = history.append(key, msg_id, event, store)
-        out = Outbound(
+        if isinstance(payload, bytearray):
+            payload = bytes(payload)
+        self.broker.publish(
+            group_key(private, sub_topic),
             TOPIC_PREFIX + sub_topic,
-            "broadcast",
-            {"type": "broadcast", "event": event, "payload": payload, "meta": {"id": msg_id, "seq": seq}},
+            event,
+            payload,
+            msg_id or str(uuid.uuid4()),
+            None if exclude is None else exclude.cid,
+            done,
         )
-        self.metrics.broadcasts += 1
-        self.metrics.deliveries += self.hub.fanout(key, out, exclude)
-        return seq
 
-    def fanout(self, key: str, out: Outbound, exclude: Hashable | None = None) -> int:
-        """Fan out an already built message (presence diffs) and count the deliveries."""
-        sent = self.hub.fanout(key, out, exclude)
-        self.metrics.deliveries += sent
-        return sent
+    def publish_presence(self, key: str, topic: str, diff: dict[str, Any]) -> None:
+        """Send a presence diff to every node with subscribers of ``key``."""
+        self.metrics.presence_events += 1
+        self.broker.publish_presence(key, topic, diff)
+
+    def deliver(self, env: Envelope) -> None:
+        """An envelope from the broker: encode once, write to every local subscriber."""
+        if env.kind == Envelope.BROADCAST:
+            payload = {
+                "type": "broadcast",
+                "event": env.event,
+                "payload": env.payload,
+                "meta": {"id": env.id, "seq": env.seq},
+            }
+            out = Outbound(env.topic, "broadcast", payload)
+            exclude = (
+                self.channel_ids.get(env.exclude) if env.exclude and env.origin == self.node_id else None
+            )
+            self.metrics.broadcasts += 1
+            self.delivering_seq = env.seq
+            self.metrics.deliveries += self.hub.fanout(env.key, out, exclude)
+            self.delivering_seq = None
+            waiters = self.waiters.pop(env.key, None)
+            if waiters:
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+        elif env.kind == Envelope.PRESENCE:
+            self.metrics.deliveries += self.hub.fanout(
+                env.key, Outbound(env.topic, "presence_diff", env.payload)
+            )
+
+    def report_gap(self, key: str) -> None:
+        """The broker lost messages of ``key`` it cannot recover: tell its subscribers.
+
+        Each local channel gets ``phx_error``: both official clients rejoin it with backoff, and
+        a rejoin asking for a replay is told whether recovery was complete. Never a silent gap.
+        """
+        group = self.hub.groups.get(key)
+        if group is None:
+            return
+        log.warning("messages of %s were lost between nodes; closing its channels so clients recover", key)
+        for member in list(group.members()):
+            channel: Channel = member  # type: ignore[assignment]
+            channel.session.error_channel(channel)
+
+    async def wait_for_message(self, key: str, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for the next broadcast on ``key`` (HTTP long-poll)."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self.waiters.setdefault(key, []).append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self.waiters.get(key)
+            if waiters is not None and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del self.waiters[key]

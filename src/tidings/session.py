@@ -14,13 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 from .auth.tokens import AuthError, Principal
+from .broker.memory import MemoryBroker
+from .history import ReplayResult
 from .limits import TokenBucket
 from .node import Node, group_key
 from .protocol import errors
 from .protocol.codec import (
     MalformedMessage,
     Message,
-    Outbound,
     Serializer,
     decode_binary,
     decode_text,
@@ -49,6 +50,7 @@ class Channel:
     __slots__ = (
         "ack",
         "broadcast_self",
+        "cid",
         "closed",
         "join_ref",
         "key",
@@ -64,6 +66,7 @@ class Channel:
 
     def __init__(self, session: Session, cfg: JoinConfig, join_ref: str | None, principal: Principal) -> None:
         self.session = session
+        self.cid = session.node.new_channel_id()
         self.topic = cfg.topic
         self.sub_topic = cfg.sub_topic
         self.private = cfg.private
@@ -211,46 +214,94 @@ class Session:
         if cfg.postgres_changes:
             self.refuse_join(msg, errors.POSTGRES_CHANGES_UNAVAILABLE)
             return
-        replayed: list[dict[str, Any]] = []
         response: dict[str, Any] = {"postgres_changes": []}
-        if cfg.replay is not None:
-            replayed, complete = self.replay(cfg)
-            response["recovered"] = complete
         channel = Channel(self, cfg, msg.join_ref, principal)
         self.channels[cfg.topic] = channel
-        group = node.hub.add(channel.key, channel.topic, channel, self.serializer, self.write)
+        node.channel_ids[channel.cid] = channel
         node.metrics.joins += 1
         if principal.exp is not None:
             node.schedule_expiry(channel, principal.exp)
+        broker = node.broker
+        if isinstance(broker, MemoryBroker):
+            node.hub.add(channel.key, channel.topic, channel, self.serializer, self.write)
+            replay = self.replay_request(cfg)
+            result = broker.replay_now(channel.key, *replay) if replay else None
+            state = broker.presence_state_now(channel.key) if channel.presence_enabled else None
+            self.complete_join(channel, msg, response, result, state)
+        else:
+            # Buffer what fans out while the broker subscription, replay and presence state are
+            # fetched, so the client sees: join reply, replayed messages, presence_state, live.
+            pending: list[tuple[int | None, bytes]] = []
+
+            def buffer(frame: bytes) -> None:
+                pending.append((node.delivering_seq, frame))
+
+            node.hub.add(channel.key, channel.topic, channel, self.serializer, buffer)
+            node.loop.create_task(self.join_async(channel, msg, cfg, response, pending))
+
+    async def join_async(
+        self,
+        channel: Channel,
+        msg: Message,
+        cfg: JoinConfig,
+        response: dict[str, Any],
+        pending: list[tuple[int | None, bytes]],
+    ) -> None:
+        """Finish a join that needs the broker's I/O."""
+        broker = self.node.broker
+        try:
+            await broker.subscribe(channel.key)
+            replay = self.replay_request(cfg)
+            result = await broker.replay(channel.key, *replay) if replay else None
+            state = await broker.presence_state(channel.key) if channel.presence_enabled else None
+        except Exception:
+            log.exception("join %s failed in the broker", channel.topic)
+            if not channel.closed:
+                self.leave(channel)
+                self.refuse_join(msg, errors.UNKNOWN_ERROR)
+            return
+        if channel.closed or self.closed:
+            return
+        last = self.complete_join(channel, msg, response, result, state)
+        for seq, frame in pending:
+            if seq is None or seq > last:
+                self.write(frame)
+        self.node.hub.add(channel.key, channel.topic, channel, self.serializer, self.write)
+
+    def replay_request(self, cfg: JoinConfig) -> tuple[int | None, float | None, int] | None:
+        """``(since_seq, since_time, limit)`` for the broker, or ``None`` when no replay is asked."""
+        if cfg.replay is None:
+            return None
+        limit = min(cfg.replay.limit, self.node.config.replay_max)
+        if cfg.replay.since_seq is not None:
+            return cfg.replay.since_seq, None, limit
+        return None, (cfg.replay.since or 0) / 1000.0, limit
+
+    def complete_join(
+        self,
+        channel: Channel,
+        msg: Message,
+        response: dict[str, Any],
+        replay: ReplayResult | None,
+        state: dict[str, Any] | None,
+    ) -> int:
+        """Write the ok reply, replayed broadcasts and ``presence_state``; returns the last replayed seq."""
+        last = 0
+        replayed: list[dict[str, Any]] = []
+        if replay is not None:
+            for r in replay.records:
+                if isinstance(r.payload, bytes):
+                    continue  # raw binary is not representable in a text push
+                meta = {"id": r.id, "seq": r.seq, "replayed": True}
+                replayed.append({"type": "broadcast", "event": r.event, "payload": r.payload, "meta": meta})
+                last = max(last, r.seq)
+            response["recovered"] = replay.complete and len(replayed) == len(replay.records)
         self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, msg.topic, "ok", response))
         for payload in replayed:
             self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "broadcast", payload))
-        if channel.presence_enabled:
-            state = group.presence.state() if group.presence else {}
+        if state is not None:
             self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "presence_state", state))
-
-    def replay(self, cfg: JoinConfig) -> tuple[list[dict[str, Any]], bool]:
-        """Broadcasts a rejoining client missed, as payloads, and whether none is missing."""
-        assert cfg.replay is not None
-        history = self.node.history
-        key = group_key(cfg.private, cfg.sub_topic)
-        limit = min(cfg.replay.limit, self.node.config.replay_max)
-        if cfg.replay.since_seq is not None:
-            result = history.since_seq(key, cfg.replay.since_seq, limit)
-        else:
-            result = history.since_time(key, (cfg.replay.since or 0) / 1000.0, limit)
-        payloads = [
-            {
-                "type": "broadcast",
-                "event": r.event,
-                "payload": r.payload,
-                "meta": {"id": r.id, "seq": r.seq, "replayed": True},
-            }
-            for r in result.records
-            # Raw-binary payloads are not representable in a text push.
-            if not isinstance(r.payload, bytes)
-        ]
-        return payloads, result.complete and len(payloads) == len(result.records)
+        return last
 
     def refuse_join(self, msg: Message, reason: str, close_after: bool = False) -> None:
         """Send a join error reply after the configured backoff (both clients retry joins)."""
@@ -279,13 +330,19 @@ class Session:
         node = self.node
         if self.channels.get(channel.topic) is channel:
             del self.channels[channel.topic]
+        node.channel_ids.pop(channel.cid, None)
         group = node.hub.remove(channel.key, channel)
-        if group is not None and group.presence is not None:
+        if group is None:
+            return
+        if group.presence is not None:
             diff = group.presence.untrack(channel)
             if diff is not None:
-                node.fanout(channel.key, Outbound(channel.topic, "presence_diff", diff))
+                node.broker.untrack(channel.key, channel.cid)
+                node.publish_presence(channel.key, channel.topic, diff)
             if not group.presence and not group.v1 and not group.v2:
                 node.hub.groups.pop(channel.key, None)
+        if channel.key not in node.hub.groups:
+            node.broker.unsubscribe(channel.key)
 
     def leave_all(self) -> None:
         """Tear every channel down (the connection is gone)."""
@@ -299,6 +356,13 @@ class Session:
         payload = {"extension": "system", "status": "error", "message": message, "channel": channel.sub_topic}
         self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "system", payload))
         self.write(encode_close(self.serializer, channel.join_ref, channel.topic))
+        self.leave(channel)
+
+    def error_channel(self, channel: Channel) -> None:
+        """``phx_error`` for a channel: both official clients rejoin it with backoff."""
+        if channel.closed or self.closed:
+            return
+        self.write(encode_close(self.serializer, channel.join_ref, channel.topic, "phx_error"))
         self.leave(channel)
 
     # -- auth --------------------------------------------------------------------------------
@@ -385,6 +449,14 @@ class Session:
         if channel.private and not self.may_read_private(channel.principal):
             return  # write not allowed: dropped silently, as Supabase does
         msg_id = payload.get("id")
+        done = None
+        if channel.ack:
+            serializer, join_ref, ref, topic = self.serializer, msg.join_ref, msg.ref, channel.topic
+
+            def done(seq: int | None) -> None:
+                if not self.closed:
+                    self.write(encode_reply(serializer, join_ref, ref, topic, "ok", _OK))
+
         node.publish_broadcast(
             channel.private,
             channel.sub_topic,
@@ -392,9 +464,8 @@ class Session:
             payload.get("payload"),
             msg_id if isinstance(msg_id, str) and msg_id else None,
             None if channel.broadcast_self else channel,
+            done,
         )
-        if channel.ack:
-            self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, channel.topic, "ok", _OK))
 
     def presence(self, channel: Channel, msg: Message, size: int) -> None:
         """``presence`` track/untrack (``type`` not required: realtime-py omits it)."""
@@ -450,9 +521,13 @@ class Session:
                 self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, channel.topic, "error", _OK))
                 return
             diff = presence.track(channel, channel.presence_key, state)
+            meta = presence.meta_of(channel)
+            if diff is not None and meta is not None:
+                node.broker.track(channel.key, channel.cid, channel.presence_key, meta)
         else:
             diff = presence.untrack(channel)
+            if diff is not None:
+                node.broker.untrack(channel.key, channel.cid)
         self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, channel.topic, "ok", _OK))
         if diff is not None:
-            node.metrics.presence_events += 1
-            node.fanout(channel.key, Outbound(channel.topic, "presence_diff", diff))
+            node.publish_presence(channel.key, channel.topic, diff)

@@ -28,7 +28,8 @@ class RefMaker:
 
     def __call__(self) -> str:
         n = next(self._counter)
-        return self._prefix + base64.urlsafe_b64encode(n.to_bytes(8, "big").lstrip(b"\0") or b"\0").decode().rstrip("=")
+        digits = n.to_bytes(8, "big").lstrip(b"\0") or b"\0"
+        return self._prefix + base64.urlsafe_b64encode(digits).decode().rstrip("=")
 
 
 class PresenceState:

@@ -1,0 +1,91 @@
+"""The embedded broker: one process, everything in memory, every call synchronous."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from ..history import MemoryHistory, ReplayResult
+from .base import Broker, Envelope, PublishDone
+
+__all__ = ["MemoryBroker"]
+
+
+class MemoryBroker(Broker):
+    """In-process fan-out, history and presence (the default without ``--redis-url``)."""
+
+    synchronous = True
+
+    def __init__(self, history_size: int, history_ttl: float, max_channels: int = 100_000) -> None:
+        self.node_id = uuid.uuid4().hex[:12]
+        self.history = MemoryHistory(history_size, history_ttl, max_channels)
+        self._presence: dict[str, dict[int, tuple[str, dict[str, Any]]]] = {}
+
+    def publish(
+        self,
+        key: str,
+        topic: str,
+        event: str,
+        payload: Any,
+        msg_id: str,
+        exclude: int | None = None,
+        done: PublishDone | None = None,
+    ) -> None:
+        history = self.history
+        if history.seen(key, msg_id):
+            if done is not None:
+                done(None)
+            return
+        seq = history.append(key, msg_id, event, payload)
+        self._deliver(
+            Envelope(Envelope.BROADCAST, key, topic, event, payload, msg_id, seq, self.node_id, exclude)
+        )
+        if done is not None:
+            done(seq)
+
+    def publish_presence(self, key: str, topic: str, diff: dict[str, Any]) -> None:
+        self._deliver(Envelope(Envelope.PRESENCE, key, topic, "presence_diff", diff, origin=self.node_id))
+
+    async def subscribe(self, key: str) -> None:
+        pass
+
+    def unsubscribe(self, key: str) -> None:
+        pass
+
+    def replay_now(
+        self, key: str, since_seq: int | None, since_time: float | None, limit: int
+    ) -> ReplayResult:
+        """:meth:`replay` without awaiting (this broker is synchronous)."""
+        if since_seq is not None:
+            return self.history.since_seq(key, since_seq, limit)
+        return self.history.since_time(key, since_time or 0.0, limit)
+
+    async def replay(
+        self, key: str, since_seq: int | None, since_time: float | None, limit: int
+    ) -> ReplayResult:
+        return self.replay_now(key, since_seq, since_time, limit)
+
+    def track(self, key: str, owner: int, presence_key: str, meta: dict[str, Any]) -> None:
+        self._presence.setdefault(key, {})[owner] = (presence_key, meta)
+
+    def untrack(self, key: str, owner: int) -> None:
+        owners = self._presence.get(key)
+        if owners is not None:
+            owners.pop(owner, None)
+            if not owners:
+                del self._presence[key]
+
+    def presence_state_now(self, key: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        """:meth:`presence_state` without awaiting."""
+        state: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for presence_key, meta in self._presence.get(key, {}).values():
+            state.setdefault(presence_key, {"metas": []})["metas"].append(meta)
+        return state
+
+    async def presence_state(self, key: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        return self.presence_state_now(key)
+
+    def sweep(self, now: float | None = None) -> None:
+        """Expire old history."""
+        self.history.sweep(time.time() if now is None else now)
