@@ -1,0 +1,158 @@
+"""URLs and the small amount of HTTP the client needs (history polling, metrics reports).
+
+Requests go through the standard library (``urllib``) in a worker thread, so the SDK needs no
+HTTP dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http.client
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from .errors import HistoryError
+
+__all__ = ["HistoryClient", "HistoryPage", "build_socket_url", "derive_http_base", "request_json"]
+
+
+def _ws_scheme(url: str) -> urllib.parse.SplitResult:
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise ValueError(f"realtime URL must be ws://, wss://, http:// or https://, not {url!r}")
+    return parts._replace(scheme=scheme)
+
+
+def build_socket_url(url: str, apikey: str | None, vsn: str, params: Mapping[str, str] | None = None) -> str:
+    """The WebSocket URL for ``url``, Supabase style.
+
+    ``ws://host:4000/realtime/v1`` becomes ``ws://host:4000/realtime/v1/websocket?apikey=...&vsn=2.0.0``;
+    ``http(s)`` is turned into ``ws(s)``; a URL already ending in ``/websocket`` keeps its path.
+
+    Args:
+        url: the realtime URL.
+        apikey: API key sent as the ``apikey`` query parameter (omitted when ``None``).
+        vsn: serializer version.
+        params: extra query parameters, placed first.
+    """
+    parts = _ws_scheme(url)
+    path = parts.path.rstrip("/")
+    if not path.endswith("/websocket"):
+        path += "/websocket"
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    query += list((params or {}).items())
+    query = [(k, v) for k, v in query if k not in ("apikey", "vsn")]
+    if apikey is not None:
+        query.append(("apikey", apikey))
+    query.append(("vsn", vsn))
+    return urllib.parse.urlunsplit(parts._replace(path=path, query=urllib.parse.urlencode(query)))
+
+
+def derive_http_base(url: str) -> str:
+    """The HTTP API base of a realtime URL: ``ws`` -> ``http``, query and ``/websocket`` dropped.
+
+    ``ws://h:4000/realtime/v1`` -> ``http://h:4000/realtime/v1``; ``wss://h/socket/websocket`` -> ``https://h``.
+    """
+    parts = _ws_scheme(url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    path = parts.path.rstrip("/").removesuffix("/websocket").removesuffix("/socket").rstrip("/")
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def _blocking_request(
+    method: str, url: str, headers: Mapping[str, str], data: bytes | None, timeout: float
+) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read() or b"")
+
+
+async def request_json(
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    body: Any = None,
+    timeout: float = 10.0,
+) -> tuple[int, Any]:
+    """One HTTP request with an optional JSON body; returns the status and the decoded JSON (or ``None``).
+
+    Raises:
+        OSError: when the server cannot be reached (``urllib.error.URLError`` is one).
+    """
+    all_headers = {"Accept": "application/json", **(headers or {})}
+    data = None
+    if body is not None:
+        data = orjson.dumps(body)
+        all_headers["Content-Type"] = "application/json"
+    try:
+        status, raw = await asyncio.to_thread(_blocking_request, method, url, all_headers, data, timeout)
+    except http.client.HTTPException as exc:
+        # A malformed or cut response is as much a network failure as a refused connection.
+        raise OSError(f"bad HTTP response: {exc!r}") from exc
+    try:
+        decoded = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        decoded = None
+    return status, decoded
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """One answer of the history endpoint."""
+
+    messages: list[dict[str, Any]]
+    """``{"event", "payload", "meta": {"id", "seq"}}`` entries, oldest first."""
+    complete: bool
+    """False when history no longer holds everything after ``since_seq``."""
+
+
+class HistoryClient:
+    """``GET {base}/api/channels/{sub_topic}/messages?since_seq=N&limit=M``.
+
+    Args:
+        base: HTTP API base (see :func:`derive_http_base`).
+        apikey: sent as the ``apikey`` header.
+        timeout: request timeout.
+    """
+
+    def __init__(self, base: str, apikey: str, timeout: float = 10.0) -> None:
+        self.base = base.rstrip("/")
+        self.apikey = apikey
+        self.access_token: str | None = None
+        """Bearer token (the user JWT); the API key when ``None``."""
+        self.timeout = timeout
+
+    def url(self, sub_topic: str, since_seq: int, limit: int) -> str:
+        """The request URL."""
+        topic = urllib.parse.quote(sub_topic, safe="")
+        query = urllib.parse.urlencode({"since_seq": since_seq, "limit": limit})
+        return f"{self.base}/api/channels/{topic}/messages?{query}"
+
+    async def fetch(self, sub_topic: str, since_seq: int, limit: int) -> HistoryPage:
+        """Messages with ``seq > since_seq``, at most ``limit``.
+
+        Raises:
+            HistoryError: when the endpoint is unreachable or answers anything but a valid page.
+        """
+        headers = {"apikey": self.apikey, "Authorization": f"Bearer {self.access_token or self.apikey}"}
+        try:
+            status, body = await request_json(
+                "GET", self.url(sub_topic, since_seq, limit), headers=headers, timeout=self.timeout
+            )
+        except OSError as exc:
+            raise HistoryError(f"history request failed: {exc}") from exc
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise HistoryError(f"history endpoint answered HTTP {status}")
+        messages = [m for m in body["messages"] if isinstance(m, dict)]
+        return HistoryPage(messages=messages, complete=bool(body.get("complete", True)))
