@@ -85,7 +85,13 @@ def test_decode_v1_realtime_py_join() -> None:
 
 def test_decode_v1_heartbeat_with_null_ref_and_no_join_ref() -> None:
     msg = decode_text(b'{"topic":"phoenix","event":"heartbeat","payload":{}}', V1)
-    assert (msg.join_ref, msg.ref, msg.topic, msg.event, msg.payload) == (None, None, "phoenix", "heartbeat", {})
+    assert (msg.join_ref, msg.ref, msg.topic, msg.event, msg.payload) == (
+        None,
+        None,
+        "phoenix",
+        "heartbeat",
+        {},
+    )
     msg = decode_text('{"event":"heartbeat","payload":{},"topic":"phoenix","ref":null,"join_ref":null}', V1)
     assert msg.ref is None and msg.join_ref is None
 
@@ -148,7 +154,12 @@ def test_v1_reply_has_ref_and_never_join_ref() -> None:
 
 def test_v1_heartbeat_reply_echoes_null_ref() -> None:
     obj = text_json(encode_reply(V1, None, None, "phoenix", "ok", {}))
-    assert obj == {"topic": "phoenix", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": None}
+    assert obj == {
+        "topic": "phoenix",
+        "event": "phx_reply",
+        "payload": {"status": "ok", "response": {}},
+        "ref": None,
+    }
 
 
 def test_v1_push_has_null_ref_and_no_join_ref() -> None:
@@ -165,7 +176,12 @@ def test_v1_close_ref_is_the_join_ref() -> None:
 
 def test_v1_phx_error() -> None:
     obj = text_json(encode_close(V1, "3", "realtime:room1", "phx_error"))
-    assert obj == {"topic": "realtime:room1", "event": "phx_error", "payload": {"reason": "channel_crash"}, "ref": "3"}
+    assert obj == {
+        "topic": "realtime:room1",
+        "event": "phx_error",
+        "payload": {"reason": "channel_crash"},
+        "ref": "3",
+    }
 
 
 def test_v1_fanout_has_null_ref_and_no_join_ref() -> None:
@@ -187,7 +203,13 @@ def test_v1_fanout_has_null_ref_and_no_join_ref() -> None:
 
 def test_v2_reply_echoes_join_ref_and_ref() -> None:
     obj = text_json(encode_reply(V2, "6", "7", "realtime:room1", "error", {"reason": "unmatched topic"}))
-    assert obj == ["6", "7", "realtime:room1", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}]
+    assert obj == [
+        "6",
+        "7",
+        "realtime:room1",
+        "phx_reply",
+        {"status": "error", "response": {"reason": "unmatched topic"}},
+    ]
 
 
 def test_v2_heartbeat_reply() -> None:
@@ -243,7 +265,11 @@ def test_decode_captured_kind3_example() -> None:
     # Spec 1.4: send({type:'broadcast', event:'hello', payload:{msg:'héllo'}}), join_ref "6", ref "7".
     msg = decode_binary(CAPTURED)
     assert msg == Message(
-        "6", "7", "realtime:room1", "broadcast", {"type": "broadcast", "event": "hello", "payload": {"msg": "héllo"}}
+        "6",
+        "7",
+        "realtime:room1",
+        "broadcast",
+        {"type": "broadcast", "event": "hello", "payload": {"msg": "héllo"}},
     )
 
 
@@ -349,7 +375,9 @@ def test_encode_frame_lengths(size: int, header: int, opcode: int) -> None:
 
 
 def test_frames_concatenate() -> None:
-    raw = encode_frame(OP_TEXT, b"a" * 126) + encode_frame(OP_BINARY, b"") + encode_frame(OP_TEXT, b"b" * 70000)
+    raw = (
+        encode_frame(OP_TEXT, b"a" * 126) + encode_frame(OP_BINARY, b"") + encode_frame(OP_TEXT, b"b" * 70000)
+    )
     assert [(f.opcode, len(f.data)) for f in parse_frames(raw)] == [
         (Opcode.TEXT, 126),
         (Opcode.BINARY, 0),
@@ -413,7 +441,12 @@ def test_property_v1_text_round_trip(
     response=OBJECT,
 )
 def test_property_reply_round_trip(
-    serializer: Serializer, join_ref: str | None, ref: str | None, topic: str, status: str, response: dict[str, Any]
+    serializer: Serializer,
+    join_ref: str | None,
+    ref: str | None,
+    topic: str,
+    status: str,
+    response: dict[str, Any],
 ) -> None:
     obj = text_json(encode_reply(serializer, join_ref, ref, topic, status, response))
     payload = {"status": status, "response": response}
@@ -429,10 +462,16 @@ SHORT = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40).
 
 
 @given(join_ref=SHORT, ref=SHORT, topic=SHORT, event=SHORT, payload=JSON)
-def test_property_kind3_json_round_trip(join_ref: str, ref: str, topic: str, event: str, payload: Any) -> None:
+def test_property_kind3_json_round_trip(
+    join_ref: str, ref: str, topic: str, event: str, payload: Any
+) -> None:
     msg = decode_binary(binary_push(join_ref, ref, topic, event, orjson.dumps(payload)))
     assert msg == Message(
-        join_ref or None, ref or None, topic, "broadcast", {"type": "broadcast", "event": event, "payload": payload}
+        join_ref or None,
+        ref or None,
+        topic,
+        "broadcast",
+        {"type": "broadcast", "event": event, "payload": payload},
     )
 
 
@@ -463,7 +502,9 @@ def test_property_decode_text_arbitrary_bytes(data: bytes, serializer: Serialize
 @given(
     value=JSON
     | st.lists(JSON, min_size=5, max_size=5)
-    | st.fixed_dictionaries({"topic": JSON, "event": JSON, "payload": JSON}, optional={"ref": JSON, "join_ref": JSON}),
+    | st.fixed_dictionaries(
+        {"topic": JSON, "event": JSON, "payload": JSON}, optional={"ref": JSON, "join_ref": JSON}
+    ),
     serializer=st.sampled_from([V1, V2]),
 )
 def test_property_decode_text_arbitrary_json(value: Any, serializer: Serializer) -> None:
@@ -476,7 +517,9 @@ def test_property_decode_text_arbitrary_json(value: Any, serializer: Serializer)
 @settings(max_examples=300)
 @given(
     data=st.binary(max_size=200)
-    | st.tuples(st.binary(min_size=6, max_size=6), st.binary(max_size=120)).map(lambda t: b"\x03" + t[0] + t[1])
+    | st.tuples(st.binary(min_size=6, max_size=6), st.binary(max_size=120)).map(
+        lambda t: b"\x03" + t[0] + t[1]
+    )
 )
 def test_property_decode_binary_arbitrary_bytes(data: bytes) -> None:
     try:

@@ -40,8 +40,15 @@ def test_realtime_js_join_payload() -> None:
         "version": "realtime-js/2.119.0",
     }
     cfg = parse_join("realtime:room1", payload)
-    assert (cfg.broadcast_self, cfg.broadcast_ack, cfg.presence_key, cfg.presence_enabled) == (True, True, "u1", True)
-    assert cfg.postgres_changes == ({"event": "INSERT", "schema": "public", "table": "t", "filter": "id=eq.1"},)
+    assert (cfg.broadcast_self, cfg.broadcast_ack, cfg.presence_key, cfg.presence_enabled) == (
+        True,
+        True,
+        "u1",
+        True,
+    )
+    assert cfg.postgres_changes == (
+        {"event": "INSERT", "schema": "public", "table": "t", "filter": "id=eq.1"},
+    )
     assert cfg.access_token == "user-jwt"
     assert cfg.private is False
     assert cfg.warnings == ()
@@ -103,7 +110,9 @@ def test_presence_key_missing_is_empty() -> None:
 def test_topic_name_required() -> None:
     with pytest.raises(JoinError) as info:
         parse_join("realtime:", {"config": {}})
-    assert info.value.reason == errors.TOPIC_NAME_REQUIRED == "TopicNameRequired: You must provide a topic name"
+    assert (
+        info.value.reason == errors.TOPIC_NAME_REQUIRED == "TopicNameRequired: You must provide a topic name"
+    )
     assert str(info.value) == info.value.reason
 
 
@@ -206,7 +215,12 @@ def test_lenient_warnings(payload: dict[str, Any], warning: str) -> None:
 
 def test_broadcast_and_presence_not_objects_use_defaults() -> None:
     cfg = parse_join("realtime:r", {"config": {"broadcast": "x", "presence": 3}})
-    assert (cfg.broadcast_self, cfg.broadcast_ack, cfg.presence_enabled, cfg.presence_key) == (False, False, False, "")
+    assert (cfg.broadcast_self, cfg.broadcast_ack, cfg.presence_enabled, cfg.presence_key) == (
+        False,
+        False,
+        False,
+        "",
+    )
 
 
 # -- property ----------------------------------------------------------------------------------

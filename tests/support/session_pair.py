@@ -212,9 +212,13 @@ class ClientEnd:
 
     def broadcast(self, topic: str, event: str, payload: Any, **extra: Any) -> str:
         """A text ``broadcast`` push."""
-        return self.push(topic, "broadcast", {"type": "broadcast", "event": event, "payload": payload, **extra})
+        return self.push(
+            topic, "broadcast", {"type": "broadcast", "event": event, "payload": payload, **extra}
+        )
 
-    def send_binary(self, topic: str, event: str, payload: bytes, encoding: int = 1, metadata: bytes = b"") -> str:
+    def send_binary(
+        self, topic: str, event: str, payload: bytes, encoding: int = 1, metadata: bytes = b""
+    ) -> str:
         """A kind-3 binary broadcast push (vsn 2.0.0 only)."""
         ref = self.next_ref()
         body = binary_push(self.join_refs.get(topic, ""), ref, topic, event, payload, encoding, metadata)
@@ -271,7 +275,10 @@ class SessionPair:
         self.node = Node(base.replace(**settings) if settings else base)
 
     def connect(
-        self, serializer: Serializer = Serializer.V2, token: str | None = None, principal: Principal | None = None
+        self,
+        serializer: Serializer = Serializer.V2,
+        token: str | None = None,
+        principal: Principal | None = None,
     ) -> ClientEnd:
         """A new connection; ``token`` is verified as the apikey would be at upgrade time."""
         if principal is None:
