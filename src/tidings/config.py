@@ -105,6 +105,18 @@ def _json_object(value: str) -> dict[str, Any] | None:
     return obj
 
 
+def _jwks(value: str) -> dict[str, Any] | None:
+    obj = _json_object(value)
+    if obj is not None:
+        import jwt
+
+        try:  # a set PyJWT cannot use must fail here, not as a traceback at startup
+            jwt.PyJWKSet.from_dict(obj)
+        except jwt.exceptions.PyJWTError as exc:
+            raise ValueError(str(exc)) from None
+    return obj
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Setting:
     """One knob: its field name, env var, parser and doc line."""
@@ -231,7 +243,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "jwt_jwks",
         "JWT_JWKS",
-        _json_object,
+        _jwks,
         None,
         "JSON Web Key Set (JSON text) for RS/ES/PS/EdDSA tokens, matched by `kid`.",
     ),
