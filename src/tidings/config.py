@@ -275,6 +275,20 @@ SETTINGS: tuple[Setting, ...] = (
         100,
         "Most messages a rejoin may replay (Supabase uses 25).",
     ),
+    Setting(
+        "redis_url",
+        "REDIS_URL",
+        _optional_str,
+        None,
+        "Redis for scale-out (redis://host:port/db): nodes share channels, history and presence.",
+    ),
+    Setting(
+        "workers",
+        "WORKERS",
+        _positive_int,
+        1,
+        "Worker processes sharing the port (more than 1 needs REDIS_URL).",
+    ),
     Setting("log_level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info", "Log level."),
     Setting("log_format", "LOG_FORMAT", _choice("plain", "json"), "plain", "Log line format."),
 )
@@ -307,6 +321,8 @@ class Config:
     history_size: int = 100
     history_ttl: float = 300.0
     replay_max: int = 100
+    redis_url: str | None = None
+    workers: int = 1
     log_level: str = "info"
     log_format: str = "plain"
 
@@ -369,4 +385,9 @@ def load_config(
     for key, raw in (cli or {}).items():
         if raw is not None:
             values[key] = _parse(_BY_FIELD[key], raw, _BY_FIELD[key].flag)
-    return Config(**values)
+    config = Config(**values)
+    if config.workers > 1 and not config.redis_url:
+        raise ConfigError(f"invalid WORKERS: {config.workers} workers need REDIS_URL to share channels")
+    if config.redis_url and not config.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"invalid REDIS_URL: {config.redis_url!r} (use redis://host:port/db)")
+    return config

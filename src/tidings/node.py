@@ -194,8 +194,8 @@ class Node:
     ) -> None:
         """Publish a broadcast through the broker; ``done(seq)`` once it is stored.
 
-        ``done(None)`` means ``msg_id`` was already published on the channel: a client re-sending
-        a message after a reconnect gets it delivered once.
+        ``done(DUPLICATE)`` means ``msg_id`` was already published on the channel (a client re-sending
+        a message after a reconnect gets it delivered once); ``done(FAILED)``, that the broker failed.
         """
         if isinstance(payload, bytearray):
             payload = bytes(payload)

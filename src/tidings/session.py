@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .auth.tokens import AuthError, Principal
+from .broker.base import FAILED
 from .broker.memory import MemoryBroker
 from .history import ReplayResult
 from .limits import TokenBucket
@@ -453,8 +454,16 @@ class Session:
         if channel.ack:
             serializer, join_ref, ref, topic = self.serializer, msg.join_ref, msg.ref, channel.topic
 
-            def done(seq: int | None) -> None:
-                if not self.closed:
+            def done(seq: int) -> None:
+                if self.closed:
+                    return
+                if seq == FAILED:
+                    self.write(
+                        encode_reply(
+                            serializer, join_ref, ref, topic, "error", {"reason": errors.UNKNOWN_ERROR}
+                        )
+                    )
+                else:
                     self.write(encode_reply(serializer, join_ref, ref, topic, "ok", _OK))
 
         node.publish_broadcast(

@@ -18,9 +18,13 @@ from typing import Any
 
 from ..history import ReplayResult
 
-__all__ = ["Broker", "Envelope", "PublishDone"]
+__all__ = ["DUPLICATE", "FAILED", "Broker", "Envelope", "PublishDone"]
 
-PublishDone = Callable[[int | None], None]
+#: ``done`` results besides a sequence number: the id was already published / publishing failed.
+DUPLICATE = 0
+FAILED = -1
+
+PublishDone = Callable[[int], None]
 
 
 class Envelope:
@@ -96,7 +100,7 @@ class Broker(abc.ABC):
         exclude: int | None = None,
         done: PublishDone | None = None,
     ) -> None:
-        """Number, store and deliver a broadcast; ``done(seq)`` once stored (``None``: duplicate)."""
+        """Number, store and deliver a broadcast; then ``done(seq)``, or ``DUPLICATE`` / ``FAILED``."""
 
     @abc.abstractmethod
     def publish_presence(self, key: str, topic: str, diff: dict[str, Any]) -> None:

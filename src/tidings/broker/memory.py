@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from ..history import MemoryHistory, ReplayResult
-from .base import Broker, Envelope, PublishDone
+from .base import DUPLICATE, Broker, Envelope, PublishDone
 
 __all__ = ["MemoryBroker"]
 
@@ -35,7 +35,7 @@ class MemoryBroker(Broker):
         history = self.history
         if history.seen(key, msg_id):
             if done is not None:
-                done(None)
+                done(DUPLICATE)
             return
         seq = history.append(key, msg_id, event, payload)
         self._deliver(

@@ -35,11 +35,12 @@ class ReplayResult:
 
 
 class _Ring:
-    __slots__ = ("ids", "last_seq", "records")
+    __slots__ = ("first_seq", "ids", "last_seq", "records")
 
     def __init__(self, first_seq: int) -> None:
         self.records: deque[HistoryRecord] = deque()
         self.ids: dict[str, int] = {}
+        self.first_seq = first_seq
         self.last_seq = first_seq - 1
 
 
@@ -109,7 +110,9 @@ class MemoryHistory:
             return ReplayResult([], complete=since_seq == ring.last_seq)
         newer = [r for r in ring.records if r.seq > since_seq]
         first_available = newer[0].seq if newer else ring.last_seq + 1
-        complete = first_available == since_seq + 1 and len(newer) <= limit
+        # Asking from before the channel's first message is asking for everything.
+        floor = max(since_seq, ring.first_seq - 1)
+        complete = first_available == floor + 1 and len(newer) <= limit
         return ReplayResult(newer[:limit], complete)
 
     def since_time(self, key: str, since: float, limit: int, now: float | None = None) -> ReplayResult:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import os
 import resource
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,12 +14,15 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from ..broker.base import Broker
 from ..config import Config
 from ..node import Node
 from .http_api import build_routes, cors_middleware
 from .websocket import WebSocketConnection
 
-__all__ = ["build_app", "raise_open_files_limit", "run", "uvicorn_config"]
+__all__ = ["app_from_env", "build_app", "make_broker", "raise_open_files_limit", "run", "uvicorn_config"]
+
+CONFIG_ENV = "TIDINGS_CONFIG_JSON"
 
 log = logging.getLogger("tidings.server")
 
@@ -35,7 +41,7 @@ def build_app(config: Config) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        node = Node(config)
+        node = Node(config, make_broker(config))
         await node.start()
         app.state.node = node
         try:
@@ -44,6 +50,24 @@ def build_app(config: Config) -> Starlette:
             await node.stop()
 
     return Starlette(routes=build_routes(), middleware=[cors_middleware()], lifespan=lifespan)
+
+
+def make_broker(config: Config) -> Broker | None:
+    """The Redis broker when ``REDIS_URL`` is set; ``None`` selects the embedded memory broker."""
+    if not config.redis_url:
+        return None
+    from ..broker.redis import RedisBroker
+
+    return RedisBroker(config.redis_url, config.history_size, config.history_ttl)
+
+
+def app_from_env() -> Starlette:
+    """App factory for worker processes: the parent passes the resolved config in the environment."""
+    from ..logs import setup_logging
+
+    config = Config(**json.loads(os.environ[CONFIG_ENV]))
+    setup_logging(config.log_level, config.log_format)
+    return build_app(config)
 
 
 def uvicorn_config(config: Config) -> uvicorn.Config:
@@ -80,4 +104,25 @@ def run(config: Config) -> None:
             "broadcast and track presence. Set JWT_SECRET (or JWT_JWKS) in production. ***"
         )
     log.info("Tidings listening on ws://%s:%d/realtime/v1/websocket", config.host, config.port)
+    if config.workers > 1:
+        # Worker processes share the listening socket; each is a node of the Redis cluster.
+        os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
+        base = uvicorn_config(config)
+        uvicorn.run(
+            "tidings.server.app:app_from_env",
+            factory=True,
+            workers=config.workers,
+            host=config.host,
+            port=config.port,
+            loop=base.loop,
+            http="httptools",
+            ws=WebSocketConnection,
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=base.timeout_graceful_shutdown,
+            backlog=4096,
+            server_header=False,
+        )
+        return
     uvicorn.Server(uvicorn_config(config)).run()

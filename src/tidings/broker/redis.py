@@ -1,0 +1,560 @@
+"""The Redis broker: nodes share channels, history and presence through one Redis.
+
+* **Publish** is one Lua script: de-duplicate by message id, take the channel's next sequence
+  number, append to the channel's stream (bounded by ``MAXLEN`` and an expiry) and ``PUBLISH``
+  the envelope. Every node, the publisher included, delivers from its subscription connection,
+  so each node sees a channel's messages in sequence order.
+* **Subscriptions** follow local subscribers: a node subscribes to a channel when its first local
+  subscriber joins and unsubscribes when the last leaves. After a reconnect every channel is
+  resubscribed in one command and what was missed is read back from the streams; what the
+  streams no longer hold is reported through the gap callback (clients are told, never silent).
+* **Health check**: the node publishes a probe to itself every ``health_interval``; a subscription
+  connection that stops delivering it is torn down and rebuilt.
+* **Presence** lives in one hash per channel, each entry owned by a node. Nodes heartbeat in a
+  sorted set; entries of a node that stopped heartbeating are removed by the survivors, who
+  publish the matching leave diffs.
+* Commands are queued and sent in order, many per round trip (one pipeline per loop turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..history import HistoryRecord, ReplayResult
+from .base import DUPLICATE, FAILED, Broker, Envelope, PublishDone
+
+__all__ = ["RedisBroker"]
+
+log = logging.getLogger("tidings.broker.redis")
+
+# KEYS: seq, stream, id-marker. ARGV: msg_id, event, payload, is_binary, now_us, maxlen, ttl,
+# channel, envelope-json, now_ms. Returns the sequence number, or 0 for a duplicate id.
+PUBLISH_LUA = """
+if ARGV[1] ~= '' then
+  if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[7]) then return 0 end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], ARGV[5])
+  redis.call('SET', KEYS[1] .. ':start', ARGV[5], 'EX', 604800)
+end
+local seq = redis.call('INCR', KEYS[1])
+-- Lua 5.1 prints large numbers in exponent form: format the integer explicitly.
+local s = string.format('%.0f', seq)
+redis.call('EXPIRE', KEYS[1], 604800)
+if tonumber(ARGV[6]) > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], s .. '-0',
+             'i', ARGV[1], 'e', ARGV[2], 'p', ARGV[3], 'b', ARGV[4], 't', ARGV[10])
+  redis.call('EXPIRE', KEYS[2], ARGV[7])
+end
+redis.call('PUBLISH', ARGV[8], s .. '|' .. ARGV[9])
+return seq
+"""
+
+
+def _encode_payload(payload: Any) -> tuple[bytes, str]:
+    if isinstance(payload, bytes | bytearray):
+        return base64.b64encode(payload), "1"
+    return orjson.dumps(payload), "0"
+
+
+def _decode_payload(raw: bytes, binary: bool) -> Any:
+    return base64.b64decode(raw) if binary else orjson.loads(raw)
+
+
+class RedisBroker(Broker):
+    """Broker for ``--redis-url``.
+
+    Args:
+        url: ``redis://host:port/db``.
+        history_size: messages kept per channel stream.
+        history_ttl: seconds a channel's history lives after its last message.
+        prefix: key and channel prefix, so several clusters can share one Redis.
+        node_timeout: seconds without a heartbeat after which a node's presence is removed.
+        health_interval: seconds between subscription health probes.
+    """
+
+    synchronous = False
+
+    def __init__(
+        self,
+        url: str,
+        history_size: int = 100,
+        history_ttl: float = 300.0,
+        prefix: str = "tidings",
+        node_timeout: float = 10.0,
+        health_interval: float = 2.0,
+    ) -> None:
+        self.url = url
+        self.node_id = uuid.uuid4().hex[:12]
+        self.history_size = history_size
+        self.history_ttl = max(1, int(history_ttl))
+        self.prefix = prefix
+        self.node_timeout = node_timeout
+        self.health_interval = health_interval
+        self.redis: Any = aioredis.from_url(url, socket_connect_timeout=3, socket_keepalive=True)
+        self._ops: deque[tuple[Callable[[Any], Any], Callable[[Any], None] | None]] = deque()
+        self._wake = asyncio.Event()
+        self._subscribed: dict[str, asyncio.Future[None]] = {}
+        self._last_seq: dict[str, int] = {}
+        # A channel's sequence number when this node subscribed: where gap filling starts if no
+        # message arrived before a reconnect. Kept apart from _last_seq, which also de-duplicates.
+        self._baseline: dict[str, int] = {}
+        self._pubsub: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._probe_seen = time.monotonic()
+        self._running = False
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+
+    # -- names -------------------------------------------------------------------------------
+
+    def _channel(self, key: str) -> str:
+        return f"{self.prefix}:ch:{key}"
+
+    def _key_of(self, channel: str) -> str:
+        return channel[len(self.prefix) + 4 :]
+
+    @property
+    def _control(self) -> str:
+        return f"{self.prefix}:ctl:{self.node_id}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check Redis answers, then start the writer, reader and heartbeat tasks."""
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise RuntimeError(f"cannot reach Redis at {self.url}: {exc}") from None
+        self._running = True
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._writer(), name="redis-writer"),
+            loop.create_task(self._reader(), name="redis-reader"),
+            loop.create_task(self._heartbeat(), name="redis-heartbeat"),
+        ]
+        await asyncio.wait_for(self.connected.wait(), 10)
+
+    async def stop(self) -> None:
+        """Remove this node's presence, stop the tasks and close the connections."""
+        self._running = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await self._reap_node(self.node_id)
+            await self.redis.zrem(f"{self.prefix}:nodes", self.node_id)
+        except (RedisError, OSError):
+            pass
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.aclose()
+            except (RedisError, OSError):
+                pass
+        await self.redis.aclose()
+
+    # -- command queue -----------------------------------------------------------------------
+
+    def _enqueue(self, op: Callable[[Any], Any], done: Callable[[Any], None] | None = None) -> None:
+        self._ops.append((op, done))
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._ops:
+                batch = list(self._ops)
+                self._ops.clear()
+                try:
+                    await self._send_batch(batch)
+                except Exception:
+                    log.exception("redis writer failed on a batch of %d commands", len(batch))
+
+    async def _send_batch(
+        self, batch: list[tuple[Callable[[Any], Any], Callable[[Any], None] | None]]
+    ) -> None:
+        for attempt in (1, 2):
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                ends = []  # an op may queue several commands; its result is its last one's
+                for op, _ in batch:
+                    op(pipe)
+                    ends.append(len(pipe.command_stack) - 1)
+                results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                if attempt == 1:
+                    # Retrying is safe: publishes are de-duplicated by message id.
+                    log.warning("redis command batch failed (%s); retrying once", exc)
+                    await asyncio.sleep(0.2)
+                    continue
+                log.error("redis command batch failed twice (%s); %d commands lost", exc, len(batch))
+                for _, done in batch:
+                    if done is not None:
+                        done(exc)
+                return
+            for (_, done), end in zip(batch, ends, strict=True):
+                if done is not None:
+                    try:
+                        done(results[end])
+                    except Exception:
+                        log.exception("publish callback failed")
+            return
+
+    # -- publish -----------------------------------------------------------------------------
+
+    def publish(
+        self,
+        key: str,
+        topic: str,
+        event: str,
+        payload: Any,
+        msg_id: str,
+        exclude: int | None = None,
+        done: PublishDone | None = None,
+    ) -> None:
+        """Queue the publish script; ``done(seq | DUPLICATE | FAILED)`` when Redis answered."""
+        raw, binary = _encode_payload(payload)
+        envelope = orjson.dumps(
+            {
+                "k": "b",
+                "o": self.node_id,
+                "x": exclude,
+                "t": topic,
+                "e": event,
+                "i": msg_id,
+                "p": raw.decode(),
+                "b": binary,
+            }
+        )
+        now = time.time()
+        keys = [f"{self.prefix}:seq:{key}", f"{self.prefix}:hist:{key}", f"{self.prefix}:id:{key}:{msg_id}"]
+        args = [
+            msg_id,
+            event,
+            raw,
+            binary,
+            int(now * 1_000_000),
+            self.history_size,
+            self.history_ttl,
+            self._channel(key),
+            envelope,
+            int(now * 1000),
+        ]
+
+        def op(pipe: Any) -> None:
+            # EVAL (not EVALSHA): nothing to reload after a Redis restart empties the script cache.
+            pipe.eval(PUBLISH_LUA, len(keys), *keys, *args)
+
+        def finished(result: Any) -> None:
+            if done is None:
+                return
+            if isinstance(result, Exception):
+                log.warning("publish to %s failed: %s", key, result)
+                done(FAILED)
+            else:
+                done(int(result) or DUPLICATE)
+
+        self._enqueue(op, finished)
+
+    def publish_presence(self, key: str, topic: str, diff: dict[str, Any]) -> None:
+        envelope = b"0|" + orjson.dumps({"k": "p", "o": self.node_id, "t": topic, "d": diff})
+        channel = self._channel(key)
+        self._enqueue(lambda pipe: pipe.publish(channel, envelope))
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    async def subscribe(self, key: str) -> None:
+        """Subscribe to ``key`` (once per node); returns when Redis confirmed the subscription."""
+        fut = self._subscribed.get(key)
+        if fut is None:
+            fut = self._subscribed[key] = asyncio.get_running_loop().create_future()
+            if self._pubsub is not None and self.connected.is_set():
+                try:
+                    await self._pubsub.subscribe(self._channel(key))
+                except (RedisError, OSError):
+                    pass  # the reader's reconnect resubscribes every key, this one included
+        await asyncio.wait_for(asyncio.shield(fut), 10)
+        if key not in self._baseline:
+            self._baseline[key] = int(await self.redis.get(f"{self.prefix}:seq:{key}") or 0)
+
+    def unsubscribe(self, key: str) -> None:
+        """Stop receiving ``key`` on this node."""
+        fut = self._subscribed.pop(key, None)
+        self._last_seq.pop(key, None)
+        self._baseline.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+        if self._pubsub is not None and self.connected.is_set():
+            pubsub, channel = self._pubsub, self._channel(key)
+
+            async def unsubscribe() -> None:
+                try:
+                    await pubsub.unsubscribe(channel)
+                except (RedisError, OSError):
+                    pass
+
+            asyncio.get_running_loop().create_task(unsubscribe())
+
+    async def _reader(self) -> None:
+        delay = 0.1
+        first = True
+        while self._running:
+            try:
+                await self._consume(first)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.connected.clear()
+                log.warning("redis subscription lost (%s); reconnecting in %.1f s", exc, delay)
+            except Exception:
+                self.connected.clear()
+                log.exception("redis subscription reader failed; reconnecting in %.1f s", delay)
+            first = False
+            self.reconnects += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _consume(self, first: bool) -> None:
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.aclose()
+            except (RedisError, OSError):
+                pass
+        pubsub = self.redis.pubsub()
+        self._pubsub = pubsub
+        keys = list(self._subscribed)
+        # One command resubscribes everything: the reconnect storm is one round trip.
+        await pubsub.subscribe(self._control, *[self._channel(k) for k in keys])
+        self._probe_seen = time.monotonic()
+        while True:
+            msg = await pubsub.get_message(timeout=1.0)
+            if msg is None:
+                if not self.connected.is_set() and self._confirmed_all():
+                    await self._recovered(first)
+                if time.monotonic() - self._probe_seen > 3 * self.health_interval + 1:
+                    raise TimeoutError("subscription connection stopped delivering health probes")
+                continue
+            kind = msg["type"]
+            if kind == "message":
+                self._on_message(msg["channel"], msg["data"])
+            elif kind == "subscribe":
+                channel = msg["channel"].decode()
+                if channel != self._control:
+                    fut = self._subscribed.get(self._key_of(channel))
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                if not self.connected.is_set() and self._confirmed_all():
+                    await self._recovered(first)
+
+    def _confirmed_all(self) -> bool:
+        return all(f.done() for f in self._subscribed.values())
+
+    async def _recovered(self, first: bool) -> None:
+        self.connected.set()
+        if not first:
+            log.info(
+                "redis subscription restored (%d channels); filling gaps from history", len(self._subscribed)
+            )
+            for key in list(self._subscribed):
+                if key not in self._last_seq and key in self._baseline:
+                    self._last_seq[key] = self._baseline[key]
+                await self._fill_gap(key)
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        if channel.decode() == self._control:
+            self._probe_seen = time.monotonic()
+            return
+        key = self._key_of(channel.decode())
+        if key not in self._subscribed:
+            return
+        head, _, body = data.partition(b"|")
+        env = orjson.loads(body)
+        if env["k"] == "p":
+            self._deliver(
+                Envelope(Envelope.PRESENCE, key, env["t"], "presence_diff", env["d"], origin=env["o"])
+            )
+            return
+        seq = int(head)
+        last = self._last_seq.get(key)
+        if last is not None and seq <= last:
+            return  # already delivered (a gap fill got there first)
+        if last is not None and seq > last + 1:
+            asyncio.get_running_loop().create_task(self._fill_gap(key, until=seq))
+        self._last_seq[key] = seq if last is None or seq > last else last
+        payload = _decode_payload(env["p"].encode(), env["b"] == "1")
+        self._deliver(
+            Envelope(Envelope.BROADCAST, key, env["t"], env["e"], payload, env["i"], seq, env["o"], env["x"])
+        )
+
+    async def _fill_gap(self, key: str, until: int | None = None) -> None:
+        """Deliver from the stream what was missed after the last seen sequence number."""
+        last = self._last_seq.get(key)
+        if last is None:
+            return
+        try:
+            entries = await self.redis.xrange(f"{self.prefix}:hist:{key}", min=f"{last + 1}-0", max="+")
+            current = await self.redis.get(f"{self.prefix}:seq:{key}")
+        except (RedisError, OSError) as exc:
+            log.warning("cannot read history of %s (%s)", key, exc)
+            self._gap(key)
+            return
+        expected = last + 1
+        topic = "realtime:" + key[2:]
+        for entry_id, fields in entries:
+            seq = int(entry_id.split(b"-")[0])
+            if until is not None and seq >= until:
+                break
+            if seq != expected:
+                break
+            payload = _decode_payload(fields[b"p"], fields[b"b"] == b"1")
+            self._deliver(
+                Envelope(
+                    Envelope.BROADCAST, key, topic, fields[b"e"].decode(), payload, fields[b"i"].decode(), seq
+                )
+            )
+            expected = seq + 1
+        top = until - 1 if until is not None else int(current or 0)
+        if expected <= top:
+            self._gap(key)
+        if self._last_seq.get(key, 0) < expected - 1:
+            self._last_seq[key] = expected - 1
+
+    # -- history -----------------------------------------------------------------------------
+
+    async def replay(
+        self, key: str, since_seq: int | None, since_time: float | None, limit: int
+    ) -> ReplayResult:
+        """Read a channel's stream: after ``since_seq``, or the newest ``limit`` since a time."""
+        stream = f"{self.prefix}:hist:{key}"
+        cutoff_ms = (time.time() - self.history_ttl) * 1000
+        if since_seq is not None:
+            entries = await self.redis.xrange(stream, min=f"{since_seq + 1}-0", max="+", count=limit + 1)
+            seq_key = f"{self.prefix}:seq:{key}"
+            current_raw, start_raw = await self.redis.mget(seq_key, seq_key + ":start")
+            current, start = int(current_raw or 0), int(start_raw or 0)
+            records = [self._record(e) for e in entries]
+            records = [r for r in records if r.ts * 1000 >= cutoff_ms]
+            first = records[0].seq if records else current + 1
+            # Asking from before the channel's first message is asking for everything.
+            floor = max(since_seq, start)
+            complete = current != 0 and first == floor + 1 and len(records) <= limit and since_seq <= current
+            return ReplayResult(records[:limit], complete)
+        entries = await self.redis.xrevrange(stream, max="+", min="-", count=limit + 1)
+        records = [self._record(e) for e in reversed(entries)]
+        since_ms = (since_time or 0) * 1000
+        newer = [r for r in records if r.ts * 1000 >= max(since_ms, cutoff_ms)]
+        complete = len(newer) <= limit and (len(records) <= limit or records[0].ts * 1000 < since_ms)
+        return ReplayResult(newer[-limit:], complete)
+
+    @staticmethod
+    def _record(entry: tuple[bytes, dict[bytes, bytes]]) -> HistoryRecord:
+        entry_id, f = entry
+        return HistoryRecord(
+            seq=int(entry_id.split(b"-")[0]),
+            id=f[b"i"].decode(),
+            ts=int(f[b"t"]) / 1000.0,
+            event=f[b"e"].decode(),
+            payload=_decode_payload(f[b"p"], f[b"b"] == b"1"),
+        )
+
+    # -- presence ----------------------------------------------------------------------------
+
+    def track(self, key: str, owner: int, presence_key: str, meta: dict[str, Any]) -> None:
+        field = f"{self.node_id}:{owner}"
+        value = orjson.dumps([presence_key, meta])
+        pkey, nkey = f"{self.prefix}:presence:{key}", f"{self.prefix}:node-keys:{self.node_id}"
+
+        def op(pipe: Any) -> None:
+            pipe.hset(pkey, field, value)
+            pipe.sadd(nkey, key)
+
+        self._enqueue(op)
+
+    def untrack(self, key: str, owner: int) -> None:
+        field, pkey = f"{self.node_id}:{owner}", f"{self.prefix}:presence:{key}"
+        self._enqueue(lambda pipe: pipe.hdel(pkey, field))
+
+    async def presence_state(self, key: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        """Merge every live node's entries for ``key``."""
+        entries = await self.redis.hgetall(f"{self.prefix}:presence:{key}")
+        alive = await self._alive_nodes()
+        state: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for field, value in entries.items():
+            node = field.decode().split(":", 1)[0]
+            if node not in alive and node != self.node_id:
+                continue
+            presence_key, meta = orjson.loads(value)
+            state.setdefault(presence_key, {"metas": []})["metas"].append(meta)
+        return state
+
+    async def _alive_nodes(self) -> set[str]:
+        since = time.time() - self.node_timeout
+        return {n.decode() for n in await self.redis.zrangebyscore(f"{self.prefix}:nodes", since, "+inf")}
+
+    async def _heartbeat(self) -> None:
+        nodes = f"{self.prefix}:nodes"
+        while True:
+            try:
+                now = time.time()
+                await self.redis.zadd(nodes, {self.node_id: now})
+                await self.redis.publish(self._control, b"probe")
+                dead = await self.redis.zrangebyscore(nodes, "-inf", now - self.node_timeout)
+                for node in dead:
+                    await self._reap_node(node.decode())
+            except (RedisError, OSError) as exc:
+                log.debug("redis heartbeat failed: %s", exc)
+            await asyncio.sleep(self.health_interval)
+
+    async def _reap_node(self, node: str) -> None:
+        """Remove a (dead or stopping) node's presence entries and publish their leaves."""
+        if node != self.node_id:
+            got = await self.redis.set(f"{self.prefix}:reap:{node}", self.node_id, nx=True, ex=30)
+            if not got:
+                return
+            log.warning("node %s stopped heartbeating; removing its presence", node)
+        nkey = f"{self.prefix}:node-keys:{node}"
+        for raw_key in await self.redis.smembers(nkey):
+            key = raw_key.decode()
+            pkey = f"{self.prefix}:presence:{key}"
+            entries = await self.redis.hgetall(pkey)
+            leaves: dict[str, dict[str, list[dict[str, Any]]]] = {}
+            for field, value in entries.items():
+                if field.decode().split(":", 1)[0] != node:
+                    continue
+                if await self.redis.hdel(pkey, field):
+                    presence_key, meta = orjson.loads(value)
+                    leaves.setdefault(presence_key, {"metas": []})["metas"].append(meta)
+            if leaves and node != self.node_id:
+                envelope = b"0|" + orjson.dumps(
+                    {
+                        "k": "p",
+                        "o": self.node_id,
+                        "t": "realtime:" + key[2:],
+                        "d": {"joins": {}, "leaves": leaves},
+                    }
+                )
+                await self.redis.publish(self._channel(key), envelope)
+        await self.redis.delete(nkey)
+        await self.redis.zrem(f"{self.prefix}:nodes", node)
+
+    # -- for the HTTP history endpoint and tests ---------------------------------------------
+
+    async def call(self, fn: Callable[[aioredis.Redis], Awaitable[Any]]) -> Any:
+        """Run ``fn(redis)`` (used by tests and the CDC lease)."""
+        return await fn(self.redis)
