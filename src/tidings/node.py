@@ -57,8 +57,10 @@ class Node:
         self._next_cid = 0
         # The sequence number of the envelope being fanned out (read by joins still buffering).
         self.delivering_seq: int | None = None
-        # Long-poll HTTP history requests waiting for the next message of a channel.
+        # Long-poll HTTP history requests waiting for the next message of a channel, and how
+        # many polls hold each channel's broker subscription.
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.poll_refs: Counter[str] = Counter()
         now = time.monotonic()
         self.join_bucket = TokenBucket(
             config.max_joins_per_second, config.max_joins_per_second * JOIN_WINDOW, now
@@ -255,11 +257,18 @@ class Node:
             channel: Channel = member  # type: ignore[assignment]
             channel.session.error_channel(channel)
 
+    def release(self, key: str) -> None:
+        """Drop the broker subscription of ``key`` once nothing on this node needs it."""
+        if key not in self.hub.groups and not self.poll_refs.get(key):
+            self.broker.unsubscribe(key)
+
     async def wait_for_message(self, key: str, timeout: float) -> None:
         """Wait (at most ``timeout`` s) for the next broadcast on ``key`` (HTTP long-poll)."""
         fut: asyncio.Future[None] = self.loop.create_future()
         self.waiters.setdefault(key, []).append(fut)
+        self.poll_refs[key] += 1
         try:
+            await self.broker.subscribe(key)
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             pass
@@ -269,3 +278,7 @@ class Node:
                 waiters.remove(fut)
                 if not waiters:
                     del self.waiters[key]
+            self.poll_refs[key] -= 1
+            if self.poll_refs[key] <= 0:
+                del self.poll_refs[key]
+            self.release(key)

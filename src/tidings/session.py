@@ -342,8 +342,7 @@ class Session:
                 node.publish_presence(channel.key, channel.topic, diff)
             if not group.presence and not group.v1 and not group.v2:
                 node.hub.groups.pop(channel.key, None)
-        if channel.key not in node.hub.groups:
-            node.broker.unsubscribe(channel.key)
+        node.release(channel.key)
 
     def leave_all(self) -> None:
         """Tear every channel down (the connection is gone)."""

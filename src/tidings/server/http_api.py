@@ -5,6 +5,7 @@ Not the hot path: Starlette under uvicorn, on the same port as the WebSocket end
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -16,7 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..auth.tokens import AuthError, Principal
-from ..node import Node
+from ..history import HistoryRecord, ReplayResult
+from ..node import Node, group_key
 from .metrics_http import render_prometheus
 
 __all__ = ["build_routes", "cors_middleware"]
@@ -133,6 +135,74 @@ async def broadcast_single(request: Request) -> Response:
     return Response(status_code=202)
 
 
+MAX_POLL_TIMEOUT = 30.0
+
+
+def _int_param(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(name) from None
+
+
+def _history_json(records: list[HistoryRecord]) -> list[dict[str, Any]]:
+    out = []
+    for r in records:
+        item: dict[str, Any] = {"event": r.event, "meta": {"id": r.id, "seq": r.seq}}
+        if isinstance(r.payload, bytes):
+            item["payload_base64"] = base64.b64encode(r.payload).decode()
+        else:
+            item["payload"] = r.payload
+        out.append(item)
+    return out
+
+
+async def channel_messages(request: Request) -> Response:
+    """``GET /api/channels/{subtopic}/messages?since_seq=N&limit=M&timeout=S[&private=true]``.
+
+    Channel history for polling clients, authorized like a join. With ``timeout`` and nothing
+    newer than ``since_seq``, waits up to ``timeout`` seconds (max 30) for the next message.
+    ``complete`` is false when messages after ``since_seq`` are no longer in history.
+    """
+    node = _node(request)
+    principal = _authenticate(request)
+    if isinstance(principal, Response):
+        return principal
+    sub_topic = request.path_params["subtopic"]
+    private = request.query_params.get("private", "false").lower() == "true"
+    if private and not _may_write(node, principal, private):
+        reason = f"Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}"
+        return JSONResponse({"message": reason}, status_code=403)
+    try:
+        since_seq = _int_param(request, "since_seq")
+        since_ms = _int_param(request, "since")
+        limit = _int_param(request, "limit") or node.config.replay_max
+        timeout = float(request.query_params.get("timeout") or 0)
+    except ValueError as exc:
+        return JSONResponse({"errors": {str(exc): ["must be a number"]}}, status_code=422)
+    limit = max(1, min(limit, node.config.replay_max))
+    timeout = max(0.0, min(timeout, MAX_POLL_TIMEOUT))
+    key = group_key(private, sub_topic)
+    if since_seq is None and since_ms is None:
+        since_seq = 0
+
+    async def read() -> ReplayResult:
+        since_time = None if since_ms is None else since_ms / 1000.0
+        return await node.broker.replay(key, since_seq, since_time, limit)
+
+    result = await read()
+    if not result.records and timeout > 0:
+        await node.wait_for_message(key, timeout)
+        result = await read()
+    last = result.records[-1].seq if result.records else since_seq
+    return JSONResponse(
+        {"messages": _history_json(result.records), "complete": result.complete, "last_seq": last}
+    )
+
+
 async def health(request: Request) -> Response:
     """``GET /api/health``: liveness plus a few gauges."""
     node = _node(request)
@@ -160,6 +230,7 @@ def build_routes() -> list[Route]:
             Route(f"{prefix}/broadcast", broadcast_batch, methods=["POST"]),
             Route(f"{prefix}/broadcast/{{subtopic}}/events/{{event}}", broadcast_single, methods=["POST"]),
             Route(f"{prefix}/health", health, methods=["GET"]),
+            Route(f"{prefix}/channels/{{subtopic}}/messages", channel_messages, methods=["GET"]),
         ]
     return routes
 
