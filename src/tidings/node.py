@@ -115,14 +115,17 @@ class Node:
             except Exception:
                 log.exception("sweeper failed")
 
-    def sweep(self) -> None:
-        """One pass: idle connections, expired channel tokens, old history."""
+    def sweep(self, now: float | None = None) -> None:
+        """One pass: idle connections, expired channel tokens, old history.
+
+        ``now`` (wall-clock seconds) is for tests that fake the time; the sweeper passes none.
+        """
         self.tick += 1
         limit = self.tick - self.idle_ticks
         for session in [s for s in self.sessions if s.last_seen < limit]:
             self.metrics.heartbeat_timeouts += 1
             session.close(1000, "heartbeat timeout")
-        now = time.time()
+        now = time.time() if now is None else now
         heap = self._expiry
         while heap and heap[0][0] <= now:
             exp, _, channel = heapq.heappop(heap)
