@@ -39,6 +39,14 @@ def kind4(topic: str, event: str, payload: Any, meta: dict[str, Any] | None) -> 
     return bytes((4, len(t), len(e), len(m), 1)) + t + e + m + orjson.dumps(payload)
 
 
+def kind3_metadata(data: bytes) -> dict[str, Any]:
+    """The metadata object of a kind-3 frame (the server codec keeps only ``persist`` of it)."""
+    start = 7 + sum(data[1:5])
+    raw = data[start : start + data[5]]
+    meta = orjson.loads(raw) if raw else {}
+    return meta if isinstance(meta, dict) else {}
+
+
 @dataclasses.dataclass
 class Sub:
     conn: Conn
@@ -190,6 +198,9 @@ class FakeServer:
                 if isinstance(data, bytes):
                     msg = decode_binary(data)
                     binary = True
+                    meta = kind3_metadata(data)
+                    if "id" in meta:
+                        msg.payload["id"] = meta["id"]  # what Tidings echoes back in meta
                 else:
                     msg = decode_text(data, serializer)
                     binary = False

@@ -1,4 +1,4 @@
-"""Pure unit tests: backoff, send queue, quality, LRU, ordering, metrics and alerts. No sockets, no sleeping."""
+"""Pure unit tests: backoff, send queue, quality, LRU, ordering, metrics, alerts. No sockets, no sleeps."""
 
 from __future__ import annotations
 

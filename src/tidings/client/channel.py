@@ -487,7 +487,7 @@ class RealtimeChannel:
     async def _rejoin_later(self, delay: float) -> None:
         await asyncio.sleep(delay)
         if self._wanted and self.state is ChannelState.ERRORED and self.client.connected:
-            await self._join()
+            self._start_join()
 
     def _resolve_waiters(self, error: BaseException | None) -> None:
         waiters, self._join_waiters = self._join_waiters, []

@@ -384,6 +384,8 @@ class RealtimeClient:
         self._stop = asyncio.Event()
         self._drop = asyncio.Event()
         self._run_task = asyncio.get_running_loop().create_task(self._run(), name="tidings-client")
+        # Leave "disconnected"/"failed" now, so a waiter started right after sees the new attempt.
+        self._set_state(ConnectionState.CONNECTING)
         if self._reporter is not None:
             self._reporter.start()
 
@@ -567,8 +569,13 @@ class RealtimeClient:
         self._update_fallback()
 
     async def _rejoin_all(self) -> None:
-        channels = [c for c in self._channels.values() if c._wanted]
-        await asyncio.gather(*(c._join() for c in channels), return_exceptions=True)
+        tasks = []
+        for channel in list(self._channels.values()):
+            if channel._wanted:
+                channel._start_join()
+                if channel._join_task is not None:
+                    tasks.append(channel._join_task)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._schedule_flush()
 
     # ------------------------------------------------------------------ state and events
