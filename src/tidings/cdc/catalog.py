@@ -1,0 +1,323 @@
+"""Blocking catalog access with psycopg2: setup checks, publication and slot, table metadata.
+
+Everything here runs in worker threads (the service wraps calls with ``run_in_executor``) or in the
+replication thread; nothing here touches asyncio. Connections are autocommit: an idle transaction
+would hold a snapshot, and creating a logical slot waits for every open transaction to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+
+from tidings.cdc.values import PgType, builtin_type, catalog_type, unknown_type
+
+__all__ = [
+    "ColumnInfo",
+    "ConnectionPool",
+    "PostgresChangesError",
+    "check_server",
+    "connect",
+    "connection_dsn",
+    "describe_dsn",
+    "ensure_publication",
+    "ensure_slot",
+    "primary_key",
+    "publication_tables",
+    "resolve_type",
+    "slot_lag",
+    "table_columns",
+]
+
+log = logging.getLogger("tidings.cdc")
+
+T = TypeVar("T")
+
+
+class PostgresChangesError(RuntimeError):
+    """Postgres Changes cannot run against this database; the message is one line saying why."""
+
+
+def connection_dsn(dsn: str, *, ssl: bool = False, **extra: str) -> str:
+    """*dsn* with Tidings' connection settings merged in (``sslmode=require`` when *ssl*)."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    if ssl and "sslmode" not in params:
+        extra["sslmode"] = "require"
+    extra_options = extra.pop("options", "")
+    if extra_options:
+        extra["options"] = (params.get("options", "") + " " + extra_options).strip()
+    params.update(extra)
+    params.setdefault("application_name", "tidings")
+    # Notice a dead peer within ~25 s even when the link is silent.
+    for key, value in (("keepalives", "1"), ("keepalives_idle", "10"), ("keepalives_interval", "5"),
+                       ("keepalives_count", "3"), ("connect_timeout", "10")):
+        params.setdefault(key, value)
+    return str(psycopg2.extensions.make_dsn(**params))
+
+
+def describe_dsn(dsn: str) -> str:
+    """``host:port/dbname`` for messages (never the password)."""
+    try:
+        p = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "<invalid database URL>"
+    return f"{p.get('host', 'localhost')}:{p.get('port', '5432')}/{p.get('dbname', p.get('user', ''))}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def connect(dsn: str, **kwargs: Any) -> Any:
+    """An autocommit psycopg2 connection."""
+    conn = psycopg2.connect(dsn, **kwargs)
+    conn.autocommit = True
+    return conn
+
+
+class ConnectionPool:
+    """At most *size* autocommit connections, handed to one thread at a time.
+
+    A connection that raised :class:`psycopg2.OperationalError` or :class:`psycopg2.InterfaceError`
+    (PostgreSQL restarted, network cut) is thrown away; the next use opens a fresh one.
+    """
+
+    def __init__(self, dsn: str, size: int) -> None:
+        self._dsn = dsn
+        self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        self._slots.acquire()
+        conn = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = connect(self._dsn)
+            try:
+                yield conn
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                conn.close()
+                conn = None
+                raise
+        finally:
+            if conn is not None:
+                if self._closed or conn.closed:
+                    conn.close()
+                else:
+                    self._idle.put(conn)
+            self._slots.release()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` on a pooled connection; retried once on a connection that went stale."""
+        for attempt in (1, 2):
+            try:
+                with self.connection() as conn:
+                    return fn(conn, *args)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+def _rows(conn: Any, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        return list(cur.fetchall()) if cur.description else []
+
+
+# --------------------------------------------------------------------------------------------
+# Setup: server settings, publication, slot
+# --------------------------------------------------------------------------------------------
+
+
+def check_server(conn: Any) -> None:
+    """Require ``wal_level = logical`` and a role with REPLICATION (or superuser)."""
+    ((wal_level, role, is_super, can_replicate),) = _rows(
+        conn,
+        "SELECT current_setting('wal_level'), current_user, r.rolsuper, r.rolreplication "
+        "FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    if wal_level != "logical":
+        raise PostgresChangesError(
+            f"PostgreSQL wal_level is '{wal_level}', Postgres Changes needs wal_level = logical "
+            "(set it in postgresql.conf and restart PostgreSQL)"
+        )
+    if not (is_super or can_replicate):
+        raise PostgresChangesError(
+            f"database role '{role}' lacks the REPLICATION privilege (ALTER ROLE \"{role}\" REPLICATION)"
+        )
+
+
+def ensure_publication(conn: Any, name: str) -> bool:
+    """Create publication *name* ``FOR ALL TABLES`` unless it exists; True if it was created.
+
+    An existing publication is used as it is: a user who listed tables in it keeps that choice.
+    """
+    if _rows(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)):
+        return False
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE PUBLICATION {_ident(conn, name)} FOR ALL TABLES")
+    except psycopg2.errors.DuplicateObject:
+        return False  # created concurrently by another node
+    except psycopg2.errors.InsufficientPrivilege:
+        raise PostgresChangesError(
+            f"publication '{name}' does not exist and this role may not create it FOR ALL TABLES "
+            f"(needs superuser): run CREATE PUBLICATION {name} FOR TABLE ... as an administrator"
+        ) from None
+    log.info("created publication %s FOR ALL TABLES", name)
+    return True
+
+
+def ensure_slot(conn: Any, slot: str) -> bool:
+    """Create the permanent pgoutput slot *slot* in this database unless it exists; True if created."""
+    rows = _rows(
+        conn,
+        "SELECT plugin, database, slot_type FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    )
+    if rows:
+        plugin, database, slot_type = rows[0]
+        ((current_db,),) = _rows(conn, "SELECT current_database()")
+        if slot_type != "logical" or plugin != "pgoutput" or database != current_db:
+            raise PostgresChangesError(
+                f"replication slot '{slot}' exists but is a {slot_type} slot for plugin {plugin!r} "
+                f"in database {database!r}; Tidings needs a logical pgoutput slot in {current_db!r} "
+                "(choose another slot name)"
+            )
+        return False
+    try:
+        _rows(conn, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    except psycopg2.errors.DuplicateObject:
+        return False
+    except psycopg2.errors.ConfigurationLimitExceeded as exc:
+        raise PostgresChangesError(f"cannot create replication slot '{slot}': {_first_line(exc)}") from None
+    log.info("created logical replication slot %s (pgoutput)", slot)
+    return True
+
+
+def _ident(conn: Any, name: str) -> str:
+    return str(psycopg2.extensions.quote_ident(name, conn))
+
+
+def slot_lag(conn: Any, slot: str) -> int | None:
+    """Bytes of WAL between the server's current position and the slot's confirmed position."""
+    rows = _rows(
+        conn,
+        "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots "
+        "WHERE slot_name = %s",
+        (slot,),
+    )
+    if not rows or rows[0][0] is None:
+        return None
+    return max(0, int(rows[0][0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Tables and types
+# --------------------------------------------------------------------------------------------
+
+
+def publication_tables(conn: Any, publication: str, schema: str, table: str) -> list[tuple[str, str]]:
+    """Tables of *publication* matching *schema*/*table* (``*`` matches any), sorted."""
+    return [
+        (str(s), str(t))
+        for s, t in _rows(
+            conn,
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s "
+            "AND (%s = '*' OR schemaname = %s) AND (%s = '*' OR tablename = %s) ORDER BY 1, 2",
+            (publication, schema, schema, table, table),
+        )
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnInfo:
+    """A column as the subscription checks see it."""
+
+    name: str
+    typname: str
+    """``pg_type.typname`` (for ``columns``)."""
+    filter_typname: str
+    """The type filters compare by: a domain's base type, else :attr:`typname`."""
+    selectable: bool
+    """The subscriber's role may SELECT it (True when the role does not exist here)."""
+    primary_key: bool
+
+
+def table_columns(conn: Any, schema: str, table: str, role: str | None) -> list[ColumnInfo]:
+    """Columns of ``schema.table`` in attnum order, with privileges for *role* when it exists."""
+    rows = _rows(
+        conn,
+        """
+        SELECT a.attname, t.typname,
+               CASE WHEN t.typtype = 'd' THEN bt.typname ELSE t.typname END,
+               CASE WHEN r.oid IS NULL THEN true
+                    ELSE has_column_privilege(r.oid, a.attrelid, a.attnum, 'SELECT') END,
+               COALESCE(a.attnum = ANY(i.indkey), false)
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        JOIN pg_type t ON t.oid = a.atttypid
+        LEFT JOIN pg_type bt ON bt.oid = t.typbasetype
+        LEFT JOIN pg_roles r ON r.rolname = %s
+        LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+        WHERE n.nspname = %s AND c.relname = %s
+        ORDER BY a.attnum
+        """,
+        (role, schema, table),
+    )
+    return [ColumnInfo(str(a), str(b), str(c), bool(d), bool(e)) for a, b, c, d, e in rows]
+
+
+def primary_key(conn: Any, relation_id: int) -> tuple[str, ...]:
+    """Primary key column names of the table with this OID, in key order (empty: no PK)."""
+    rows = _rows(
+        conn,
+        "SELECT a.attname FROM pg_index i "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+        "WHERE i.indrelid = %s AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
+        (relation_id,),
+    )
+    return tuple(str(r[0]) for r in rows)
+
+
+def resolve_type(conn: Any, oid: int, _depth: int = 0) -> PgType:
+    """The :class:`PgType` of *oid*, asking ``pg_type`` for non-built-in types."""
+    known = builtin_type(oid)
+    if known is not None:
+        return known
+    rows = _rows(
+        conn,
+        "SELECT typname, typtype, typcategory, typbasetype, typelem, typdelim FROM pg_type WHERE oid = %s",
+        (oid,),
+    )
+    if not rows or _depth > 8:
+        return unknown_type(oid)
+    name, typtype, category, base_oid, elem_oid, delim = rows[0]
+    base = resolve_type(conn, int(base_oid), _depth + 1) if typtype == "d" and base_oid else None
+    element = resolve_type(conn, int(elem_oid), _depth + 1) if category == "A" and elem_oid else None
+    return catalog_type(oid, str(name), str(typtype), str(category), base=base, element=element,
+                        delimiter=str(delim))

@@ -1,0 +1,321 @@
+"""Postgres Changes: the service the server starts, subscribes channels to, and stops.
+
+::
+
+    changes = PostgresChanges(url, deliver=on_change)
+    await changes.start()                 # checks, publication, slot, streaming
+    await changes.subscribe(channel, [(id, params), ...], claims)
+    ...
+    changes.unsubscribe(channel)
+    await changes.stop()
+
+``deliver(matches, data, change_id)`` runs on the asyncio loop thread for each change that has
+subscribers: *matches* maps each subscriber owner to the binding ids that matched (the ``ids`` of
+the ``postgres_changes`` push), *data* is the spec 6.3 ``data`` object, *change_id* the change's
+stable id. Owners whose bindings restrict columns (``select``, or column privileges of their role)
+get their own call with a narrowed *data*; an owner appears in at most one call per change. Treat
+*data* as read-only: the same object may be shared.
+
+Guarantees: at-least-once. The slot's position is confirmed only after ``deliver`` returned for
+every change of a transaction, so a restart (of Tidings or of PostgreSQL) re-delivers what was not
+confirmed, with the same change ids. If ``deliver`` raises, the error is logged and the change counts
+as handed over (retrying a failing callback would only fail again).
+
+Setup, done by :meth:`PostgresChanges.start`:
+
+* ``wal_level`` must be ``logical`` and the role must have REPLICATION (or be superuser).
+* The publication (default ``supabase_realtime``) is created ``FOR ALL TABLES`` only if it does not
+  exist; an existing one is used as it is, so a user who listed tables keeps that list.
+* The slot (default ``tidings_slot``) is a permanent pgoutput slot, created if missing. It keeps
+  WAL while Tidings is down: drop it (``pg_drop_replication_slot``) when retiring Tidings.
+
+Not done here: row level security. Subscriptions honour column privileges of the JWT ``role``
+(when that role exists in the database) but rows are not checked against RLS policies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import psycopg2
+
+from tidings.cdc import catalog
+from tidings.cdc.catalog import ColumnInfo, ConnectionPool, PostgresChangesError
+from tidings.cdc.changes import Change, TransactionEnd, narrow
+from tidings.cdc.index import (
+    Binding,
+    BindingSpec,
+    SubscriptionError,
+    SubscriptionIndex,
+    binding_id,
+    no_tables_message,
+    parse_binding,
+)
+from tidings.cdc.replication import SESSION_OPTIONS, Batch, ReplicationStream
+from tidings.protocol.filters import FilterError, bind_filter
+
+__all__ = ["Deliver", "PostgresChanges", "PostgresChangesError", "SubscriptionError"]
+
+log = logging.getLogger("tidings.cdc")
+
+T = TypeVar("T")
+
+Deliver = Callable[[dict[Hashable, list[int]], dict[str, Any], str], None]
+"""``deliver(matches, data, change_id)``."""
+
+UNAVAILABLE = "UnableToConnectToProject: Realtime was unable to connect to the project database"
+"""Subscription error when the database cannot be reached (transient: retry later)."""
+
+_CACHE_SECONDS = 2.0  # how long subscribe() reuses catalog answers (bursts of joins)
+
+
+class PostgresChanges:
+    """Streams INSERT/UPDATE/DELETE of published tables to matching subscribers.
+
+    Args:
+        database_url: libpq URL or key/value string.
+        publication: publication to stream (created FOR ALL TABLES if missing).
+        slot: permanent logical replication slot (created if missing).
+        pool_size: connections (and worker threads) for catalog queries.
+        ssl: require TLS (``sslmode=require``) unless the URL sets ``sslmode``.
+        deliver: called on the loop thread for each change with subscribers (see module doc).
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        publication: str = "supabase_realtime",
+        slot: str = "tidings_slot",
+        pool_size: int = 5,
+        ssl: bool = False,
+        deliver: Deliver,
+    ) -> None:
+        self.publication = publication
+        self.slot = slot
+        self._deliver = deliver
+        self._pool_size = max(1, pool_size)
+        try:
+            self._dsn = catalog.connection_dsn(database_url, ssl=ssl)
+            self._stream_dsn = catalog.connection_dsn(
+                database_url, ssl=ssl, options=SESSION_OPTIONS, client_encoding="UTF8",
+                application_name="tidings-cdc",
+            )
+        except psycopg2.ProgrammingError as exc:
+            raise PostgresChangesError(f"invalid database URL: {_first_line(exc)}") from None
+        self._where = catalog.describe_dsn(self._dsn)
+        self._index = SubscriptionIndex()
+        self._pool: ConnectionPool | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._stream: ReplicationStream | None = None
+        self._running = False
+        self._tables_cache: dict[tuple[str, str], tuple[float, list[tuple[str, str]]]] = {}
+        self._columns_cache: dict[tuple[str, str, str | None], tuple[float, list[ColumnInfo]]] = {}
+        self.delivered = 0
+        """Changes handed to ``deliver`` (with at least one subscriber)."""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, *, timeout: float = 30.0) -> None:
+        """Check the server, create publication and slot if needed, and start streaming.
+
+        Returns once the replication stream is live: changes committed after that are delivered.
+
+        Raises:
+            PostgresChangesError: with one line saying what is wrong (connection refused,
+                ``wal_level``, privileges, slot busy for longer than *timeout*, ...).
+        """
+        if self._running:
+            return
+        loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(self._pool_size, thread_name_prefix="tidings-cdc-db")
+        self._pool = ConnectionPool(self._dsn, self._pool_size)
+        try:
+            await self._db(catalog.check_server)
+            await self._db(catalog.ensure_publication, self.publication)
+            await self._db(catalog.ensure_slot, self.slot)
+            self._stream = ReplicationStream(
+                self._stream_dsn, slot=self.slot, publication=self.publication, loop=loop,
+                on_batch=self._on_batch,
+            )
+            self._running = True
+            self._stream.start()
+            await loop.run_in_executor(None, self._stream.wait_connected, timeout)
+        except PostgresChangesError:
+            await self._shutdown()
+            raise
+        except psycopg2.Error as exc:
+            await self._shutdown()
+            raise PostgresChangesError(f"PostgreSQL at {self._where}: {_first_line(exc)}") from None
+
+    async def stop(self) -> None:
+        """Stop streaming (after a last confirmation to the slot) and close connections."""
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._running = False
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await asyncio.get_running_loop().run_in_executor(None, stream.stop)
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    @property
+    def connected(self) -> bool:
+        """True while the replication stream is live."""
+        return self._stream is not None and self._stream.connected
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None or self._executor is None:
+            raise PostgresChangesError("Postgres Changes is not started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._pool.run, fn, *args)
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    @staticmethod
+    def binding_id(binding: dict[str, Any]) -> int:
+        """A stable non-negative int < 2**31 for the binding's params (same params, same id)."""
+        return binding_id(binding)
+
+    async def subscribe(
+        self, owner: Hashable, bindings: Sequence[tuple[int, dict[str, Any]]], claims: dict[str, Any] | None
+    ) -> None:
+        """Validate *bindings* and register them for *owner*, replacing its earlier ones.
+
+        Each binding is ``(id, params)`` with params as the client sent them (spec 6.1). All are
+        checked before any is registered: on error, *owner*'s registrations are unchanged.
+
+        Raises:
+            SubscriptionError: with the message for the client (``invalid column for filter x``,
+                ``Unable to subscribe to changes with given parameters...``). Its ``transient``
+                attribute is True when the database could not be reached (worth retrying).
+        """
+        specs = [(bid, parse_binding(params)) for bid, params in bindings]
+        role = claims.get("role") if isinstance(claims, dict) else None
+        if not isinstance(role, str):
+            role = None
+        compiled: list[tuple[tuple[str, str], Binding]] = []
+        try:
+            for bid, spec in specs:
+                tables = await self._published(spec.schema, spec.table)
+                if not tables:
+                    raise SubscriptionError(no_tables_message(spec))
+                for table in tables:
+                    columns = await self._columns(table, role)
+                    compiled.append((table, _compile(bid, spec, columns)))
+        except (psycopg2.Error, PostgresChangesError) as exc:
+            log.warning("postgres changes subscription failed: %s", _first_line(exc))
+            raise SubscriptionError(UNAVAILABLE, transient=True) from None
+        self._index.remove(owner)
+        for table, binding in compiled:
+            self._index.add(owner, table, binding)
+
+    def unsubscribe(self, owner: Hashable) -> None:
+        """Drop every binding of *owner* (no error if it has none)."""
+        self._index.remove(owner)
+
+    @property
+    def index(self) -> SubscriptionIndex:
+        """The subscription index (read-only use: sizes, tables)."""
+        return self._index
+
+    async def _published(self, schema: str, table: str) -> list[tuple[str, str]]:
+        key = (schema, table)
+        hit = self._tables_cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < _CACHE_SECONDS:
+            return hit[1]
+        tables = await self._db(catalog.publication_tables, self.publication, schema, table)
+        if tables:  # a miss is not cached: the user may be adding the table right now
+            self._tables_cache[key] = (time.monotonic(), tables)
+        return tables
+
+    async def _columns(self, table: tuple[str, str], role: str | None) -> list[ColumnInfo]:
+        key = (table[0], table[1], role)
+        hit = self._columns_cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < _CACHE_SECONDS:
+            return hit[1]
+        columns = await self._db(catalog.table_columns, table[0], table[1], role)
+        self._columns_cache[key] = (time.monotonic(), columns)
+        return columns
+
+    async def slot_lag_bytes(self) -> int | None:
+        """WAL bytes between the server's current position and the slot's confirmed one.
+
+        ``None`` when the slot does not exist or the database cannot be reached.
+        """
+        try:
+            return await self._db(catalog.slot_lag, self.slot)
+        except (psycopg2.Error, PostgresChangesError):
+            return None
+
+    # -- delivery (loop thread) ---------------------------------------------------------------
+
+    def _on_batch(self, batch: Batch) -> None:
+        stream = self._stream
+        try:
+            if not self._running or stream is None:
+                return
+            confirm = 0
+            for item in batch:
+                if isinstance(item, TransactionEnd):
+                    confirm = item.end_lsn
+                    continue
+                try:
+                    self._dispatch(item)
+                except Exception:
+                    log.exception("delivering change %s failed", item.id)
+            if confirm:
+                stream.confirm(confirm)
+        finally:
+            if stream is not None:
+                stream.batch_done()
+
+    def _dispatch(self, change: Change) -> None:
+        matched = self._index.match((change.schema, change.table), change.type, change.row)
+        if not matched:
+            return
+        groups: dict[frozenset[str] | None, dict[Hashable, list[int]]] = {}
+        for owner, bound in matched.items():
+            # The owner sees the union of what its matching bindings may see.
+            visible: frozenset[str] | None = None
+            if all(b.visible is not None for b in bound):
+                visible = frozenset().union(*(b.visible for b in bound if b.visible is not None))
+            groups.setdefault(visible, {})[owner] = sorted({b.id for b in bound})
+        self.delivered += 1
+        for visible, owners in groups.items():
+            data = change.data if visible is None else narrow(change.data, visible)
+            self._deliver(owners, data, change.id)
+
+
+def _compile(bid: int, spec: BindingSpec, columns: list[ColumnInfo]) -> Binding:
+    """Bind one binding to one table's columns (only columns the role may select count)."""
+    selectable = [c for c in columns if c.selectable]
+    try:
+        bound = bind_filter(spec.conditions, {c.name: c.filter_typname for c in selectable})
+    except FilterError as exc:
+        raise SubscriptionError(str(exc)) from None
+    visible: frozenset[str] | None = None
+    if spec.select is not None:
+        names = {c.name for c in selectable}
+        for name in spec.select:
+            if name not in names:
+                raise SubscriptionError(f"invalid column for select {name}")
+        visible = frozenset(spec.select) | {c.name for c in selectable if c.primary_key}
+    elif len(selectable) != len(columns):
+        visible = frozenset(c.name for c in selectable)
+    return Binding(bid, spec.events, bound, visible)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
