@@ -1,0 +1,303 @@
+"""``tidings bench SCENARIO [options]``: run a scenario against Tidings and reference servers.
+
+Each run starts its server on a free loopback port (pinned to its own core when the machine has
+two or more), spawns the load-generator workers (pinned to the other cores), drives the scenario
+with a live progress line, and writes ``<target>.json``, ``<target>.md`` and ``<target>.png`` into
+the output folder, plus ``summary.md`` when several targets ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .pool import Pool
+from .procstat import loadavg, machine_info
+from .progress import Progress
+from .publishers import SOURCES
+from .report import check_targets, write_run, write_summary
+from .scenarios import SCENARIOS, Outcome, Params, Run
+from .targets import TARGETS, ServerHandle, Target, benchmarks_dir, free_port
+from .worker import raise_nofile, run_loop
+
+__all__ = ["bench", "run_bench", "setup_references"]
+
+HOST = "127.0.0.1"
+QUIET_LOAD = 0.5
+
+
+def setup_references(bench: Path) -> None:
+    """Install what the references need: python-socketio and matplotlib (PyPI), ``ws`` (npm)."""
+    click.echo("installing python-socketio and matplotlib into this Python environment ...")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "python-socketio>=5.11,<6", "matplotlib>=3.7,<4"],
+        check=True,
+    )
+    node_dir = bench / "node"
+    click.echo(f"installing the npm package ws into {node_dir} ...")
+    subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=node_dir, check=True)
+    click.echo("references ready: " + ", ".join(TARGETS))
+
+
+def _cpu_split(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """Server on the first allowed core, load generators on the others (when there are two)."""
+    if not pin:
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def _wait_quiet(limit: float, progress: Progress) -> None:
+    """Wait (at most ``limit`` s) for the 1-minute load average to drop below 0.5."""
+    deadline = time.monotonic() + limit
+    while loadavg()[0] >= QUIET_LOAD and time.monotonic() < deadline:
+        progress.note(f"load average {loadavg()[0]:.2f} >= {QUIET_LOAD}: waiting for a quiet machine")
+        time.sleep(min(15.0, max(0.0, deadline - time.monotonic())))
+
+
+async def run_target(
+    scenario: str,
+    target: Target,
+    params: Params,
+    env: dict[str, str],
+    bench: Path,
+    quiet: bool,
+) -> tuple[dict[str, Any], Outcome | None]:
+    """Run ``scenario`` against ``target``; the report and the outcome (``None`` if not run)."""
+    progress = Progress(f"{scenario} {target.name}", quiet)
+    report: dict[str, Any] = {"scenario": scenario, "target": target.name, "target_doc": target.doc}
+    if scenario not in target.scenarios:
+        report["status"] = "n/a"
+        return report, None
+    why = target.unavailable(bench)
+    if why is not None:
+        report["status"] = f"unavailable: {why}"
+        progress.note(report["status"])
+        return report, None
+    server = ServerHandle(target, HOST, free_port(HOST), env, params.server_cpus, bench)
+    await asyncio.to_thread(server.start)
+    pool = Pool(
+        params.workers,
+        HOST,
+        server.port,
+        target.dialect,
+        params.vsn,
+        params.source_addrs,
+        params.client_cpus,
+        params.heartbeat,
+        params.connect_timeout,
+    )
+    progress.counters = pool.totals
+    pool.on_progress = progress.refresh
+    outcome: Outcome | None = None
+    try:
+        await pool.start()
+        run = Run(target, server, pool, params, progress)
+        outcome = await SCENARIOS[scenario].run(run)
+        await pool.call("close_all")
+        report["status"] = "ok"
+        report["metrics"] = outcome.metrics
+        report["notes"] = outcome.notes
+    except Exception as exc:
+        report["status"] = f"failed: {type(exc).__name__}: {exc}"
+        report["server_log_tail"] = server.logs()
+    finally:
+        await pool.stop()
+        await asyncio.to_thread(server.stop)
+    report["server"] = {"pid": server.pid, "cpus": sorted(params.server_cpus or []), "log": server.log.name}
+    progress.done(report["status"] if report["status"] != "ok" else "done")
+    return report, outcome
+
+
+async def run_bench(
+    scenario: str,
+    targets: list[str],
+    params: Params,
+    env: dict[str, str],
+    out_dir: Path,
+    bench: Path,
+    quiet: bool = False,
+    wait_quiet: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Run ``scenario`` against each target in turn; write every report and the summary."""
+    reports = []
+    machine = machine_info()
+    command = "tidings bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else "tidings bench"
+    for name in targets:
+        if wait_quiet > 0:
+            await asyncio.to_thread(_wait_quiet, wait_quiet, Progress(f"{scenario} {name}", quiet))
+        before = loadavg()
+        date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        report, outcome = await run_target(scenario, TARGETS[name], params, env, bench, quiet)
+        report.update(
+            date=date,
+            command=command,
+            machine=machine,
+            load_average={"before": before, "after": loadavg()},
+            params=_params_dict(scenario, params),
+            setup=(
+                f"server pinned to CPU {sorted(params.server_cpus or [])}, {params.workers} load-generator "
+                f"processes pinned to CPU {sorted(params.client_cpus or [])}, source addresses "
+                f"{params.source_addrs[0]}–{params.source_addrs[-1]}, vsn {params.vsn}"
+            ),
+        )
+        if report["status"] == "ok" and name == "tidings":
+            report["targets"] = check_targets(scenario, report["metrics"], report["params"])
+        paths = write_run(out_dir, report, outcome)
+        if not quiet:
+            click.echo(f"  {name}: {report['status']} -> {paths['md']}", err=True)
+        reports.append(report)
+    summary = write_summary(out_dir, scenario, reports)
+    if not quiet:
+        click.echo(summary.read_text())
+    return reports
+
+
+def _params_dict(scenario: str, p: Params) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": p.n, "vsn": p.vsn, "workers": p.workers, "source_addresses": len(p.source_addrs)}
+    if scenario in ("connect", "presence"):
+        out["rate"] = p.rate
+    else:
+        out["connect_rate"] = p.connect_rate
+    if scenario in ("fanout", "order-status"):
+        out.update(rate=p.rate, duration_s=p.duration, payload_bytes=p.size)
+    if scenario == "order-status":
+        out["source"] = p.source
+    if scenario == "reconnect-storm":
+        out.update(rate=p.rate, channels=p.channels, restart=p.restart, backoff_ms=p.backoff * 1000)
+    return out
+
+
+def _parse_targets(against: str) -> list[str]:
+    names = list(TARGETS) if against.strip() == "all" else [a.strip() for a in against.split(",") if a.strip()]
+    for n in names:
+        if n not in TARGETS:
+            raise click.BadParameter(f"unknown target {n!r} (choose from {', '.join(TARGETS)}, all)")
+    return names
+
+
+@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("scenario", required=False, type=click.Choice(list(SCENARIOS)))
+@click.option("--against", default="tidings", show_default=True,
+              help=f"Comma-separated targets: {', '.join(TARGETS)}, or all.")
+@click.option("-n", "--connections", "n", type=int, default=None, help="Clients (scenario default if unset).")
+@click.option("--rate", type=float, default=None,
+              help="connect/presence: connections/s; fanout: messages/s; order-status/reconnect-storm: updates/s.")
+@click.option("--connect-rate", type=float, default=2000, show_default=True,
+              help="Connections/s while setting up the other scenarios.")
+@click.option("--duration", type=float, default=10, show_default=True, help="Seconds of sending (fanout, order-status).")
+@click.option("--size", type=int, default=90, show_default=True, help="Bench payload size in bytes.")
+@click.option("--channels", type=int, default=None, help="Channels the clients spread over.")
+@click.option("--vsn", type=click.Choice(["1.0.0", "2.0.0"]), default="2.0.0", show_default=True,
+              help="Phoenix serializer the load generator speaks.")
+@click.option("--workers", type=int, default=0, help="Load-generator processes (0 = auto).")
+@click.option("--source-addrs", type=int, default=0, help="Loopback source addresses 127.0.0.2... (0 = auto).")
+@click.option("--pin/--no-pin", default=True, show_default=True, help="Pin server and load generator to separate cores.")
+@click.option("--restart", type=click.Choice(["term", "kill"]), default="term", show_default=True,
+              help="reconnect-storm: SIGTERM (drain) or SIGKILL.")
+@click.option("--backoff-ms", type=float, default=1000, show_default=True,
+              help="reconnect-storm: first reconnect delay (doubles, ±25% jitter, capped at 10 s).")
+@click.option("--source", type=click.Choice(list(SOURCES)), default="rest", show_default=True,
+              help="order-status: how updates are sent.")
+@click.option("--server-env", multiple=True, metavar="KEY=VALUE", help="Extra environment for the server.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder (default bench-results/<time>-<scenario>).")
+@click.option("--wait-quiet", type=float, default=0, show_default=True,
+              help="Wait up to this many seconds for load average < 0.5 before each target.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--setup", is_flag=True, help="Install the references (python-socketio, matplotlib, npm ws) and exit.")
+@click.option("--list", "list_", is_flag=True, help="List scenarios and targets and exit.")
+def bench(
+    scenario: str | None,
+    against: str,
+    n: int | None,
+    rate: float | None,
+    connect_rate: float,
+    duration: float,
+    size: int,
+    channels: int | None,
+    vsn: str,
+    workers: int,
+    source_addrs: int,
+    pin: bool,
+    restart: str,
+    backoff_ms: float,
+    source: str,
+    server_env: tuple[str, ...],
+    out_dir: Path | None,
+    wait_quiet: float,
+    quiet: bool,
+    setup: bool,
+    list_: bool,
+) -> None:
+    """Measure a SCENARIO against Tidings and reference servers (loopback only)."""
+    bench_dir = benchmarks_dir()
+    if setup:
+        setup_references(bench_dir)
+        return
+    if list_ or scenario is None:
+        for s in SCENARIOS.values():
+            click.echo(f"{s.name:<16} {s.doc}")
+        click.echo("")
+        for t in TARGETS.values():
+            why = t.unavailable(bench_dir)
+            scen = ", ".join(sorted(t.scenarios))
+            click.echo(f"{t.name:<11} {t.doc} [{scen}]" + (f" — {why}" if why else ""))
+        if scenario is None and not list_:
+            raise click.UsageError("give a SCENARIO (or --list / --setup)")
+        return
+    spec = SCENARIOS[scenario]
+    n = n if n is not None else int(spec.defaults["n"])
+    rate = rate if rate is not None else float(spec.defaults["rate"])
+    channels = channels if channels is not None else int(spec.defaults["channels"])
+    if n <= 0 or size < 40 or (rate <= 0 and scenario != "memory"):
+        raise click.BadParameter("need -n > 0, --rate > 0 and --size >= 40")
+    if n > 60_000:
+        raise click.BadParameter("at most 60,000 connections (bounded load)")
+    env: dict[str, str] = {}
+    for item in server_env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"--server-env wants KEY=VALUE, got {item!r}")
+        env[key] = value
+    raise_nofile()
+    workers = workers or max(2, min(8, math.ceil(n / 5000)))
+    addrs = source_addrs or max(workers, math.ceil(n / 20000))
+    if addrs > 250:
+        raise click.BadParameter("at most 250 source addresses")
+    server_cpus, client_cpus = _cpu_split(pin)
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
+    params = Params(
+        n=n,
+        rate=rate,
+        connect_rate=connect_rate,
+        duration=duration,
+        size=size,
+        channels=max(1, channels),
+        vsn=vsn,
+        workers=workers,
+        source_addrs=[f"127.0.0.{2 + i}" for i in range(addrs)],
+        server_cpus=server_cpus,
+        client_cpus=client_cpus,
+        backoff=backoff_ms / 1000,
+        restart=restart,
+        source=source,
+    )
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = out_dir or Path("bench-results") / f"{stamp}-{scenario}"
+    targets = _parse_targets(against)
+    run_loop(run_bench(scenario, targets, params, env, out, bench_dir, quiet, wait_quiet))
+    click.echo(f"reports in {out}/", err=True)

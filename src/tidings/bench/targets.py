@@ -1,0 +1,188 @@
+"""The servers a bench runs against: Tidings and the references, launched as subprocesses.
+
+Each :class:`Target` says how to start its server on a loopback port, which dialect its clients
+speak, and which scenarios make sense for it. :class:`ServerHandle` starts, pins, restarts and
+stops one server and exposes its PID for ``/proc`` measurements.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = [
+    "ALL_SCENARIOS",
+    "TARGETS",
+    "TIDINGS_BENCH_ENV",
+    "ServerHandle",
+    "Target",
+    "benchmarks_dir",
+    "free_port",
+]
+
+ALL_SCENARIOS = frozenset({"connect", "memory", "fanout", "order-status", "reconnect-storm", "presence"})
+REFERENCE_SCENARIOS = frozenset({"connect", "memory", "fanout"})
+
+# Limits out of the way: the bench measures the server, not its rate limiter.
+TIDINGS_BENCH_ENV = {
+    "MAX_CONNECTIONS": "20000",
+    "MAX_CONNECTIONS_PER_USER": "0",
+    "MAX_JOINS_PER_SECOND": "100000",
+    "MAX_MESSAGES_PER_SECOND": "100000",
+    "MAX_NODE_MESSAGES_PER_SECOND": "10000000",
+    "CHANNEL_ERROR_BACKOFF_MS": "0",
+    "CONNECT_ERROR_BACKOFF_MS": "0",
+    "HEARTBEAT_INTERVAL": "60s",
+    "DRAIN_WINDOW": "1s",
+    "LOG_LEVEL": "warning",
+}
+
+
+def benchmarks_dir() -> Path:
+    """``benchmarks/`` of the source tree (override with ``TIDINGS_BENCHMARKS_DIR``)."""
+    env = os.environ.get("TIDINGS_BENCHMARKS_DIR")
+    if env:
+        return Path(env)
+    for base in [Path.cwd(), *Path(__file__).resolve().parents]:
+        cand = base / "benchmarks"
+        if (cand / "ceiling_server.py").is_file():
+            return cand
+    return Path.cwd() / "benchmarks"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class Target:
+    """One server kind."""
+
+    def __init__(self, name: str, dialect: str, scenarios: frozenset[str], doc: str) -> None:
+        self.name = name
+        self.dialect = dialect
+        self.scenarios = scenarios
+        self.doc = doc
+
+    def command(self, host: str, port: int, bench: Path) -> list[str]:
+        """The argv that starts the server."""
+        py = sys.executable
+        if self.name == "tidings":
+            return [py, "-m", "tidings", "serve", "--host", host, "--port", str(port)]
+        if self.name == "node-ws":
+            return ["node", str(bench / "node" / "ws_server.mjs"), "--host", host, "--port", str(port)]
+        script = {"ceiling": "ceiling_server.py", "websockets": "websockets_server.py", "socketio": "socketio_server.py"}
+        return [py, str(bench / script[self.name]), "--host", host, "--port", str(port)]
+
+    def env(self, extra: dict[str, str]) -> dict[str, str]:
+        """Environment of the server process."""
+        env = dict(os.environ)
+        if self.name == "tidings":
+            env.update(TIDINGS_BENCH_ENV)
+        env.update(extra)
+        return env
+
+    def unavailable(self, bench: Path) -> str | None:
+        """Why this target cannot run here (``None`` when it can)."""
+        if self.name == "tidings":
+            return None
+        if not (bench / "ceiling_server.py").is_file():
+            return f"benchmarks/ not found at {bench} (set TIDINGS_BENCHMARKS_DIR)"
+        if self.name == "socketio":
+            try:
+                import socketio  # noqa: F401
+            except ImportError:
+                return "python-socketio is not installed (run `tidings bench --setup`)"
+        if self.name == "node-ws":
+            if shutil.which("node") is None:
+                return "node is not installed"
+            if not (bench / "node" / "node_modules" / "ws").is_dir():
+                return "npm package ws is not installed (run `tidings bench --setup`)"
+        return None
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("tidings", "phoenix", ALL_SCENARIOS, "Tidings (`tidings serve`)"),
+        Target("ceiling", "phoenix", REFERENCE_SCENARIOS, "bare uvloop asyncio.Protocol, pre-encoded frames"),
+        Target("websockets", "phoenix", REFERENCE_SCENARIOS, "`websockets` asyncio server with broadcast()"),
+        Target("socketio", "socketio", REFERENCE_SCENARIOS, "python-socketio ASGI app under uvicorn"),
+        Target("node-ws", "phoenix", REFERENCE_SCENARIOS, "Node.js `ws` package"),
+    )
+}
+
+
+class ServerHandle:
+    """A running server of ``target`` on ``host:port``."""
+
+    def __init__(
+        self,
+        target: Target,
+        host: str,
+        port: int,
+        env: dict[str, str],
+        cpus: set[int] | None,
+        bench: Path,
+    ) -> None:
+        self.target = target
+        self.host = host
+        self.port = port
+        self.extra_env = env
+        self.cpus = cpus
+        self.bench = bench
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{target.name}-", suffix=".log", delete=False)
+
+    @property
+    def pid(self) -> int:
+        """PID of the server process."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> float:
+        """Start, pin, and wait until the port accepts; returns the wall time it became ready."""
+        cmd = self.target.command(self.host, self.port, self.bench)
+        self.proc = subprocess.Popen(
+            cmd, env=self.target.env(self.extra_env), stdout=self.log, stderr=subprocess.STDOUT
+        )
+        if self.cpus:
+            try:
+                os.sched_setaffinity(self.proc.pid, self.cpus)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.target.name} exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return time.time()
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"{self.target.name} did not listen within {timeout}s:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        """Signal the server and wait for it to exit (SIGKILL after ``timeout``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def logs(self) -> str:
+        """What the server printed."""
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
