@@ -13,6 +13,7 @@ Every wait is bounded; a failed wait raises with the tail of the transcript.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import itertools
@@ -332,6 +333,19 @@ class _RealtimePyLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
+    def frames(self, direction: str) -> list[dict[str, Any]]:
+        """Decoded frames realtime-py sent (``out``) or received (``in``), from its debug log."""
+        prefix = "send: " if direction == "out" else "receive: "
+        out = []
+        for r in list(self.records):
+            text = r.getMessage()
+            if not text.startswith(prefix):
+                continue
+            raw = text[len(prefix) :]
+            with contextlib.suppress(ValueError, SyntaxError):
+                out.append(json.loads(raw if direction == "out" else ast.literal_eval(raw)))
+        return out
+
     def rejected(self) -> list[str]:
         return [r.getMessage() for r in self.records if "Unrecognized message format" in r.getMessage()]
 
@@ -346,14 +360,16 @@ def realtime_py_log() -> Iterator[_RealtimePyLog]:
     """Every log record of realtime-py during the test. Fails the test if it rejected any frame."""
     logger = logging.getLogger("realtime")
     handler = _RealtimePyLog()
-    old_level = logger.level
+    old_level, old_propagate = logger.level, logger.propagate
     logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # its debug lines (every frame) stay out of pytest's log capture
     logger.addHandler(handler)
     try:
         yield handler
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+        logger.propagate = old_propagate
     rejected = handler.rejected()
     assert not rejected, "realtime-py dropped frames it could not validate:\n" + "\n".join(rejected)
 
@@ -361,13 +377,32 @@ def realtime_py_log() -> Iterator[_RealtimePyLog]:
 class PyClient(Recorder):
     """realtime-py's AsyncRealtimeClient with every callback recorded as an event."""
 
-    def __init__(self, url: str, token: str | None = None, name: str = "realtime-py", **kwargs: Any) -> None:
+    _barriers = itertools.count(1)
+
+    def __init__(
+        self, url: str, token: str | None, log: _RealtimePyLog, name: str = "realtime-py", **kwargs: Any
+    ) -> None:
         from realtime import AsyncRealtimeClient
 
         super().__init__()
         self.name = name
+        self.log = log
         self.client = AsyncRealtimeClient(url, token, **kwargs)
         self.channels: dict[str, Any] = {}
+
+    async def barrier(self, timeout: float = 10.0) -> None:
+        """A heartbeat with a unique ref through the client's own socket, and wait for its reply:
+        everything the server sent this connection before has then been received and dispatched."""
+        from realtime.message import Message
+
+        ref = f"barrier-{next(self._barriers)}"
+        await self.client.send(Message(topic="phoenix", event="heartbeat", payload={}, ref=ref))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not any(f.get("ref") == ref for f in self.log.frames("in")):
+            assert loop.time() < deadline, f"{self.name}: no reply to heartbeat {ref}\n{self.transcript()}"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # let the listener task dispatch what preceded the reply
 
     def channel(
         self,
@@ -443,7 +478,7 @@ async def py_client(realtime_py_log: _RealtimePyLog) -> AsyncIterator[PyFactory]
     made: list[PyClient] = []
 
     def make(url: str, token: str | None = None, **kwargs: Any) -> PyClient:
-        client = PyClient(url, token, **kwargs)
+        client = PyClient(url, token, realtime_py_log, **kwargs)
         made.append(client)
         return client
 
