@@ -24,7 +24,9 @@ class RedisServer:
     def __init__(self, persist: bool = True) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not Path(binary).exists():
-            raise RuntimeError("redis-server is not installed: run `make deps` (scripts/install-system-deps.sh)")
+            raise RuntimeError(
+                "redis-server is not installed: run `make deps` (scripts/install-system-deps.sh)"
+            )
         self.binary = binary
         self.persist = persist
         self.port = free_port()
@@ -39,8 +41,22 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start and wait until it accepts connections."""
         save = ["--save", "3600 1"] if self.persist else ["--save", ""]
-        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-               "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no", *save]
+        cmd = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            *save,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

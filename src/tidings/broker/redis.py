@@ -29,7 +29,13 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+    RedisError,
+    TimeoutError as RedisTimeoutError,
+)
 
 from ..history import HistoryRecord, ReplayResult
 from .base import DUPLICATE, FAILED, Broker, Envelope, PublishDone
@@ -39,7 +45,8 @@ __all__ = ["RedisBroker"]
 log = logging.getLogger("tidings.broker.redis")
 
 # KEYS: seq, stream, id-marker. ARGV: msg_id, event, payload, is_binary, now_us, maxlen, ttl,
-# channel, envelope-json, now_ms. Returns the sequence number, or 0 for a duplicate id.
+# channel, envelope-json, now_ms, origin node, excluded channel id.
+# Returns the sequence number, or 0 for a duplicate id.
 PUBLISH_LUA = """
 if ARGV[1] ~= '' then
   if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[7]) then return 0 end
@@ -54,7 +61,8 @@ local s = string.format('%.0f', seq)
 redis.call('EXPIRE', KEYS[1], 604800)
 if tonumber(ARGV[6]) > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], s .. '-0',
-             'i', ARGV[1], 'e', ARGV[2], 'p', ARGV[3], 'b', ARGV[4], 't', ARGV[10])
+             'i', ARGV[1], 'e', ARGV[2], 'p', ARGV[3], 'b', ARGV[4], 't', ARGV[10],
+             'o', ARGV[11], 'x', ARGV[12])
   redis.call('EXPIRE', KEYS[2], ARGV[7])
 end
 redis.call('PUBLISH', ARGV[8], s .. '|' .. ARGV[9])
@@ -102,7 +110,19 @@ class RedisBroker(Broker):
         self.prefix = prefix
         self.node_timeout = node_timeout
         self.health_interval = health_interval
-        self.redis: Any = aioredis.from_url(url, socket_connect_timeout=3, socket_keepalive=True)
+        # Pooled connections die with a Redis restart: retry commands on a fresh connection.
+        self.redis: Any = aioredis.from_url(
+            url,
+            socket_connect_timeout=3,
+            socket_keepalive=True,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        # The subscription connection must fail loudly instead: a silent automatic resubscribe
+        # would hide the window in which messages were missed.
+        self._sub_redis: Any = aioredis.from_url(
+            url, socket_connect_timeout=3, socket_keepalive=True, retry=Retry(NoBackoff(), 0)
+        )
         self._ops: deque[tuple[Callable[[Any], Any], Callable[[Any], None] | None]] = deque()
         self._wake = asyncio.Event()
         self._subscribed: dict[str, asyncio.Future[None]] = {}
@@ -167,6 +187,7 @@ class RedisBroker(Broker):
             except (RedisError, OSError):
                 pass
         await self.redis.aclose()
+        await self._sub_redis.aclose()
 
     # -- command queue -----------------------------------------------------------------------
 
@@ -255,6 +276,8 @@ class RedisBroker(Broker):
             self._channel(key),
             envelope,
             int(now * 1000),
+            self.node_id,
+            "" if exclude is None else exclude,
         ]
 
         def op(pipe: Any) -> None:
@@ -336,7 +359,7 @@ class RedisBroker(Broker):
                 await self._pubsub.aclose()
             except (RedisError, OSError):
                 pass
-        pubsub = self.redis.pubsub()
+        pubsub = self._sub_redis.pubsub()
         self._pubsub = pubsub
         keys = list(self._subscribed)
         # One command resubscribes everything: the reconnect storm is one round trip.
@@ -395,16 +418,16 @@ class RedisBroker(Broker):
         if last is not None and seq <= last:
             return  # already delivered (a gap fill got there first)
         if last is not None and seq > last + 1:
-            asyncio.get_running_loop().create_task(self._fill_gap(key, until=seq))
+            asyncio.get_running_loop().create_task(self._fill_gap(key, since=last, until=seq))
         self._last_seq[key] = seq if last is None or seq > last else last
         payload = _decode_payload(env["p"].encode(), env["b"] == "1")
         self._deliver(
             Envelope(Envelope.BROADCAST, key, env["t"], env["e"], payload, env["i"], seq, env["o"], env["x"])
         )
 
-    async def _fill_gap(self, key: str, until: int | None = None) -> None:
-        """Deliver from the stream what was missed after the last seen sequence number."""
-        last = self._last_seq.get(key)
+    async def _fill_gap(self, key: str, since: int | None = None, until: int | None = None) -> None:
+        """Deliver from the stream what was missed after ``since`` (default: the last seen seq)."""
+        last = self._last_seq.get(key) if since is None else since
         if last is None:
             return
         try:

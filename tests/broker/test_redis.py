@@ -1,0 +1,155 @@
+"""The broker contract against Redis, plus what only a shared Redis can show."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from tests.support.redis import RedisServer
+from tidings.broker.base import Broker
+from tidings.broker.redis import RedisBroker
+
+from .contract import CHECKS, Inbox, publish
+
+pytestmark = pytest.mark.redis
+
+
+def _factory(url: str, brokers: list[RedisBroker]) -> Callable[..., Coroutine[Any, Any, RedisBroker]]:
+    prefix = f"t{uuid.uuid4().hex[:8]}"  # every test its own key space
+
+    async def make(history_size: int = 100) -> RedisBroker:
+        broker = RedisBroker(url, history_size, 300.0, prefix=prefix, node_timeout=2.0, health_interval=0.5)
+        broker.bind(lambda env: None)
+        await broker.start()
+        brokers.append(broker)
+        return broker
+
+    return make
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+async def test_redis_broker(
+    check: Callable[..., Coroutine[Any, Any, None]], redis_server: RedisServer
+) -> None:
+    brokers: list[RedisBroker] = []
+    try:
+        await check(_factory(redis_server.url, brokers))
+    finally:
+        for b in brokers:
+            await b.stop()
+
+
+async def test_messages_cross_nodes_in_order(redis_server: RedisServer) -> None:
+    brokers: list[RedisBroker] = []
+    make = _factory(redis_server.url, brokers)
+    try:
+        a, b = await make(), await make()
+        inbox_b = Inbox(b)
+        await b.subscribe("p:x")
+        seqs = [await publish(a, "p:x", "e", {"n": i}, f"m{i}") for i in range(20)]
+        got = await inbox_b.wait(20)
+        assert [e.seq for e in got] == seqs
+        assert all(e.origin == a.node_id for e in got)
+    finally:
+        for br in brokers:
+            await br.stop()
+
+
+async def test_dead_node_presence_disappears(redis_server: RedisServer) -> None:
+    brokers: list[RedisBroker] = []
+    make = _factory(redis_server.url, brokers)
+    try:
+        a, b = await make(), await make()
+        inbox_b = Inbox(b)
+        await b.subscribe("p:room")
+        a.track("p:room", 1, "alice", {"phx_ref": "ra"})
+        b.track("p:room", 1, "bob", {"phx_ref": "rb"})
+        await asyncio.sleep(0.3)
+        assert set(await b.presence_state("p:room")) == {"alice", "bob"}
+        # Node a dies without a goodbye: its heartbeat stops, its tasks vanish.
+        for task in a._tasks:
+            task.cancel()
+        brokers.remove(a)
+        async with asyncio.timeout(10):
+            while "alice" in await b.presence_state("p:room"):
+                await asyncio.sleep(0.1)
+            while not any(e.kind == "p" and "alice" in e.payload["leaves"] for e in inbox_b.envelopes):
+                await asyncio.sleep(0.1)
+        assert set(await b.presence_state("p:room")) == {"bob"}
+    finally:
+        for br in brokers:
+            await br.stop()
+
+
+async def test_redis_restart_resubscribes_and_fills_from_history() -> None:
+    server = RedisServer(persist=True).start()
+    brokers: list[RedisBroker] = []
+    make = _factory(server.url, brokers)
+    try:
+        publisher, listener = await make(), await make()
+        inbox = Inbox(listener)
+        await listener.subscribe("p:r")
+        await publish(publisher, "p:r", "e", {"n": 0}, "before")
+        await inbox.wait(1)
+        server.restart()
+        async with asyncio.timeout(15):
+            while not listener.connected.is_set() or listener.reconnects == 0:
+                await asyncio.sleep(0.05)
+        await publish(publisher, "p:r", "e", {"n": 1}, "after")
+        got = await inbox.wait(2, timeout=10)
+        assert [e.payload["n"] for e in got] == [0, 1]
+        assert inbox.gaps == []
+    finally:
+        for br in brokers:
+            await br.stop()
+        server.cleanup()
+
+
+async def test_messages_lost_with_redis_data_are_reported_as_a_gap() -> None:
+    server = RedisServer(persist=False).start()
+    brokers: list[RedisBroker] = []
+    make = _factory(server.url, brokers)
+    try:
+        publisher, listener = await make(), await make()
+        inbox = Inbox(listener)
+        await listener.subscribe("p:g")
+        await publish(publisher, "p:g", "e", {"n": 0}, "g0")
+        await inbox.wait(1)
+        server.restart()  # no persistence: history and sequence numbers are gone
+        async with asyncio.timeout(15):
+            while not listener.connected.is_set() or listener.reconnects == 0:
+                await asyncio.sleep(0.05)
+        await publish(publisher, "p:g", "e", {"n": 1}, "g1")
+        async with asyncio.timeout(10):
+            while not inbox.gaps:
+                await asyncio.sleep(0.05)
+        assert inbox.gaps == ["p:g"]
+    finally:
+        for br in brokers:
+            await br.stop()
+        server.cleanup()
+
+
+async def test_unsubscribed_channels_are_not_delivered(redis_server: RedisServer) -> None:
+    brokers: list[RedisBroker] = []
+    broker = await _factory(redis_server.url, brokers)()
+    inbox = Inbox(broker)
+    await broker.subscribe("p:keep")
+    await broker.subscribe("p:drop")
+    broker.unsubscribe("p:drop")
+    await asyncio.sleep(0.1)
+    await publish(broker, "p:drop", "e", {}, "d1")
+    await publish(broker, "p:keep", "e", {}, "k1")
+    got = await inbox.wait(1)
+    await asyncio.sleep(0.2)
+    assert [e.key for e in got] == ["p:keep"]
+    for br in brokers:
+        await br.stop()
+
+
+def test_broker_protocol() -> None:
+    assert issubclass(RedisBroker, Broker)
