@@ -322,6 +322,7 @@ class Config:
     history_ttl: float = 300.0
     replay_max: int = 100
     redis_url: str | None = None
+    node_timeout: float = 10.0
     workers: int = 1
     log_level: str = "info"
     log_format: str = "plain"

@@ -38,7 +38,9 @@ class ServerProcess:
         port: fixed port; a free one by default. Kept across :meth:`restart`.
     """
 
-    def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None, port: int | None = None):
+    def __init__(
+        self, env: dict[str, str] | None = None, args: list[str] | None = None, port: int | None = None
+    ):
         self.env = {**DEFAULT_ENV, **(env or {})}
         self.args = list(args or [])
         self.port = port or free_port()
@@ -59,7 +61,17 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         """Start and wait until ``/api/health`` answers."""
         env = {**os.environ, **self.env}
-        cmd = [sys.executable, "-m", "tidings", "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tidings",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

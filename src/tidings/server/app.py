@@ -58,7 +58,13 @@ def make_broker(config: Config) -> Broker | None:
         return None
     from ..broker.redis import RedisBroker
 
-    return RedisBroker(config.redis_url, config.history_size, config.history_ttl)
+    return RedisBroker(
+        config.redis_url,
+        config.history_size,
+        config.history_ttl,
+        node_timeout=config.node_timeout,
+        health_interval=min(2.0, config.node_timeout / 4),
+    )
 
 
 def app_from_env() -> Starlette:
