@@ -732,12 +732,13 @@ class RealtimeChannel:
         history = self.client.history
         complete = True
         for _ in range(settings.history_max_pages):
-            page = await history.fetch(self.name, since_seq, settings.history_page_limit)
+            page = await history.fetch(self.name, since_seq, settings.history_page_limit, self.private)
             complete = complete and page.complete
             seqs: list[int] = []
             if not page.complete:
                 seqs = [s for s in (self._seq_of(m) for m in page.messages) if s is not None]
                 await self._handle_incomplete_page(min(seqs) if seqs else None)
+            before = since_seq
             for entry in page.messages:
                 meta = entry.get("meta")
                 await self._ingest(
@@ -752,7 +753,8 @@ class RealtimeChannel:
                 seq = self._seq_of(entry)
                 if seq is not None:
                     since_seq = max(since_seq, seq)
-            if len(page.messages) < settings.history_page_limit or (until is not None and since_seq >= until):
+            # The server may clamp the page size: only an empty (or non-advancing) page means the end.
+            if since_seq <= before or (until is not None and since_seq >= until):
                 break
         return complete
 

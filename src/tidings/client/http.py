@@ -7,6 +7,7 @@ HTTP dependency.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import http.client
 import urllib.error
@@ -133,14 +134,18 @@ class HistoryClient:
         """Bearer token (the user JWT); the API key when ``None``."""
         self.timeout = timeout
 
-    def url(self, sub_topic: str, since_seq: int, limit: int) -> str:
+    def url(self, sub_topic: str, since_seq: int, limit: int, private: bool = False) -> str:
         """The request URL."""
         topic = urllib.parse.quote(sub_topic, safe="")
-        query = urllib.parse.urlencode({"since_seq": since_seq, "limit": limit})
-        return f"{self.base}/api/channels/{topic}/messages?{query}"
+        params: dict[str, Any] = {"since_seq": since_seq, "limit": limit}
+        if private:
+            params["private"] = "true"
+        return f"{self.base}/api/channels/{topic}/messages?{urllib.parse.urlencode(params)}"
 
-    async def fetch(self, sub_topic: str, since_seq: int, limit: int) -> HistoryPage:
-        """Messages with ``seq > since_seq``, at most ``limit``.
+    async def fetch(self, sub_topic: str, since_seq: int, limit: int, private: bool = False) -> HistoryPage:
+        """Messages with ``seq > since_seq``, at most ``limit`` (the server may clamp it).
+
+        A raw-binary message (``payload_base64``) comes back with ``bytes`` as its ``payload``.
 
         Raises:
             HistoryError: when the endpoint is unreachable or answers anything but a valid page.
@@ -148,11 +153,21 @@ class HistoryClient:
         headers = {"apikey": self.apikey, "Authorization": f"Bearer {self.access_token or self.apikey}"}
         try:
             status, body = await request_json(
-                "GET", self.url(sub_topic, since_seq, limit), headers=headers, timeout=self.timeout
+                "GET", self.url(sub_topic, since_seq, limit, private), headers=headers, timeout=self.timeout
             )
         except OSError as exc:
             raise HistoryError(f"history request failed: {exc}") from exc
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise HistoryError(f"history endpoint answered HTTP {status}")
-        messages = [m for m in body["messages"] if isinstance(m, dict)]
+        messages = []
+        for entry in body["messages"]:
+            if not isinstance(entry, dict):
+                continue
+            encoded = entry.get("payload_base64")
+            if isinstance(encoded, str) and "payload" not in entry:
+                try:
+                    entry = dict(entry, payload=base64.b64decode(encoded))
+                except ValueError:
+                    continue
+            messages.append(entry)
         return HistoryPage(messages=messages, complete=bool(body.get("complete", True)))
