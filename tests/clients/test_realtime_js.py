@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -526,3 +527,125 @@ async def test_limit_payload_size_with_ack(
         and (m[4] if isinstance(m, list) else m["payload"])["status"] == "error"
     ]
     assert errors == [{"status": "error", "response": {"reason": "payload_size_exceeded"}}]
+
+
+# -- token refresh, private channels, replay, resubscribe ------------------------------------------
+
+
+async def test_token_refresh_keeps_channel_open(
+    auth_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
+) -> None:
+    a = await js_client(auth_server.ws_url, vsn=vsn, apikey=mint_token(SECRET, role="anon"), name="A")
+    short = mint_token(SECRET, role="authenticated", ttl=2)
+    await a.call("setAuth", token=short)
+    await a.subscribed(channel_name)
+    # setAuth on a joined channel pushes an `access_token` event (never answered by the server).
+    fresh = mint_token(SECRET, role="authenticated", ttl=3600)
+    mark = a.mark()
+    await a.call("setAuth", token=fresh)
+    pushed = [
+        m
+        for m in a.text_frames("out", mark)
+        if (m[3] if isinstance(m, list) else m["event"]) == "access_token"
+    ]
+    assert len(pushed) == 1
+    assert (pushed[0][4] if isinstance(pushed[0], list) else pushed[0]["payload"]) == {"access_token": fresh}
+    # Past the first token's expiry the channel is still open and still receives broadcasts.
+    await asyncio.sleep(3)
+    r = await rest_post(
+        auth_server.http_url,
+        "/api/broadcast",
+        {"messages": [{"topic": channel_name, "event": "still-here", "payload": {}}]},
+        token=fresh,
+    )
+    assert r.status_code == 202
+    await a.wait_for("broadcast", ch=channel_name)
+    await barrier(a)
+    assert a.find("system", ch=channel_name) == []
+    assert (await a.call("state", ch=channel_name))["channel"] == "joined"
+
+
+async def test_private_channels(
+    auth_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
+) -> None:
+    user = mint_token(SECRET, role="authenticated", sub="user-1")
+    anon = mint_token(SECRET, role="anon")
+    a = await js_client(auth_server.ws_url, vsn=vsn, apikey=user, name="A-private")
+    b = await js_client(auth_server.ws_url, vsn=vsn, apikey=anon, name="B-anon")
+    await a.call("setAuth", token=user)
+    await a.subscribed(channel_name, config={"private": True})
+    # An anon token may not read a private channel.
+    result = await b.subscribe(channel_name, config={"private": True})
+    assert result == {
+        "status": "CHANNEL_ERROR",
+        "error": f"Unauthorized: You do not have permissions to read from this Channel topic: {channel_name}",
+    }
+    # The public channel of the same name is a different fan-out group.
+    c = await js_client(auth_server.ws_url, vsn=vsn, apikey=anon, name="C-public")
+    await c.subscribed(channel_name)
+    assert await a.call("httpSend", ch=channel_name, event="secret", payload={"p": 1}) == {"success": True}
+    got = await a.wait_for("broadcast", ch=channel_name)
+    assert got["payload"]["event"] == "secret"
+    await barrier(c)
+    assert broadcasts(c, channel_name) == []
+    # An anon REST post to the private topic is refused (403) by the single endpoint.
+    r = await rest_post(
+        auth_server.http_url, f"/api/broadcast/{channel_name}/events/x?private=true", {}, token=anon
+    )
+    assert r.status_code == 403
+
+
+async def test_replay_on_private_channel(
+    shared_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
+) -> None:
+    since = int(time.time() * 1000) - 60_000
+    messages = [
+        {"topic": channel_name, "event": "old", "payload": {"i": i}, "private": True} for i in range(3)
+    ]
+    r = await rest_post(shared_server.http_url, "/api/broadcast", {"messages": messages})
+    assert r.status_code == 202
+    a = await js_client(shared_server.ws_url, vsn=vsn, name="A")
+    await a.subscribed(
+        channel_name, config={"private": True, "broadcast": {"replay": {"since": since, "limit": 10}}}
+    )
+    got = await a.wait_count("broadcast", 3, ch=channel_name)
+    assert [e["payload"]["payload"]["i"] for e in got] == [0, 1, 2]
+    assert all(e["payload"]["meta"]["replayed"] is True and e["payload"]["meta"]["id"] for e in got)
+
+
+async def test_resubscribe_after_unsubscribe(
+    shared_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
+) -> None:
+    a = await js_client(shared_server.ws_url, vsn=vsn, name="A")
+    b = await js_client(shared_server.ws_url, vsn=vsn, name="B")
+    await b.subscribed(channel_name)
+    await a.subscribed(channel_name, config={"presence": {"key": "a"}}, presence=True)
+    assert await a.call("removeChannel", ch=channel_name) == "ok"
+    # A new channel instance for the same topic joins with a new join_ref and works.
+    await a.subscribed(channel_name, config={"presence": {"key": "a"}}, presence=True)
+    joins = [m for m in a.text_frames("out") if (m[3] if isinstance(m, list) else m["event"]) == "phx_join"]
+    refs = [(m[0] if isinstance(m, list) else m["join_ref"]) for m in joins]
+    assert len(refs) == 2 and refs[0] != refs[1]
+    assert await b.call("send", ch=channel_name, event="again", payload={}) == "ok"
+    await a.wait_for("broadcast", ch=channel_name)
+    assert await a.call("track", ch=channel_name, payload={"v": 2}) == "ok"
+    await a.wait_for(
+        "presence", ch=channel_name, event="sync", pred=lambda e: e["state"].get("a", [{}])[0].get("v") == 2
+    )
+
+
+async def test_presence_leave_when_client_dies(
+    shared_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
+) -> None:
+    a = await js_client(shared_server.ws_url, vsn=vsn, name="A")
+    b = await js_client(shared_server.ws_url, vsn=vsn, name="B")
+    await a.subscribed(channel_name, config={"presence": {"key": "a"}}, presence=True)
+    await b.subscribed(channel_name, config={"presence": {"key": "b"}}, presence=True)
+    assert await b.call("track", ch=channel_name, payload={"here": True}) == "ok"
+    await a.wait_for("presence", ch=channel_name, event="sync", pred=lambda e: "b" in e["state"])
+    mark = a.mark()
+    b.proc.kill()  # no leave, no close frame: the server notices the TCP connection drop
+    await a.wait_for("presence", since=mark, ch=channel_name, event="leave", key="b")
+    await a.wait_for(
+        "presence", since=mark, ch=channel_name, event="sync", pred=lambda e: "b" not in e["state"]
+    )

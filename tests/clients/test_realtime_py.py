@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -475,3 +476,106 @@ async def test_interop_with_realtime_js(
     mark = py.mark()
     assert await js.call("unsubscribe", ch=channel_name) == "ok"
     await py.wait_for("presence", since=mark, ch=channel_name, event="leave", key="js")
+
+
+# -- token refresh, private channels, replay, presence callbacks added late ---------------------------
+
+
+async def test_token_refresh_keeps_channel_open(
+    auth_server: ServerProcess, py_client: PyFactory, channel_name: str
+) -> None:
+    a = py_client(auth_server.ws_url, mint_token(SECRET, role="authenticated", ttl=2), name="A")
+    await a.subscribed(channel_name)
+    fresh = mint_token(SECRET, role="authenticated", ttl=3600)
+    await a.client.set_auth(fresh)
+    pushed = [f for f in a.log.frames("out") if f["event"] == "access_token"]
+    assert [f["topic"] for f in pushed] == [f"realtime:{channel_name}"]
+    await asyncio.sleep(3)  # past the first token's expiry
+    body = {"messages": [{"topic": channel_name, "event": "still-here", "payload": {}}]}
+    r = await rest_post(auth_server.http_url, "/api/broadcast", body, token=fresh)
+    assert r.status_code == 202
+    await a.wait_for("broadcast", ch=channel_name)
+    await a.barrier()
+    assert [e["status"] for e in a.find("status", ch=channel_name)] == ["SUBSCRIBED"]
+    assert a.channels[channel_name].is_joined
+
+
+async def test_private_channels(auth_server: ServerProcess, py_client: PyFactory, channel_name: str) -> None:
+    user = mint_token(SECRET, role="authenticated", sub="user-1")
+    anon = mint_token(SECRET, role="anon")
+    a, b = py_client(auth_server.ws_url, user, name="A"), py_client(auth_server.ws_url, anon, name="B")
+    ch_a = await a.subscribed(channel_name, config={"private": True})
+    result = await b.subscribe(channel_name, config={"private": True})
+    reason = f"Unauthorized: You do not have permissions to read from this Channel topic: {channel_name}"
+    assert result == {"status": "CHANNEL_ERROR", "error": json.dumps({"reason": reason})}
+    c = py_client(auth_server.ws_url, anon, name="C")
+    await c.subscribed(channel_name)
+    # http_send on a private channel posts with ?private=true.
+    await ch_a.http_send("secret", {"p": 1})
+    await a.wait_for("broadcast", ch=channel_name)
+    await c.barrier()
+    assert broadcasts(c, channel_name) == []
+
+
+async def test_replay_on_private_channel(
+    shared_server: ServerProcess, py_client: PyFactory, channel_name: str
+) -> None:
+    since = int(time.time() * 1000) - 60_000
+    messages = [
+        {"topic": channel_name, "event": "old", "payload": {"i": i}, "private": True} for i in range(3)
+    ]
+    r = await rest_post(shared_server.http_url, "/api/broadcast", {"messages": messages})
+    assert r.status_code == 202
+    a = py_client(shared_server.ws_url, name="A")
+    await a.subscribed(
+        channel_name,
+        config={"private": True, "broadcast": {"ack": False, "self": False, "replay": {"since": since}}},
+    )
+    got = await a.wait_count("broadcast", 3, ch=channel_name)
+    assert [e["payload"]["payload"]["i"] for e in got] == [0, 1, 2]
+    assert all(e["payload"]["meta"]["replayed"] is True for e in got)
+
+
+async def test_presence_callbacks_added_after_join(
+    shared_server: ServerProcess, py_client: PyFactory, channel_name: str
+) -> None:
+    """realtime-py re-joins (phx_leave + phx_join) when presence callbacks are added to a joined channel."""
+    a, b = py_client(shared_server.ws_url, name="A"), py_client(shared_server.ws_url, name="B")
+    ch_b = await b.subscribed(
+        channel_name, config={"presence": {"key": "bob", "enabled": True}}, presence=True
+    )
+    await ch_b.track({"name": "Bob"})
+    sent_before = len(a.log.frames("out"))
+    ch_a = await a.subscribed(channel_name)  # no presence yet
+    mark = a.mark()
+    ch_a.on_presence_sync(
+        lambda: a.record(
+            {"t": "presence", "ch": channel_name, "event": "sync", "state": dict(ch_a.presence_state())}
+        )
+    )
+    await a.wait_for("status", since=mark, ch=channel_name, status="SUBSCRIBED")
+    await a.wait_for(
+        "presence", since=mark, ch=channel_name, event="sync", pred=lambda e: "bob" in e["state"]
+    )
+    out = [f["event"] for f in a.log.frames("out")[sent_before:] if f["topic"] == f"realtime:{channel_name}"]
+    assert out == ["phx_join", "phx_leave", "phx_join"]
+    # The re-joined channel still gets broadcasts (once).
+    await ch_b.send_broadcast("after-rejoin", {})
+    await a.wait_for("broadcast", ch=channel_name)
+    await a.barrier()
+    assert bevents(a, channel_name) == ["after-rejoin"]
+
+
+async def test_remove_channel_closes_socket(
+    shared_server: ServerProcess, py_client: PyFactory, channel_name: str
+) -> None:
+    a = py_client(shared_server.ws_url, name="A")
+    ch_a = await a.subscribed(channel_name)
+    await a.client.remove_channel(ch_a)
+    # The last channel gone, realtime-py sends phx_leave and closes the socket at once (it does not
+    # wait for the reply, so no CLOSED status is reported).
+    assert not a.client.is_connected
+    assert [f["event"] for f in a.log.frames("out") if f["topic"] == f"realtime:{channel_name}"] == [
+        "phx_join",
+        "phx_leave",
+    ]
