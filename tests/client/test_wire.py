@@ -154,3 +154,19 @@ def test_presence_view_update_is_leave_plus_join_and_state_resync() -> None:
     assert list(view.state()) == ["u3"]
     view.reset()
     assert not view.synced and view.state() == {}
+
+
+def test_the_sdk_imports_no_server_side_module() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tidings.client\n"
+        "bad = [m for m in sys.modules if m.split('.')[:2] in (['tidings', 'server'], ['tidings', 'hub'],"
+        " ['tidings', 'broker'], ['tidings', 'cdc'], ['tidings', 'session'], ['tidings', 'node'])]\n"
+        "print(bad)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"

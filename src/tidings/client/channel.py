@@ -147,6 +147,7 @@ class RealtimeChannel:
         self._rejoin_attempts = 0
         self._incomplete_reported_at: int | None = None
         self._rebase = False
+        self._join_ws: object = None
 
     def __repr__(self) -> str:
         return f"<RealtimeChannel {self.topic} {self.state}>"
@@ -377,8 +378,13 @@ class RealtimeChannel:
         }
 
     def _start_join(self) -> None:
-        if self._join_task is None or self._join_task.done():
-            self._join_task = asyncio.get_running_loop().create_task(self._join(), name=f"join {self.topic}")
+        task = self._join_task
+        if task is not None and not task.done():
+            if self._join_ws is self.client._ws:
+                return  # already joining on this connection
+            task.cancel()  # a join left over from a lost connection
+        self._join_ws = self.client._ws
+        self._join_task = asyncio.get_running_loop().create_task(self._join(), name=f"join {self.topic}")
 
     async def _join(self) -> None:
         client = self.client

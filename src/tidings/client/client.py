@@ -249,8 +249,9 @@ class RealtimeClient:
             except TimeoutError:
                 task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        for pending in list(self._spawned):
-            pending.cancel()
+        for leftover in (self._flush_task, *self._spawned):
+            if leftover is not None:
+                leftover.cancel()
         self._set_state(ConnectionState.DISCONNECTED)
         for channel in list(self._channels.values()):
             channel._connection_lost()
