@@ -116,6 +116,10 @@ async def broadcast_single(request: Request) -> Response:
     payload: Any
     if content_type == "application/octet-stream":
         payload = body
+        if len(f"realtime:{sub_topic}".encode()) > 255 or len(event.encode()) > 255:
+            # A raw-binary broadcast goes out as a kind-4 frame: topic and event fit in 255 bytes.
+            reason = "binary broadcasts need a topic and an event of at most 255 bytes"
+            return JSONResponse({"errors": {"payload": [reason]}}, status_code=422)
     elif content_type == "application/json":
         try:
             payload = orjson.loads(body)
