@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import time
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from starlette.middleware import Middleware
@@ -109,6 +110,12 @@ async def broadcast_single(request: Request) -> Response:
     if isinstance(principal, Response):
         return principal
     sub_topic, event = request.path_params["subtopic"], request.path_params["event"]
+    raw_path: bytes = request.scope.get("raw_path") or b""
+    if b"%2f" in raw_path.lower():
+        # Clients URL-encode each segment ('/' as %2F); split the raw path, then decode the segments.
+        segments = raw_path.decode("latin-1").split("/broadcast/", 1)[-1].split("/")
+        if len(segments) == 3 and segments[1] == "events":
+            sub_topic, event = unquote(segments[0]), unquote(segments[2])
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     body = await request.body()
     if len(body) > node.max_payload_bytes:
@@ -232,7 +239,11 @@ def build_routes() -> list[Route]:
     for prefix in PREFIXES:
         routes += [
             Route(f"{prefix}/broadcast", broadcast_batch, methods=["POST"]),
-            Route(f"{prefix}/broadcast/{{subtopic}}/events/{{event}}", broadcast_single, methods=["POST"]),
+            Route(
+                f"{prefix}/broadcast/{{subtopic:path}}/events/{{event:path}}",
+                broadcast_single,
+                methods=["POST"],
+            ),
             Route(f"{prefix}/health", health, methods=["GET"]),
             Route(f"{prefix}/channels/{{subtopic}}/messages", channel_messages, methods=["GET"]),
         ]
