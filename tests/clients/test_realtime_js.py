@@ -649,3 +649,15 @@ async def test_presence_leave_when_client_dies(
     await a.wait_for(
         "presence", since=mark, ch=channel_name, event="sync", pred=lambda e: "b" not in e["state"]
     )
+
+
+async def test_http_send_with_slashes_in_names(
+    shared_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
+) -> None:
+    """httpSend URL-encodes the sub-topic and event as path segments (encodeURIComponent: '/' -> %2F)."""
+    name = f"org/1/{channel_name}:é"
+    a = await js_client(shared_server.ws_url, vsn=vsn, name="A")
+    await a.subscribed(name)
+    assert await a.call("httpSend", ch=name, event="msg/new", payload={"k": 1}) == {"success": True}
+    got = await a.wait_for("broadcast", ch=name)
+    assert got["payload"]["event"] == "msg/new" and got["payload"]["payload"] == {"k": 1}

@@ -579,3 +579,15 @@ async def test_remove_channel_closes_socket(
         "phx_join",
         "phx_leave",
     ]
+
+
+async def test_http_send_with_slashes_in_names(
+    shared_server: ServerProcess, py_client: PyFactory, channel_name: str
+) -> None:
+    """http_send quotes the sub-topic and event with safe='' ('/' -> %2F)."""
+    name = f"org/1/{channel_name}:é"
+    a = py_client(shared_server.ws_url, name="A")
+    ch_a = await a.subscribed(name)
+    await ch_a.http_send("msg/new", {"k": 1})
+    got = await a.wait_for("broadcast", ch=name)
+    assert got["payload"]["event"] == "msg/new" and got["payload"]["payload"] == {"k": 1}

@@ -157,11 +157,19 @@ function getChannel(name) {
   return ch
 }
 
+// ArrayBuffer payloads (kind-4 binary broadcasts) are shown as {"$bytes": "<hex>"}.
+function jsonable(payload) {
+  if (payload && payload.payload instanceof ArrayBuffer) {
+    return { ...payload, payload: { $bytes: Buffer.from(payload.payload).toString('hex') } }
+  }
+  return payload
+}
+
 function makeChannel({ ch: name, config = {}, broadcast = ['*'], presence = false, system = true }) {
   const channel = supabase ? supabase.channel(name, { config }) : client.channel(name, { config })
   channels.set(name, channel)
   for (const event of broadcast) {
-    channel.on('broadcast', { event }, (payload) => emit({ t: 'broadcast', ch: name, payload }))
+    channel.on('broadcast', { event }, (payload) => emit({ t: 'broadcast', ch: name, payload: jsonable(payload) }))
   }
   if (presence) {
     channel.on('presence', { event: 'sync' }, () =>
@@ -209,8 +217,10 @@ const OPS = {
     for (let i = 0; i < count; i++) results.push(channel.send({ type: 'broadcast', event, payload: { i } }))
     return await Promise.all(results)
   },
-  async httpSend({ ch, event, payload }) {
-    return await getChannel(ch).httpSend(event, payload)
+  // `bytes` (hex) sends a raw binary payload (application/octet-stream).
+  async httpSend({ ch, event, payload, bytes }) {
+    const body = bytes !== undefined ? new Uint8Array(Buffer.from(bytes, 'hex')) : payload
+    return await getChannel(ch).httpSend(event, body)
   },
   async track({ ch, payload }) {
     return await getChannel(ch).track(payload)
