@@ -661,3 +661,39 @@ async def test_http_send_with_slashes_in_names(
     assert await a.call("httpSend", ch=name, event="msg/new", payload={"k": 1}) == {"success": True}
     got = await a.wait_for("broadcast", ch=name)
     assert got["payload"]["event"] == "msg/new" and got["payload"]["payload"] == {"k": 1}
+
+
+async def test_binary_broadcast_over_websocket(
+    shared_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
+) -> None:
+    """send() with an ArrayBuffer: vsn 2.0.0 pushes kind 3 with encoding 0, receivers on vsn 2.0.0
+    get a kind-4 frame, receivers on vsn 1.0.0 cannot represent it and get nothing."""
+    a = await js_client(shared_server.ws_url, vsn=vsn, name="A")
+    v2 = await js_client(shared_server.ws_url, vsn="2.0.0", name="v2")
+    v1 = await js_client(shared_server.ws_url, vsn="1.0.0", name="v1")
+    await a.subscribed(channel_name, config={"broadcast": {"ack": True}})
+    await v2.subscribed(channel_name)
+    await v1.subscribed(channel_name)
+    result = await a.call("send", ch=channel_name, event="raw", bytes="deadbeef00")
+    assert await a.call("send", ch=channel_name, event="json", payload={"after": True}) == "ok"
+    await v1.wait_for("broadcast", ch=channel_name)
+    await v2.wait_count("broadcast", 2, ch=channel_name)
+    if vsn == "2.0.0":
+        assert result == "ok"
+        sent = [f for f in a.frames("out") if f["binary"]]
+        assert sent[0]["kind"] == 3 and sent[0]["encoding"] == 0
+        assert [p["payload"] for p in broadcasts(v2, channel_name)] == [
+            {"$bytes": "deadbeef00"},
+            {"after": True},
+        ]
+        kind4 = [f for f in v2.frames("in") if f["binary"]]
+        assert len(kind4) == 1 and kind4[0]["kind"] == 4 and kind4[0]["event"] == "raw"
+    else:
+        # On vsn 1.0.0 the client JSON-encodes the ArrayBuffer, which becomes {}: bytes are lost
+        # client-side, and everyone receives an empty object.
+        assert result == "ok"
+        assert [p["payload"] for p in broadcasts(v2, channel_name)] == [{}, {"after": True}]
+    await barrier(v1)
+    assert [p["event"] for p in broadcasts(v1, channel_name)] == (
+        ["json"] if vsn == "2.0.0" else ["raw", "json"]
+    )

@@ -208,8 +208,10 @@ const OPS = {
     makeChannel(args)
     return null
   },
-  async send({ ch, event, payload, type = 'broadcast', timeout }) {
-    return await getChannel(ch).send({ type, event, payload }, timeout ? { timeout } : {})
+  // `bytes` (hex) sends a raw-binary payload (an ArrayBuffer).
+  async send({ ch, event, payload, bytes, type = 'broadcast', timeout }) {
+    const body = bytes !== undefined ? new Uint8Array(Buffer.from(bytes, 'hex')).buffer : payload
+    return await getChannel(ch).send({ type, event, payload: body }, timeout ? { timeout } : {})
   },
   async sendMany({ ch, event, count }) {
     const channel = getChannel(ch)
