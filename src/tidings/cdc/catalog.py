@@ -311,13 +311,23 @@ def resolve_type(conn: Any, oid: int, _depth: int = 0) -> PgType:
         return known
     rows = _rows(
         conn,
-        "SELECT typname, typtype, typcategory, typbasetype, typelem, typdelim FROM pg_type WHERE oid = %s",
+        "SELECT typname, typtype, typcategory, typbasetype, typelem, typdelim, typrelid FROM pg_type "
+        "WHERE oid = %s",
         (oid,),
     )
     if not rows or _depth > 8:
         return unknown_type(oid)
-    name, typtype, category, base_oid, elem_oid, delim = rows[0]
+    name, typtype, category, base_oid, elem_oid, delim, relid = rows[0]
     base = resolve_type(conn, int(base_oid), _depth + 1) if typtype == "d" and base_oid else None
     element = resolve_type(conn, int(elem_oid), _depth + 1) if category == "A" and elem_oid else None
+    fields: tuple[tuple[str, PgType], ...] = ()
+    if typtype == "c" and relid:
+        attrs = _rows(
+            conn,
+            "SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "
+            "AND NOT attisdropped ORDER BY attnum",
+            (relid,),
+        )
+        fields = tuple((str(a), resolve_type(conn, int(t), _depth + 1)) for a, t in attrs)
     return catalog_type(oid, str(name), str(typtype), str(category), base=base, element=element,
-                        delimiter=str(delim))
+                        delimiter=str(delim), fields=fields)

@@ -201,7 +201,7 @@ class ChangeDecoder:
         identity_key = tuple(c.name for c in rel.columns if c.is_key)
         pk = self._primary_key(rel.relation_id) if self._primary_key is not None else None
         if pk is None:
-            pk = identity_key if rel.replica_identity in ("d", "i") else ()
+            pk = identity_key  # the best guess without the catalog (all columns under FULL)
         return TableInfo(
             relation_id=rel.relation_id,
             schema=rel.namespace or "pg_catalog",

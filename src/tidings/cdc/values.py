@@ -17,10 +17,12 @@ numeric                       ``int`` when integral and within int64; ``float`` 
                               a ``str`` (precision is never silently lost; JSON encoders cannot
                               carry arbitrary-precision numbers)
 bool                          ``True``/``False``
-json, jsonb                   the parsed JSON value
+json, jsonb                   the parsed JSON value (integers beyond int64 become floats: JSON
+                              encoders cannot write them, and JavaScript reads them as doubles)
 timestamptz                   ``"2026-08-21T12:00:00.123+00:00"`` (ISO, ``T``, ``+HH:MM``)
 timestamp                     ``"2026-08-21T12:00:00"``
 arrays (``_int4``, ...)       nested lists, elements rendered by their own type, NULL -> None
+composite types               objects, fields rendered by their own types
 everything else               the text itself (text, varchar, uuid, date, time, interval, bytea as
                               ``\\x0102``, enums, ranges, ...)
 ============================  ===================================================================
@@ -46,6 +48,7 @@ __all__ = [
     "ARRAY",
     "BOOL",
     "BUILTIN_TYPES",
+    "COMPOSITE",
     "FLOAT",
     "INT",
     "JSON",
@@ -56,6 +59,7 @@ __all__ = [
     "PgType",
     "builtin_type",
     "catalog_type",
+    "parse_record_literal",
     "render",
     "unknown_type",
 ]
@@ -69,6 +73,7 @@ JSON = "json"
 TIMESTAMPTZ = "timestamptz"
 TIMESTAMP = "timestamp"
 ARRAY = "array"
+COMPOSITE = "composite"
 STRING = "string"
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -92,6 +97,8 @@ class PgType:
     """Arrays: the element delimiter (``;`` for ``box``)."""
     filter_name: str = field(default="")
     """Type name the filter engine compares by (a domain's base type); defaults to :attr:`name`."""
+    fields: tuple[tuple[str, PgType], ...] = ()
+    """Composite types: (attribute name, type) in order."""
 
     def __post_init__(self) -> None:
         if not self.filter_name:
@@ -189,6 +196,66 @@ def _render_array(t: PgType, text: str) -> Any:
     return convert(parse_array_literal(text, t.delimiter))
 
 
+def parse_record_literal(text: str) -> list[str | None]:
+    """Split a composite value's text form ``(1,"a b",)`` into fields (``None`` for NULL).
+
+    Raises ``ValueError`` when malformed.
+    """
+    if len(text) < 2 or text[0] != "(" or text[-1] != ")":
+        raise ValueError("malformed record literal")
+    body = text[1:-1]
+    fields: list[str | None] = []
+    i, n = 0, len(body)
+    while True:
+        if i >= n or body[i] == ",":
+            fields.append(None)  # nothing between delimiters is NULL
+        else:
+            buf: list[str] = []
+            while i < n and body[i] != ",":
+                ch = body[i]
+                if ch == '"':
+                    i += 1
+                    while True:
+                        if i >= n:
+                            raise ValueError("malformed record literal: unterminated quote")
+                        ch = body[i]
+                        if ch == '"' and i + 1 < n and body[i + 1] == '"':
+                            buf.append('"')
+                            i += 2
+                        elif ch == '"':
+                            i += 1
+                            break
+                        elif ch == "\\" and i + 1 < n:
+                            buf.append(body[i + 1])
+                            i += 2
+                        else:
+                            buf.append(ch)
+                            i += 1
+                elif ch == "\\" and i + 1 < n:
+                    buf.append(body[i + 1])
+                    i += 2
+                else:
+                    buf.append(ch)
+                    i += 1
+            fields.append("".join(buf))
+        if i >= n:
+            return fields
+        i += 1  # the comma
+        if i >= n:
+            fields.append(None)
+            return fields
+
+
+def _render_composite(t: PgType, text: str) -> Any:
+    values = parse_record_literal(text)
+    if len(values) != len(t.fields):
+        raise ValueError("record literal does not fit its type")
+    return {
+        name: None if value is None else _RENDERERS[ftype.kind](ftype, value)
+        for (name, ftype), value in zip(t.fields, values, strict=True)
+    }
+
+
 _RENDERERS: dict[str, Callable[[PgType, str], Any]] = {
     BOOL: _render_bool,
     INT: _render_int,
@@ -198,6 +265,7 @@ _RENDERERS: dict[str, Callable[[PgType, str], Any]] = {
     TIMESTAMPTZ: _render_timestamptz,
     TIMESTAMP: _render_timestamp,
     ARRAY: _render_array,
+    COMPOSITE: _render_composite,
     STRING: _render_string,
 }
 
@@ -249,11 +317,12 @@ _ARRAYS: dict[int, int] = {
 
 
 def _build_builtins() -> dict[int, PgType]:
-    types = {oid: PgType(oid, name, kind) for oid, (name, kind) in _SCALARS.items()}
+    # box is the one built-in type whose typdelim is ';' (its text form contains commas).
+    types = {oid: PgType(oid, name, kind, None, ";" if name == "box" else ",")
+             for oid, (name, kind) in _SCALARS.items()}
     for oid, elem in _ARRAYS.items():
         element = types[elem]
-        delimiter = ";" if element.name == "box" else ","
-        types[oid] = PgType(oid, "_" + element.name, ARRAY, element, delimiter)
+        types[oid] = PgType(oid, "_" + element.name, ARRAY, element, element.delimiter)
     return types
 
 
@@ -282,6 +351,7 @@ def catalog_type(
     base: PgType | None = None,
     element: PgType | None = None,
     delimiter: str = ",",
+    fields: tuple[tuple[str, PgType], ...] = (),
 ) -> PgType:
     """Build a non-built-in type from its ``pg_type`` row.
 
@@ -290,10 +360,13 @@ def catalog_type(
         base: for a domain (``typtype = 'd'``), its resolved base type: values render like it.
         element: for an array (``typcategory = 'A'``), its resolved element type.
         delimiter: the element's ``typdelim``.
+        fields: for a composite (``typtype = 'c'``), its attributes and their resolved types.
     """
     if typtype == "d" and base is not None:
         return PgType(oid, name, base.kind, base.element, base.delimiter, base.filter_name)
     if category == "A" and element is not None:
         return PgType(oid, name, ARRAY, element, delimiter, "_" + element.filter_name)
-    # Enums, composites, ranges and other extension types: to_jsonb gives their text.
+    if typtype == "c" and fields:
+        return PgType(oid, name, COMPOSITE, fields=fields)
+    # Enums, ranges and other extension types: to_jsonb gives their text.
     return PgType(oid, name, STRING)
