@@ -40,7 +40,8 @@ class Database:
 
     def confirmed_lsn(self, slot: str) -> int:
         rows = self.execute(
-            "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+            "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
         )
         return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
@@ -52,7 +53,8 @@ def db(postgres: PostgresServer) -> Iterator[Database]:
     yield Database(postgres, name, dsn)
     # Inactive slots pin WAL for the rest of the session: drop this test's.
     postgres.execute(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s AND NOT active",
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+        "WHERE database = %s AND NOT active",
         (name,),
     )
 
@@ -79,14 +81,16 @@ class Collector:
         return [d for d in self.items if owner in d.matches]
 
     async def wait_for(self, predicate: Callable[[Collector], bool], timeout: float = 30.0) -> None:
-        """Wait until *predicate* holds (the timeout only stops a hung test; it asserts nothing about speed)."""
+        """Wait until *predicate* holds (the timeout only stops a hung test; no speed is asserted)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not predicate(self):
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise AssertionError(f"condition not reached; got {len(self.items)} deliveries: "
-                                     f"{[(d.change_id, d.data.get('type'), d.matches) for d in self.items]}")
+                raise AssertionError(
+                    f"condition not reached; got {len(self.items)} deliveries: "
+                    f"{[(d.change_id, d.data.get('type'), d.matches) for d in self.items]}"
+                )
             self._event.clear()
             try:
                 await asyncio.wait_for(self._event.wait(), min(remaining, 0.5))

@@ -23,7 +23,9 @@ class RawReplication:
     def __init__(self, host: str, port: int, user: str, dbname: str, timeout: float = 10.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         params = {"user": user, "database": dbname, "replication": "database", "application_name": "rawrepl"}
-        body = struct.pack("!i", 196608) + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items())
+        body = struct.pack("!i", 196608) + b"".join(
+            k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()
+        )
         body += b"\0"
         self.sock.sendall(struct.pack("!i", len(body) + 4) + body)
         while True:
@@ -55,7 +57,9 @@ class RawReplication:
     def _send(self, kind: bytes, payload: bytes) -> None:
         self.sock.sendall(kind + struct.pack("!i", len(payload) + 4) + payload)
 
-    def start_replication(self, slot: str, publication: str, start_lsn: str = "0/0", messages: bool = False) -> None:
+    def start_replication(
+        self, slot: str, publication: str, start_lsn: str = "0/0", messages: bool = False
+    ) -> None:
         """Send START_REPLICATION and wait for CopyBothResponse."""
         opts = f"proto_version '1', publication_names '{publication}'"
         if messages:

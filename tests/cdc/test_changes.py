@@ -23,9 +23,15 @@ FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "pgoutput_v1.json").
 CASES = {case["name"]: [bytes.fromhex(m) for m in case["messages"]] for case in FIXTURES["cases"]}
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 ITEMS_COLUMNS = [
-    {"name": "id", "type": "int8"}, {"name": "title", "type": "text"}, {"name": "n", "type": "int4"},
-    {"name": "tags", "type": "_text"}, {"name": "body", "type": "text"}, {"name": "mood", "type": "mood"},
-    {"name": "price", "type": "numeric"}, {"name": "flag", "type": "bool"}, {"name": "at", "type": "timestamptz"},
+    {"name": "id", "type": "int8"},
+    {"name": "title", "type": "text"},
+    {"name": "n", "type": "int4"},
+    {"name": "tags", "type": "_text"},
+    {"name": "body", "type": "text"},
+    {"name": "mood", "type": "mood"},
+    {"name": "price", "type": "numeric"},
+    {"name": "flag", "type": "bool"},
+    {"name": "at", "type": "timestamptz"},
 ]
 
 
@@ -41,11 +47,21 @@ def test_insert_payload() -> None:
     assert list(data) == ["schema", "table", "commit_timestamp", "type", "columns", "record", "errors"]
     assert TIMESTAMP.match(data["commit_timestamp"])
     assert data | {"commit_timestamp": "-"} == {
-        "schema": "public", "table": "items", "commit_timestamp": "-", "type": "INSERT",
+        "schema": "public",
+        "table": "items",
+        "commit_timestamp": "-",
+        "type": "INSERT",
         "columns": ITEMS_COLUMNS,
         "record": {
-            "id": 1, "title": "hello", "n": None, "tags": ["a", "b c", None], "body": None, "mood": "happy",
-            "price": 1.5, "flag": True, "at": "2026-08-21T14:00:00.123+02:00",
+            "id": 1,
+            "title": "hello",
+            "n": None,
+            "tags": ["a", "b c", None],
+            "body": None,
+            "mood": "happy",
+            "price": 1.5,
+            "flag": True,
+            "at": "2026-08-21T14:00:00.123+02:00",
         },
         "errors": None,
     }
@@ -60,7 +76,11 @@ def test_insert_payload() -> None:
 def test_ids_are_stable_and_indexed_within_a_transaction() -> None:
     first, (end,) = run("insert_two_in_one_transaction")
     again, _ = run("insert_two_in_one_transaction")
-    assert [c.id for c in first] == [c.id for c in again] == [f"{format_lsn(end.commit_lsn)}:{i}" for i in (0, 1)]
+    assert (
+        [c.id for c in first]
+        == [c.id for c in again]
+        == [f"{format_lsn(end.commit_lsn)}:{i}" for i in (0, 1)]
+    )
     assert [c.data["record"]["id"] for c in first] == [2, 3]
     assert end.changes == 2
 
@@ -70,8 +90,16 @@ def test_update_with_default_identity_has_the_key_as_old_record() -> None:
     assert change.data["type"] == "UPDATE"
     assert change.data["record"]["title"] == "bye"
     assert change.data["old_record"] == {"id": 1}
-    assert list(change.data) == ["schema", "table", "commit_timestamp", "type", "columns", "record", "old_record",
-                                 "errors"]
+    assert list(change.data) == [
+        "schema",
+        "table",
+        "commit_timestamp",
+        "type",
+        "columns",
+        "record",
+        "old_record",
+        "errors",
+    ]
 
 
 def test_update_that_changes_the_key_has_the_old_key() -> None:

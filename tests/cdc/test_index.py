@@ -32,18 +32,35 @@ NO_PARAMS = "No subscription params provided. Please provide at least a `schema`
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
-        ({"event": "*", "schema": "public", "table": "t", "filter": "id=eq.1"},
-         BindingSpec("*", "public", "t", (Condition("id", "eq", "1"),), None)),
-        ({"event": "insert", "schema": "public", "table": "t"}, BindingSpec("INSERT", "public", "t", (), None)),
+        (
+            {"event": "*", "schema": "public", "table": "t", "filter": "id=eq.1"},
+            BindingSpec("*", "public", "t", (Condition("id", "eq", "1"),), None),
+        ),
+        (
+            {"event": "insert", "schema": "public", "table": "t"},
+            BindingSpec("INSERT", "public", "t", (), None),
+        ),
         ({"event": "Update", "schema": "s"}, BindingSpec("UPDATE", "s", "*", (), None)),
         ({"event": "DELETE", "table": "t"}, BindingSpec("DELETE", "public", "t", (), None)),
         ({"event": "other", "schema": "public", "table": "t"}, BindingSpec("*", "public", "t", (), None)),
         ({"schema": "public", "table": "t"}, BindingSpec("*", "public", "t", (), None)),
-        ({"event": 5, "schema": "public", "table": "t", "filter": "  "}, BindingSpec("*", "public", "t", (), None)),
+        (
+            {"event": 5, "schema": "public", "table": "t", "filter": "  "},
+            BindingSpec("*", "public", "t", (), None),
+        ),
         # realtime-py may send null for what it did not set
-        ({"event": "*", "schema": "public", "table": "t", "filter": None}, BindingSpec("*", "public", "t", (), None)),
-        ({"event": "*", "schema": "public", "table": None, "filter": None}, BindingSpec("*", "public", "*", (), None)),
-        ({"schema": "public", "table": "t", "select": ["a", 1, "b"]}, BindingSpec("*", "public", "t", (), ("a", "b"))),
+        (
+            {"event": "*", "schema": "public", "table": "t", "filter": None},
+            BindingSpec("*", "public", "t", (), None),
+        ),
+        (
+            {"event": "*", "schema": "public", "table": None, "filter": None},
+            BindingSpec("*", "public", "*", (), None),
+        ),
+        (
+            {"schema": "public", "table": "t", "select": ["a", 1, "b"]},
+            BindingSpec("*", "public", "t", (), ("a", "b")),
+        ),
         ({"schema": "public", "table": "t", "select": []}, BindingSpec("*", "public", "t", (), ())),
     ],
 )
@@ -54,19 +71,33 @@ def test_parse_binding(params: dict[str, Any], expected: BindingSpec) -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"schema": "public", "table": "t", "filter": "undefined"}, 'Error parsing `filter` params: ["undefined"]'),
-        ({"schema": "public", "table": "t", "filter": "subject=foo.hey"},
-         'Error parsing `filter` params: ["foo", "hey"]'),
+        (
+            {"schema": "public", "table": "t", "filter": "undefined"},
+            'Error parsing `filter` params: ["undefined"]',
+        ),
+        (
+            {"schema": "public", "table": "t", "filter": "subject=foo.hey"},
+            'Error parsing `filter` params: ["foo", "hey"]',
+        ),
         ({}, NO_PARAMS + "%{}"),
         ({"event": "*"}, NO_PARAMS + '%{"event" => "*"}'),
         ({"event": "*", "filter": "id=eq.1"}, NO_PARAMS + '%{"event" => "*", "filter" => "id=eq.1"}'),
-        ({"schema": "public", "filter": "id=eq.1"}, NO_PARAMS + '%{"filter" => "id=eq.1", "schema" => "public"}'),
+        (
+            {"schema": "public", "filter": "id=eq.1"},
+            NO_PARAMS + '%{"filter" => "id=eq.1", "schema" => "public"}',
+        ),
         ({"schema": 1, "table": True}, NO_PARAMS + '%{"schema" => 1, "table" => true}'),
         ({"user_token": "secret"}, NO_PARAMS + "<redacted>"),
-        ({"schema": "public", "table": "t", "select": "a,b"},
-         'Error parsing `select` params: expected a list of column name strings, e.g. select: ["col1", "col2"]'),
-        ({"schema": "public", "select": ["a"]},
-         "Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name."),
+        (
+            {"schema": "public", "table": "t", "select": "a,b"},
+            "Error parsing `select` params: expected a list of column name strings, "
+            'e.g. select: ["col1", "col2"]',
+        ),
+        (
+            {"schema": "public", "select": ["a"]},
+            "Column selection is not supported for wildcard subscriptions. "
+            "Provide an explicit schema and table name.",
+        ),
     ],
 )
 def test_parse_binding_errors(params: dict[str, Any], message: str) -> None:
@@ -78,11 +109,13 @@ def test_parse_binding_errors(params: dict[str, Any], message: str) -> None:
 
 def test_no_tables_message() -> None:
     assert no_tables_message(parse_binding({"event": "*", "schema": "public", "table": "x"})) == (
-        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given "
-        "connect parameters: [event: *, schema: public, table: x, filters: [], select: nil]"
+        "Unable to subscribe to changes with given parameters. "
+        "Please check Realtime is enabled for the given connect parameters: "
+        "[event: *, schema: public, table: x, filters: [], select: nil]"
     )
-    spec = parse_binding({"event": "insert", "schema": "public", "table": "x", "filter": "id=eq.5",
-                          "select": ["a"]})
+    spec = parse_binding(
+        {"event": "insert", "schema": "public", "table": "x", "filter": "id=eq.5", "select": ["a"]}
+    )
     assert no_tables_message(spec).endswith(
         '[event: INSERT, schema: public, table: x, filters: [{"id", "eq", "5", false}], select: ["a"]]'
     )
@@ -95,7 +128,9 @@ def test_binding_id() -> None:
     assert binding_id(a) != binding_id(a | {"event": "insert"})  # echoed verbatim, so not normalised
 
 
-@given(st.dictionaries(st.text(max_size=8), st.one_of(st.none(), st.text(max_size=8), st.integers()), max_size=5))
+@given(
+    st.dictionaries(st.text(max_size=8), st.one_of(st.none(), st.text(max_size=8), st.integers()), max_size=5)
+)
 def test_binding_id_range(params: dict[str, Any]) -> None:
     assert 0 <= binding_id(params) < 2**31
 
@@ -122,7 +157,10 @@ def test_match_by_table_event_and_filter() -> None:
     idx.add("d", T, binding(5, "id=gt.1"))
     idx.add("e", ("public", "other"), binding(6))
     assert owners(idx.match(T, "INSERT", {"id": 5, "status": "open"})) == {
-        "a": [1], "b": [2], "c": [3], "d": [4, 5],
+        "a": [1],
+        "b": [2],
+        "c": [3],
+        "d": [4, 5],
     }
     assert owners(idx.match(T, "UPDATE", {"id": 6, "status": "closed"})) == {"a": [1], "d": [5]}
     assert owners(idx.match(T, "INSERT", {"id": None, "status": None})) == {"a": [1]}
@@ -186,19 +224,40 @@ def test_ten_thousand_eq_subscribers_cost_one_evaluation_per_change() -> None:
     assert len(idx) == 5_000
 
 
-FILTERS = st.sampled_from([
-    "", "id=eq.1", "id=eq.2", "id=in.(1,3)", "id=not.eq.1", "id=gt.1", "status=eq.a", "status=in.(a,b)",
-    "status=eq.a,id=eq.2", "id=eq.1,status=eq.b", "n=is.null", "n=lt.5,id=in.(2,3)", "status=like.a%",
-])
+FILTERS = st.sampled_from(
+    [
+        "",
+        "id=eq.1",
+        "id=eq.2",
+        "id=in.(1,3)",
+        "id=not.eq.1",
+        "id=gt.1",
+        "status=eq.a",
+        "status=in.(a,b)",
+        "status=eq.a,id=eq.2",
+        "id=eq.1,status=eq.b",
+        "n=is.null",
+        "n=lt.5,id=in.(2,3)",
+        "status=like.a%",
+    ]
+)
 ROWS = st.fixed_dictionaries(
-    {}, optional={"id": st.one_of(st.none(), st.integers(0, 4)), "status": st.sampled_from([None, "a", "b", "c"]),
-                  "n": st.one_of(st.none(), st.integers(0, 9))},
+    {},
+    optional={
+        "id": st.one_of(st.none(), st.integers(0, 4)),
+        "status": st.sampled_from([None, "a", "b", "c"]),
+        "n": st.one_of(st.none(), st.integers(0, 9)),
+    },
 )
 
 
 @settings(max_examples=200)
-@given(st.lists(st.tuples(st.integers(0, 5), FILTERS, st.sampled_from(sorted(ALL_EVENTS) + ["*"])), max_size=25),
-       st.lists(st.integers(0, 5), max_size=3), ROWS, st.sampled_from(sorted(ALL_EVENTS)))
+@given(
+    st.lists(st.tuples(st.integers(0, 5), FILTERS, st.sampled_from(sorted(ALL_EVENTS) + ["*"])), max_size=25),
+    st.lists(st.integers(0, 5), max_size=3),
+    ROWS,
+    st.sampled_from(sorted(ALL_EVENTS)),
+)
 def test_index_agrees_with_scanning_every_binding(
     subs: list[tuple[int, str, str]], removed: list[int], row: dict[str, Any], event: str
 ) -> None:

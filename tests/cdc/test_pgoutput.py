@@ -38,8 +38,15 @@ from tidings.cdc.pgoutput import (
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "pgoutput_v1.json").read_text())
 CASES = {case["name"]: [decode(bytes.fromhex(m)) for m in case["messages"]] for case in FIXTURES["cases"]}
 ITEMS_COLUMNS = [
-    ("id", 20, True), ("title", 25, False), ("n", 23, False), ("tags", 1009, False), ("body", 25, False),
-    ("mood", None, False), ("price", 1700, False), ("flag", 16, False), ("at", 1184, False),
+    ("id", 20, True),
+    ("title", 25, False),
+    ("n", 23, False),
+    ("tags", 1009, False),
+    ("body", 25, False),
+    ("mood", None, False),
+    ("price", 1700, False),
+    ("flag", 16, False),
+    ("at", 1184, False),
 ]
 
 
@@ -69,12 +76,24 @@ def test_insert_with_type_and_relation() -> None:
     assert isinstance(rel, Relation)
     assert (rel.namespace, rel.name, rel.replica_identity) == ("public", "items", "d")
     assert [(c.name, c.is_key) for c in rel.columns] == [(n, k) for n, _, k in ITEMS_COLUMNS]
-    assert [c.type_oid for c in rel.columns if c.name != "mood"] == [o for n, o, _ in ITEMS_COLUMNS if n != "mood"]
+    assert [c.type_oid for c in rel.columns if c.name != "mood"] == [
+        o for n, o, _ in ITEMS_COLUMNS if n != "mood"
+    ]
     assert only(msgs, Relation).columns[5].type_oid == typ.type_oid
     assert all(c.type_modifier == -1 for c in rel.columns)
     assert isinstance(ins, Insert) and ins.relation_id == rel.relation_id
     # The SQL session that captured this ran with TimeZone=Europe/Paris.
-    assert ins.new == ("1", "hello", None, '{a,"b c",NULL}', None, "happy", "1.50", "t", "2026-08-21 14:00:00.123+02")
+    assert ins.new == (
+        "1",
+        "hello",
+        None,
+        '{a,"b c",NULL}',
+        None,
+        "happy",
+        "1.50",
+        "t",
+        "2026-08-21 14:00:00.123+02",
+    )
 
 
 def test_commit_timestamp_is_a_recent_utc_time() -> None:
@@ -184,8 +203,12 @@ def _text(s: str) -> bytes:
 
 
 def test_binary_and_null_columns() -> None:
-    payload = b"I" + struct.pack("!I", 7) + b"N" + _tuple(b"n", b"b" + struct.pack("!i", 2) + b"\x01\x02", b"u",
-                                                          _text("é"))
+    payload = (
+        b"I"
+        + struct.pack("!I", 7)
+        + b"N"
+        + _tuple(b"n", b"b" + struct.pack("!i", 2) + b"\x01\x02", b"u", _text("é"))
+    )
     msg = decode(payload)
     assert msg == Insert(7, (None, Binary(b"\x01\x02"), UNCHANGED, "é"))
 
@@ -201,8 +224,17 @@ def test_update_with_old_row() -> None:
 
 
 def test_relation_in_pg_catalog_and_identity_index() -> None:
-    payload = (b"R" + struct.pack("!I", 3) + b"\0" + b"t\0" + b"i" + struct.pack("!h", 1)
-               + b"\x01" + b"k\0" + struct.pack("!Ii", 23, -1))
+    payload = (
+        b"R"
+        + struct.pack("!I", 3)
+        + b"\0"
+        + b"t\0"
+        + b"i"
+        + struct.pack("!h", 1)
+        + b"\x01"
+        + b"k\0"
+        + struct.pack("!Ii", 23, -1)
+    )
     rel = decode(payload)
     assert isinstance(rel, Relation)
     assert (rel.namespace, rel.name, rel.replica_identity) == ("", "t", "i")
@@ -226,10 +258,14 @@ def test_truncate_options() -> None:
         (b"D" + struct.pack("!I", 1) + b"N", "Delete: expected 'K' or 'O', got 'N'"),
         (b"U" + struct.pack("!I", 1) + b"K" + _tuple() + b"Q", "Update: expected 'N', got 'Q'"),
         (b"I" + struct.pack("!I", 1) + b"N" + _tuple(b"z"), "unknown tuple column kind 'z'"),
-        (b"I" + struct.pack("!I", 1) + b"N" + struct.pack("!h", 1) + b"t" + struct.pack("!i", 5) + b"ab",
-         "truncated 'I' message"),
-        (b"I" + struct.pack("!I", 1) + b"N" + struct.pack("!h", 1) + b"t" + struct.pack("!i", -1),
-         "truncated 'I' message"),
+        (
+            b"I" + struct.pack("!I", 1) + b"N" + struct.pack("!h", 1) + b"t" + struct.pack("!i", 5) + b"ab",
+            "truncated 'I' message",
+        ),
+        (
+            b"I" + struct.pack("!I", 1) + b"N" + struct.pack("!h", 1) + b"t" + struct.pack("!i", -1),
+            "truncated 'I' message",
+        ),
         (b"Y" + struct.pack("!I", 1) + b"public", "unterminated string in 'Y' message"),
     ],
 )
@@ -244,8 +280,12 @@ def test_framing_round_trip_by_hand() -> None:
     assert parse_copy_data(w) == XLogData(1, 2, 3, b"B...")
     k = b"k" + struct.pack("!QqB", 5, 6, 1)
     assert parse_copy_data(k) == PrimaryKeepalive(5, 6, True)
-    for bad, error in [(b"", "empty replication frame"), (b"w\0", "truncated XLogData header"),
-                       (b"k\0", "truncated primary keepalive"), (b"x", "unknown replication frame type 'x'")]:
+    for bad, error in [
+        (b"", "empty replication frame"),
+        (b"w\0", "truncated XLogData header"),
+        (b"k\0", "truncated primary keepalive"),
+        (b"x", "unknown replication frame type 'x'"),
+    ]:
         with pytest.raises(DecodeError, match=error):
             parse_copy_data(bad)
 

@@ -19,33 +19,84 @@ pytestmark = pytest.mark.postgres
 # (SQL type, literal). Each value goes through its type's text output (what pgoutput sends, in the
 # replication session's settings) and through to_jsonb; render(text) must give to_jsonb's value.
 CASES: list[tuple[str, str]] = [
-    ("int2", "-32768"), ("int4", "2147483647"), ("int8", "-9223372036854775808"),
-    ("float4", "1.5"), ("float4", "1e-7"), ("float4", "NaN"), ("float4", "-0"), ("float8", "0.1"),
-    ("float8", "1"), ("float8", "1e300"), ("float8", "-Infinity"), ("float8", "123456.789012345"),
-    ("numeric", "1.50"), ("numeric", "-5"), ("numeric", "0.000"), ("numeric", "NaN"), ("numeric", "Infinity"),
-    ("numeric", "12345678901234567890.123456789"), ("numeric", "99999999999999999999"),
-    ("bool", "true"), ("bool", "false"),
-    ("text", "it's \"quoted\", with \\ and ünïcode"), ("varchar(10)", "abc"), ("bpchar(5)", "ab"),
-    ('"char"', "a"), ("name", "nm"), ("uuid", "639F86B1-738B-43ED-BB09-C8D3F3BAFA30"),
-    ("json", '{"b": [1, 2.5, null], "a": "x"}'), ("jsonb", '{"b": [1, 2.5, null], "a": {"c": true}}'),
+    ("int2", "-32768"),
+    ("int4", "2147483647"),
+    ("int8", "-9223372036854775808"),
+    ("float4", "1.5"),
+    ("float4", "1e-7"),
+    ("float4", "NaN"),
+    ("float4", "-0"),
+    ("float8", "0.1"),
+    ("float8", "1"),
+    ("float8", "1e300"),
+    ("float8", "-Infinity"),
+    ("float8", "123456.789012345"),
+    ("numeric", "1.50"),
+    ("numeric", "-5"),
+    ("numeric", "0.000"),
+    ("numeric", "NaN"),
+    ("numeric", "Infinity"),
+    ("numeric", "12345678901234567890.123456789"),
+    ("numeric", "99999999999999999999"),
+    ("bool", "true"),
+    ("bool", "false"),
+    ("text", 'it\'s "quoted", with \\ and ünïcode'),
+    ("varchar(10)", "abc"),
+    ("bpchar(5)", "ab"),
+    ('"char"', "a"),
+    ("name", "nm"),
+    ("uuid", "639F86B1-738B-43ED-BB09-C8D3F3BAFA30"),
+    ("json", '{"b": [1, 2.5, null], "a": "x"}'),
+    ("jsonb", '{"b": [1, 2.5, null], "a": {"c": true}}'),
     ("jsonb", "12345678901234567890"),
-    ("timestamptz", "2026-08-21 12:00:00.123+02"), ("timestamptz", "2026-08-21 12:00:00+00"),
-    ("timestamptz", "infinity"), ("timestamptz", "0044-03-15 12:00 BC"),
-    ("timestamp", "2026-08-21 12:00:00.5"), ("timestamp", "-infinity"),
-    ("date", "2026-08-21"), ("date", "0044-03-15 BC"), ("time", "12:00:01.5"), ("timetz", "12:00:01+02"),
-    ("interval", "1 day 2 hours"), ("bytea", "\\x0102ff"), ("money", "1.5"), ("inet", "10.0.0.1/8"),
-    ("cidr", "10.0.0.0/8"), ("macaddr", "08:00:2b:01:02:03"), ("point", "(1,2)"), ("box", "(1,2),(3,4)"),
-    ("int4range", "[1,5)"), ("tsvector", "a fat cat"), ("bit(3)", "101"), ("varbit", "10"), ("xml", "<a>1</a>"),
+    ("timestamptz", "2026-08-21 12:00:00.123+02"),
+    ("timestamptz", "2026-08-21 12:00:00+00"),
+    ("timestamptz", "infinity"),
+    ("timestamptz", "0044-03-15 12:00 BC"),
+    ("timestamp", "2026-08-21 12:00:00.5"),
+    ("timestamp", "-infinity"),
+    ("date", "2026-08-21"),
+    ("date", "0044-03-15 BC"),
+    ("time", "12:00:01.5"),
+    ("timetz", "12:00:01+02"),
+    ("interval", "1 day 2 hours"),
+    ("bytea", "\\x0102ff"),
+    ("money", "1.5"),
+    ("inet", "10.0.0.1/8"),
+    ("cidr", "10.0.0.0/8"),
+    ("macaddr", "08:00:2b:01:02:03"),
+    ("point", "(1,2)"),
+    ("box", "(1,2),(3,4)"),
+    ("int4range", "[1,5)"),
+    ("tsvector", "a fat cat"),
+    ("bit(3)", "101"),
+    ("varbit", "10"),
+    ("xml", "<a>1</a>"),
     ("oid", "12"),
-    ("int4[]", "{1,NULL,3}"), ("int4[]", "{}"), ("int4[]", "{{1,2},{3,4}}"), ("int4[]", "[0:1]={1,2}"),
-    ("text[]", '{a,"b c",NULL,"","NULL","q\\"x","back\\\\slash"}'), ("bool[]", "{t,f}"),
-    ("numeric[]", "{1.5,NaN,12345678901234567890.5}"), ("float8[]", "{NaN,Infinity,0.1}"),
-    ("jsonb[]", '{"{\\"a\\": 1}","[1, 2]"}'), ("timestamptz[]", '{"2026-08-21 12:00:00+00",infinity}'),
-    ("date[]", "{2026-08-21}"), ("box[]", "{(1,2),(3,4);(0,0),(1,1)}"), ("uuid[]", "{639f86b1-738b-43ed-bb09-c8d3f3bafa30}"),
-    ("interval[]", '{"1 day"}'), ("bytea[]", '{"\\\\x01"}'),
+    ("int4[]", "{1,NULL,3}"),
+    ("int4[]", "{}"),
+    ("int4[]", "{{1,2},{3,4}}"),
+    ("int4[]", "[0:1]={1,2}"),
+    ("text[]", '{a,"b c",NULL,"","NULL","q\\"x","back\\\\slash"}'),
+    ("bool[]", "{t,f}"),
+    ("numeric[]", "{1.5,NaN,12345678901234567890.5}"),
+    ("float8[]", "{NaN,Infinity,0.1}"),
+    ("jsonb[]", '{"{\\"a\\": 1}","[1, 2]"}'),
+    ("timestamptz[]", '{"2026-08-21 12:00:00+00",infinity}'),
+    ("date[]", "{2026-08-21}"),
+    ("box[]", "{(1,2),(3,4);(0,0),(1,1)}"),
+    ("uuid[]", "{639f86b1-738b-43ed-bb09-c8d3f3bafa30}"),
+    ("interval[]", '{"1 day"}'),
+    ("bytea[]", '{"\\\\x01"}'),
     # Non-built-in types, resolved through pg_type.
-    ("mood", "happy"), ("mood[]", "{sad,happy}"), ("positive", "7"), ("tags_domain", "{x,y}"),
-    ("pair", "(1,x)"), ("pair", '(1,"a ""b"" \\\\c, d")'), ("pair", "(,)"), ("pair[]", '{"(1,x)","(2,)"}'),
+    ("mood", "happy"),
+    ("mood[]", "{sad,happy}"),
+    ("positive", "7"),
+    ("tags_domain", "{x,y}"),
+    ("pair", "(1,x)"),
+    ("pair", '(1,"a ""b"" \\\\c, d")'),
+    ("pair", "(,)"),
+    ("pair[]", '{"(1,x)","(2,)"}'),
     ("rich", '(1,"{a,b}","2026-08-21 12:00:00+00","(2,y)")'),
 ]
 
@@ -69,8 +120,10 @@ def same(ours: Any, expected: Any) -> bool:
     if isinstance(expected, list):
         return isinstance(ours, list) and len(ours) == len(expected) and all(map(same, ours, expected))
     if isinstance(expected, dict):
-        return isinstance(ours, dict) and ours.keys() == expected.keys() and all(
-            same(ours[k], expected[k]) for k in expected
+        return (
+            isinstance(ours, dict)
+            and ours.keys() == expected.keys()
+            and all(same(ours[k], expected[k]) for k in expected)
         )
     return type(ours) is type(expected) and ours == expected
 
@@ -84,14 +137,17 @@ def test_render_agrees_with_to_jsonb(db: Database) -> None:
         with conn.cursor() as cur:
             for sqltype, literal in CASES:
                 cur.execute(
-                    f"SELECT format('%%s', v), to_jsonb(v)::text, pg_typeof(v)::oid FROM (SELECT %s::{sqltype} AS v) s",
+                    f"SELECT format('%%s', v), to_jsonb(v)::text, pg_typeof(v)::oid "
+                    f"FROM (SELECT %s::{sqltype} AS v) s",
                     (literal,),
                 )
                 text, jsonb, oid = cur.fetchone()
                 pgtype = catalog.resolve_type(conn, int(oid))
                 expected = json.loads(jsonb, parse_float=Decimal, parse_int=Decimal)
                 got = render(pgtype, text)
-                assert same(got, expected), f"{sqltype} {literal!r}: text {text!r} -> {got!r}, to_jsonb {jsonb}"
+                assert same(got, expected), (
+                    f"{sqltype} {literal!r}: text {text!r} -> {got!r}, to_jsonb {jsonb}"
+                )
     finally:
         conn.close()
 

@@ -60,7 +60,9 @@ def find_bindir() -> Path:
         if out.returncode == 0 and out.stdout.strip():
             candidates.append(Path(out.stdout.strip()))
     versions = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name.split(".")[0]), reverse=True
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name.split(".")[0]),
+        reverse=True,
     )
     candidates.extend(Path(p) for p in versions)
     for path in candidates:
@@ -116,24 +118,53 @@ class PostgresServer:
                 for path in (self.root, self.sockdir):
                     os.chown(path, pw.pw_uid, pw.pw_gid)
             self._cmd(
-                str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
-                "-E", "UTF8", "--locale=C", "--no-sync",
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
             )
             conf = dict(self.settings)
             conf.update(
-                port=str(self.port), listen_addresses="'127.0.0.1'", unix_socket_directories=f"'{self.sockdir}'"
+                port=str(self.port),
+                listen_addresses="'127.0.0.1'",
+                unix_socket_directories=f"'{self.sockdir}'",
             )
             with open(self.datadir / "postgresql.conf", "a") as f:
                 f.write("\n# tidings tests\n")
                 f.writelines(f"{k} = {v}\n" for k, v in conf.items())
-        self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60",
-                  "start")
+        self._cmd(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.logfile),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         return self
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``fast`` disconnects clients; ``immediate`` is a crash)."""
-        self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop",
-                  check=False)
+        self._cmd(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            "60",
+            "stop",
+            check=False,
+        )
 
     def restart(self, mode: str = "fast") -> None:
         """Stop and start again on the same port: every client connection is cut."""
