@@ -9,7 +9,6 @@ This is the library as its docs suggest using it: a coroutine per connection.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import resource
 from typing import Any
 
@@ -57,7 +56,9 @@ async def handler(ws: ServerConnection) -> None:
                     text = orjson.dumps([None, None, topic, "broadcast", body]).decode()
                     broadcast([c for c in s2 if c is not ws], text)
                 if s1:
-                    text = orjson.dumps({"topic": topic, "event": "broadcast", "payload": body, "ref": None}).decode()
+                    text = orjson.dumps(
+                        {"topic": topic, "event": "broadcast", "payload": body, "ref": None}
+                    ).decode()
                     broadcast([c for c in s1 if c is not ws], text)
     finally:
         for topic in topics:

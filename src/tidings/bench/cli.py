@@ -166,7 +166,12 @@ async def run_bench(
 
 
 def _params_dict(scenario: str, p: Params) -> dict[str, Any]:
-    out: dict[str, Any] = {"n": p.n, "vsn": p.vsn, "workers": p.workers, "source_addresses": len(p.source_addrs)}
+    out: dict[str, Any] = {
+        "n": p.n,
+        "vsn": p.vsn,
+        "workers": p.workers,
+        "source_addresses": len(p.source_addrs),
+    }
     if scenario in ("connect", "presence"):
         out["rate"] = p.rate
     else:
@@ -181,7 +186,9 @@ def _params_dict(scenario: str, p: Params) -> dict[str, Any]:
 
 
 def _parse_targets(against: str) -> list[str]:
-    names = list(TARGETS) if against.strip() == "all" else [a.strip() for a in against.split(",") if a.strip()]
+    names = (
+        list(TARGETS) if against.strip() == "all" else [a.strip() for a in against.split(",") if a.strip()]
+    )
     for n in names:
         if n not in TARGETS:
             raise click.BadParameter(f"unknown target {n!r} (choose from {', '.join(TARGETS)}, all)")
@@ -190,34 +197,85 @@ def _parse_targets(against: str) -> list[str]:
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("scenario", required=False, type=click.Choice(list(SCENARIOS)))
-@click.option("--against", default="tidings", show_default=True,
-              help=f"Comma-separated targets: {', '.join(TARGETS)}, or all.")
+@click.option(
+    "--against",
+    default="tidings",
+    show_default=True,
+    help=f"Comma-separated targets: {', '.join(TARGETS)}, or all.",
+)
 @click.option("-n", "--connections", "n", type=int, default=None, help="Clients (scenario default if unset).")
-@click.option("--rate", type=float, default=None,
-              help="connect/presence: connections/s; fanout: messages/s; order-status/reconnect-storm: updates/s.")
-@click.option("--connect-rate", type=float, default=2000, show_default=True,
-              help="Connections/s while setting up the other scenarios.")
-@click.option("--duration", type=float, default=10, show_default=True, help="Seconds of sending (fanout, order-status).")
+@click.option(
+    "--rate",
+    type=float,
+    default=None,
+    help="connect/presence: connections/s; fanout: messages/s; order-status/reconnect-storm: updates/s.",
+)
+@click.option(
+    "--connect-rate",
+    type=float,
+    default=2000,
+    show_default=True,
+    help="Connections/s while setting up the other scenarios.",
+)
+@click.option(
+    "--duration", type=float, default=10, show_default=True, help="Seconds of sending (fanout, order-status)."
+)
 @click.option("--size", type=int, default=90, show_default=True, help="Bench payload size in bytes.")
 @click.option("--channels", type=int, default=None, help="Channels the clients spread over.")
-@click.option("--vsn", type=click.Choice(["1.0.0", "2.0.0"]), default="2.0.0", show_default=True,
-              help="Phoenix serializer the load generator speaks.")
+@click.option(
+    "--vsn",
+    type=click.Choice(["1.0.0", "2.0.0"]),
+    default="2.0.0",
+    show_default=True,
+    help="Phoenix serializer the load generator speaks.",
+)
 @click.option("--workers", type=int, default=0, help="Load-generator processes (0 = auto).")
-@click.option("--source-addrs", type=int, default=0, help="Loopback source addresses 127.0.0.2... (0 = auto).")
-@click.option("--pin/--no-pin", default=True, show_default=True, help="Pin server and load generator to separate cores.")
-@click.option("--restart", type=click.Choice(["term", "kill"]), default="term", show_default=True,
-              help="reconnect-storm: SIGTERM (drain) or SIGKILL.")
-@click.option("--backoff-ms", type=float, default=1000, show_default=True,
-              help="reconnect-storm: first reconnect delay (doubles, ±25% jitter, capped at 10 s).")
-@click.option("--source", type=click.Choice(list(SOURCES)), default="rest", show_default=True,
-              help="order-status: how updates are sent.")
+@click.option(
+    "--source-addrs", type=int, default=0, help="Loopback source addresses 127.0.0.2... (0 = auto)."
+)
+@click.option(
+    "--pin/--no-pin", default=True, show_default=True, help="Pin server and load generator to separate cores."
+)
+@click.option(
+    "--restart",
+    type=click.Choice(["term", "kill"]),
+    default="term",
+    show_default=True,
+    help="reconnect-storm: SIGTERM (drain) or SIGKILL.",
+)
+@click.option(
+    "--backoff-ms",
+    type=float,
+    default=1000,
+    show_default=True,
+    help="reconnect-storm: first reconnect delay (doubles, ±25% jitter, capped at 10 s).",
+)
+@click.option(
+    "--source",
+    type=click.Choice(list(SOURCES)),
+    default="rest",
+    show_default=True,
+    help="order-status: how updates are sent.",
+)
 @click.option("--server-env", multiple=True, metavar="KEY=VALUE", help="Extra environment for the server.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder (default bench-results/<time>-<scenario>).")
-@click.option("--wait-quiet", type=float, default=0, show_default=True,
-              help="Wait up to this many seconds for load average < 0.5 before each target.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Report folder (default bench-results/<time>-<scenario>).",
+)
+@click.option(
+    "--wait-quiet",
+    type=float,
+    default=0,
+    show_default=True,
+    help="Wait up to this many seconds for load average < 0.5 before each target.",
+)
 @click.option("--quiet", is_flag=True, help="No progress display.")
-@click.option("--setup", is_flag=True, help="Install the references (python-socketio, matplotlib, npm ws) and exit.")
+@click.option(
+    "--setup", is_flag=True, help="Install the references (python-socketio, matplotlib, npm ws) and exit."
+)
 @click.option("--list", "list_", is_flag=True, help="List scenarios and targets and exit.")
 def bench(
     scenario: str | None,

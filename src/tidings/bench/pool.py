@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -61,12 +62,16 @@ class Pool:
         loop = asyncio.get_running_loop()
         for spec in self.specs:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(spec, child), daemon=True, name=f"bench-w{spec.index}")
+            proc = ctx.Process(
+                target=worker_main, args=(spec, child), daemon=True, name=f"bench-w{spec.index}"
+            )
             proc.start()
             child.close()
             self.procs.append(proc)
             self.pipes.append(parent)
             loop.add_reader(parent.fileno(), self._on_readable, spec.index)
+            # uvloop makes polled fds non-blocking; recv() of a large result must wait for all of it.
+            os.set_blocking(parent.fileno(), True)
 
     def _on_readable(self, i: int) -> None:
         pipe = self.pipes[i]

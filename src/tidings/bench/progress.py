@@ -42,9 +42,8 @@ class Progress:
         c = self.counters() if self.counters is not None else {}
         parts = [f"[{self.label}] {self.phase:<14}", f"{now - self.t0:6.1f}s"]
         if c:
-            parts.append(
-                f"joined {c.get('joined', 0):>6,} failed {c.get('failed', 0):>5,} recv {c.get('received', 0):>9,}"
-            )
+            joined, failed, recv = c.get("joined", 0), c.get("failed", 0), c.get("received", 0)
+            parts.append(f"joined {joined:>6,} failed {failed:>5,} recv {recv:>9,}")
         if self.extra is not None:
             parts.append(self.extra())
         line = "  ".join(parts)

@@ -111,7 +111,7 @@ class _HttpConn:
             self.reader, self.writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port), timeout
             )
-        assert self.reader is not None
+        assert self.reader is not None and self.writer is not None
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
             f"apikey: bench\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -149,7 +149,10 @@ class RestBroadcastSource(UpdateSource):
         rec = PublishRecord(channel, n, time.time_ns())
         try:
             payload = bench_payload(n, size)
-            body = b'{"messages":[{"topic":%s,"event":"bench","payload":%s}]}' % (orjson.dumps(channel), payload)
+            body = b'{"messages":[{"topic":%s,"event":"bench","payload":%s}]}' % (
+                orjson.dumps(channel),
+                payload,
+            )
             status = await conn.post("/api/broadcast", body, self.timeout)
             rec.accepted = status == 202
         except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):

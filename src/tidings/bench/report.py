@@ -93,16 +93,31 @@ def check_targets(scenario: str, metrics: dict[str, Any], params: dict[str, Any]
         out.append({"target": name, "value": value, "limit": limit, "unit": unit, "met": met, "note": note})
 
     if scenario == "connect":
-        add("connect p99 < 100 ms at 1,000 connections/s", get_path(metrics, "join_latency_ms.p99"), 100, "ms",
-            f"offered {params.get('rate')}/s")
+        add(
+            "connect p99 < 100 ms at 1,000 connections/s",
+            get_path(metrics, "join_latency_ms.p99"),
+            100,
+            "ms",
+            f"offered {params.get('rate')}/s",
+        )
     elif scenario == "order-status":
-        add("order-status p99 < 50 ms with 10,000 clients", get_path(metrics, "end_to_end_latency_ms.p99"), 50,
-            "ms", f"{metrics.get('clients')} clients")
+        add(
+            "order-status p99 < 50 ms with 10,000 clients",
+            get_path(metrics, "end_to_end_latency_ms.p99"),
+            50,
+            "ms",
+            f"{metrics.get('clients')} clients",
+        )
     elif scenario == "memory":
         add("memory <= 4 KB per connection", metrics.get("bytes_per_connection"), 4096, "bytes")
     elif scenario == "reconnect-storm":
-        add("rejoined within 2 s after restart + backoff", get_path(metrics, "rejoin_after_backoff_ms.max"),
-            2000, "ms", f"not rejoined: {metrics.get('not_rejoined')}")
+        add(
+            "rejoined within 2 s after restart + backoff",
+            get_path(metrics, "rejoin_after_backoff_ms.max"),
+            2000,
+            "ms",
+            f"not rejoined: {metrics.get('not_rejoined')}",
+        )
         add("zero messages lost", metrics.get("lost"), 0, "messages")
     return out
 
@@ -146,7 +161,13 @@ def write_run(out_dir: Path, report: dict[str, Any], outcome: Outcome | None) ->
     for name, value in flatten(report.get("metrics", {})):
         lines.append(f"| {name} | {_fmt(value)} |")
     if report.get("targets"):
-        lines += ["", "## Targets (reported, not asserted)", "", "| target | value | limit | met |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Targets (reported, not asserted)",
+            "",
+            "| target | value | limit | met |",
+            "|---|---|---|---|",
+        ]
         for t in report["targets"]:
             met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
             lines.append(f"| {t['target']} | {_fmt(t['value'])} {t['unit']} | {_fmt(t['limit'])} | {met} |")
@@ -176,8 +197,8 @@ def plot(path: Path, report: dict[str, Any], outcome: Outcome) -> str | None:
     lat = outcome.lat_ns
     panels = 2 + (1 if outcome.curve else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
-    title = f"{report['scenario']} — {report['target']} ({report['date'][:16]}, load {report['load_average']['before'][0]:.2f})"
-    fig.suptitle(title)
+    load = report["load_average"]["before"][0]
+    fig.suptitle(f"{report['scenario']} — {report['target']} ({report['date'][:16]}, load {load:.2f})")
     ax0, ax1 = axes[0], axes[1]
     if len(lat):
         t0 = min(outcome.sent_ns) if len(outcome.sent_ns) else 0
@@ -224,15 +245,25 @@ def write_summary(out_dir: Path, scenario: str, reports: list[dict[str, Any]]) -
     rows = []
     for r in reports:
         if r["status"] != "ok":
-            cells = [r["status"]] * len(keys)
+            cells = [r["status"].split(":")[0]] * len(keys)
         else:
             cells = [_fmt(get_path(r["metrics"], k[0])) for k in keys]
         lines.append(f"| {r['target']} | " + " | ".join(cells) + " |")
-        rows.append({"target": r["target"], "status": r["status"],
-                     "metrics": {k[0]: get_path(r.get("metrics", {}), k[0]) for k in keys}})
+        rows.append(
+            {
+                "target": r["target"],
+                "status": r["status"],
+                "metrics": {k[0]: get_path(r.get("metrics", {}), k[0]) for k in keys},
+            }
+        )
     if tidings is not None and len(reports) > 1:
-        lines += ["", "Ratios: Tidings ÷ reference (below 1 means Tidings uses less / is faster).", "",
-                  "| reference | " + " | ".join(k[1] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [
+            "",
+            "Ratios: Tidings ÷ reference (below 1 means Tidings uses less / is faster).",
+            "",
+            "| reference | " + " | ".join(k[1] for k in keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
         for r in reports:
             if r["target"] == "tidings":
                 continue
@@ -243,7 +274,7 @@ def write_summary(out_dir: Path, scenario: str, reports: list[dict[str, Any]]) -
                 ok = isinstance(a, int | float) and isinstance(b, int | float) and b
                 cells.append(f"{a / b:.2f}×" if ok else "n/a")
             lines.append(f"| {r['target']} | " + " | ".join(cells) + " |")
-    path = out_dir / "summary.md"
-    path.write_text("\n".join(lines) + "\n")
+    summary = out_dir / "summary.md"
+    summary.write_text("\n".join(lines) + "\n")
     (out_dir / "summary.json").write_text(json.dumps({"scenario": scenario, "rows": rows}, indent=2) + "\n")
-    return path
+    return summary

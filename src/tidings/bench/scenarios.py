@@ -98,7 +98,8 @@ class Run:
         t0 = time.time() + 0.3
         timeout = len(clients) / rate + self.params.connect_timeout + 10
         args = [
-            {"clients": s, "rate": rate / w, "t0": t0, "timeout": timeout, "presence": presence} for s in shares
+            {"clients": s, "rate": rate / w, "t0": t0, "timeout": timeout, "presence": presence}
+            for s in shares
         ]
         results = await self.pool.call("open", args)
         lat: array[int] = array("q")
@@ -338,12 +339,17 @@ async def scenario_reconnect_storm(run: Run) -> Outcome:
         loop = asyncio.get_running_loop()
         start, k = loop.time(), 0
         pending: set[asyncio.Task[PublishRecord]] = set()
+
+        def done(task: asyncio.Task[PublishRecord]) -> None:
+            pending.discard(task)
+            records.append(task.result())
+
         while not stop.is_set():
             ch = f"storm-{k % channels}"
             n = counters[ch] = counters.get(ch, 0) + 1
             task = asyncio.ensure_future(source.send(ch, n, p.size))
             pending.add(task)
-            task.add_done_callback(lambda t: (pending.discard(t), records.append(t.result())))
+            task.add_done_callback(done)
             k += 1
             await asyncio.sleep(max(0.0, start + k / p.rate - loop.time()))
         if pending:
@@ -469,7 +475,9 @@ async def scenario_presence(run: Run) -> Outcome:
     topic = f"{TOPIC}presence"
     opened = await run.open([(i, topic) for i in range(p.n)], p.rate, presence=True)
     run.progress.set_phase("syncing")
-    done = await run.wait_for(lambda: run.pool.totals().get("presence_full", 0) >= opened["joined"], 60.0, 0.1)
+    done = await run.wait_for(
+        lambda: run.pool.totals().get("presence_full", 0) >= opened["joined"], 60.0, 0.1
+    )
     results = await run.collect()
     full: list[int] = []
     for r in results:
@@ -492,25 +500,53 @@ async def scenario_presence(run: Run) -> Outcome:
     )
     curve = [(x / 1e9, (i + 1) / max(1, p.n)) for i, x in enumerate(rel)]
     return Outcome(
-        metrics, "connect + upgrade + join", opened["start"], opened["lat"],
-        "fraction of members with the full state vs s since the first join", curve,
+        metrics,
+        "connect + upgrade + join",
+        opened["start"],
+        opened["lat"],
+        "fraction of members with the full state vs s since the first join",
+        curve,
     )
 
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("connect", "N connections opened at rate R; connect+join latency, errors",
-                 {"n": 1000, "rate": 1000, "channels": 1}, scenario_connect),
-        Scenario("memory", "server RSS per idle connection joined to one channel",
-                 {"n": 10000, "rate": 0, "channels": 1}, scenario_memory),
-        Scenario("fanout", "N subscribers on one channel, R messages/s; latency, losses, CPU per delivery",
-                 {"n": 10000, "rate": 5, "duration": 10, "channels": 1}, scenario_fanout),
-        Scenario("order-status", "N clients on their own channels, R updates/s via REST; end-to-end latency",
-                 {"n": 10000, "rate": 200, "duration": 10, "channels": 1}, scenario_order_status),
-        Scenario("reconnect-storm", "N clients, server restarted; time until rejoined, messages lost",
-                 {"n": 10000, "rate": 20, "channels": 100}, scenario_reconnect_storm),
-        Scenario("presence", "N members join one channel; time until every member sees the full state",
-                 {"n": 500, "rate": 500, "channels": 1}, scenario_presence),
+        Scenario(
+            "connect",
+            "N connections opened at rate R; connect+join latency, errors",
+            {"n": 1000, "rate": 1000, "channels": 1},
+            scenario_connect,
+        ),
+        Scenario(
+            "memory",
+            "server RSS per idle connection joined to one channel",
+            {"n": 10000, "rate": 0, "channels": 1},
+            scenario_memory,
+        ),
+        Scenario(
+            "fanout",
+            "N subscribers on one channel, R messages/s; latency, losses, CPU per delivery",
+            {"n": 10000, "rate": 5, "duration": 10, "channels": 1},
+            scenario_fanout,
+        ),
+        Scenario(
+            "order-status",
+            "N clients on their own channels, R updates/s via REST; end-to-end latency",
+            {"n": 10000, "rate": 200, "duration": 10, "channels": 1},
+            scenario_order_status,
+        ),
+        Scenario(
+            "reconnect-storm",
+            "N clients, server restarted; time until rejoined, messages lost",
+            {"n": 10000, "rate": 20, "channels": 100},
+            scenario_reconnect_storm,
+        ),
+        Scenario(
+            "presence",
+            "N members join one channel; time until every member sees the full state",
+            {"n": 500, "rate": 500, "channels": 1},
+            scenario_presence,
+        ),
     )
 }

@@ -80,7 +80,11 @@ class Target:
             return [py, "-m", "tidings", "serve", "--host", host, "--port", str(port)]
         if self.name == "node-ws":
             return ["node", str(bench / "node" / "ws_server.mjs"), "--host", host, "--port", str(port)]
-        script = {"ceiling": "ceiling_server.py", "websockets": "websockets_server.py", "socketio": "socketio_server.py"}
+        script = {
+            "ceiling": "ceiling_server.py",
+            "websockets": "websockets_server.py",
+            "socketio": "socketio_server.py",
+        }
         return [py, str(bench / script[self.name]), "--host", host, "--port", str(port)]
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
@@ -99,7 +103,7 @@ class Target:
             return f"benchmarks/ not found at {bench} (set TIDINGS_BENCHMARKS_DIR)"
         if self.name == "socketio":
             try:
-                import socketio  # noqa: F401
+                import socketio  # type: ignore[import-untyped]  # noqa: F401
             except ImportError:
                 return "python-socketio is not installed (run `tidings bench --setup`)"
         if self.name == "node-ws":

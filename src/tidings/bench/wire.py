@@ -137,7 +137,7 @@ class PhoenixDialect(Dialect):
         r = b"null" if ref is None else b'"%d"' % ref
         t = orjson.dumps(topic)
         if self.v2:
-            return b"[%s,%s,%s,\"%s\",%s]" % (jr, r, t, event.encode(), payload)
+            return b'[%s,%s,%s,"%s",%s]' % (jr, r, t, event.encode(), payload)
         return b'{"topic":%s,"event":"%s","payload":%s,"ref":%s,"join_ref":%s}' % (
             t,
             event.encode(),

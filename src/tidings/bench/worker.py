@@ -119,6 +119,8 @@ class Worker:
 
     async def serve(self) -> None:
         self.loop.add_reader(self.pipe.fileno(), self._on_pipe)
+        # uvloop (libuv) makes polled fds non-blocking; a big pickled reply must not fail half-sent.
+        os.set_blocking(self.pipe.fileno(), True)
         ticker = self.loop.create_task(self._tick())
         await self._stop.wait()
         ticker.cancel()
@@ -202,7 +204,12 @@ class Worker:
     def cmd_open_result(self) -> dict[str, Any]:
         lat, self.join_lat = self.join_lat, array("q")
         start, self.join_start = self.join_start, array("q")
-        return {"join_lat_ns": lat, "join_start_ns": start, "errors": dict(self.errors), "counters": self.counters()}
+        return {
+            "join_lat_ns": lat,
+            "join_start_ns": start,
+            "errors": dict(self.errors),
+            "counters": self.counters(),
+        }
 
     async def cmd_record(self, on: bool, track_n: bool = False) -> dict[str, int]:
         """Start (and reset) or stop recording bench deliveries."""
@@ -220,9 +227,7 @@ class Worker:
 
     async def cmd_collect(self) -> dict[str, Any]:
         """Everything recorded, for the report."""
-        sessions = {
-            idx: [(s.joined, s.closed, s.ns) for s in ss] for idx, ss in self.sessions.items() if ss
-        }
+        sessions = {idx: [(s.joined, s.closed, s.ns) for s in ss] for idx, ss in self.sessions.items() if ss}
         joined_clients = [idx for idx, c in self.conns.items() if c.state == JOINED]
         return {
             "rec_sent": self.rec_sent,
