@@ -283,6 +283,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Redis for scale-out (redis://host:port/db): nodes share channels, history and presence.",
     ),
     Setting(
+        "node_timeout",
+        "NODE_TIMEOUT",
+        _positive_duration,
+        10.0,
+        "With REDIS_URL: a node silent this long is dead and its presence is removed (e.g. 10s).",
+    ),
+    Setting(
         "workers",
         "WORKERS",
         _positive_int,
