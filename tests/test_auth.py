@@ -130,7 +130,7 @@ def test_tampered_payload_is_a_bad_signature() -> None:
 
 
 def test_alg_none_has_no_signer() -> None:
-    token = jwt.encode({"role": "service_role", "exp": NOW + 60}, None, algorithm="none")
+    token = jwt.encode({"role": "service_role", "exp": NOW + 60}, "", algorithm="none")
     assert refused(Verifier(SECRET), token).reason == NO_SIGNER
 
 

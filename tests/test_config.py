@@ -221,7 +221,8 @@ def test_describe_masks_the_secret() -> None:
 
 def clean_env() -> dict[str, str | None]:
     """CliRunner env that hides any setting of the developer's shell."""
-    return {s.env: None for s in SETTINGS} | {"TIDINGS_CONFIG": None}
+    env: dict[str, str | None] = {s.env: None for s in SETTINGS}
+    return env | {"TIDINGS_CONFIG": None}
 
 
 def test_check_config_prints_effective_settings(tmp_path: Path) -> None:

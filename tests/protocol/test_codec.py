@@ -235,7 +235,7 @@ def test_v2_close_ref_equals_join_ref() -> None:
 
 @pytest.mark.parametrize("event", ["broadcast", "presence_diff", "postgres_changes"])
 def test_v2_fanout_is_null_null(event: str) -> None:
-    payload = {"joins": {}, "leaves": {}}
+    payload: dict[str, Any] = {"joins": {}, "leaves": {}}
     obj = text_json(Outbound("realtime:room1", event, payload).frame_v2())
     assert obj == [None, None, "realtime:room1", event, payload]
 

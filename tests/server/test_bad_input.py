@@ -321,7 +321,7 @@ async def test_flood_is_rate_limited_and_others_are_still_served(server_factory:
         ]
         assert seen[-1] == ["1", "1", ROOM, "phx_close", {}]
         # The bystander got the flooder's allowed messages, then is served as usual.
-        got = []
+        got: list[Any] = []
         while len(got) < 5:
             got.append(await recv_json(bystander))
         assert all(m[3] == "broadcast" for m in got)
