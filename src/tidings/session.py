@@ -228,7 +228,8 @@ class Session:
             replay = self.replay_request(cfg)
             result = broker.replay_now(channel.key, *replay) if replay else None
             state = broker.presence_state_now(channel.key) if channel.presence_enabled else None
-            self.complete_join(channel, msg, response, result, state)
+            last_seq = broker.history.last_seq(channel.key)
+            self.complete_join(channel, msg, response, result, state, last_seq)
         else:
             # Buffer what fans out while the broker subscription, replay and presence state are
             # fetched, so the client sees: join reply, replayed messages, presence_state, live.
@@ -255,6 +256,7 @@ class Session:
             replay = self.replay_request(cfg)
             result = await broker.replay(channel.key, *replay) if replay else None
             state = await broker.presence_state(channel.key) if channel.presence_enabled else None
+            last_seq = await broker.last_seq(channel.key)
         except Exception:
             log.exception("join %s failed in the broker", channel.topic)
             if not channel.closed:
@@ -263,7 +265,7 @@ class Session:
             return
         if channel.closed or self.closed:
             return
-        last = self.complete_join(channel, msg, response, result, state)
+        last = self.complete_join(channel, msg, response, result, state, last_seq)
         for seq, frame in pending:
             if seq is None or seq > last:
                 self.write(frame)
@@ -285,8 +287,16 @@ class Session:
         response: dict[str, Any],
         replay: ReplayResult | None,
         state: dict[str, Any] | None,
+        last_seq: int | None = None,
     ) -> int:
-        """Write the ok reply, replayed broadcasts and ``presence_state``; returns the last replayed seq."""
+        """Write the ok reply, replayed broadcasts and ``presence_state``; returns the last replayed seq.
+
+        ``last_seq`` (the channel's newest sequence number, when it has one) goes in the reply as
+        ``seq``: a client that then loses its connection before any message can still ask for
+        everything after it.
+        """
+        if last_seq is not None:
+            response["seq"] = last_seq
         last = 0
         replayed: list[dict[str, Any]] = []
         if replay is not None:

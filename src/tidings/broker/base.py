@@ -121,6 +121,10 @@ class Broker(abc.ABC):
         """History after ``since_seq`` (or since ``since_time`` seconds), oldest first."""
 
     @abc.abstractmethod
+    async def last_seq(self, key: str) -> int | None:
+        """The newest sequence number given on ``key`` (``None`` if none is known)."""
+
+    @abc.abstractmethod
     def track(self, key: str, owner: int, presence_key: str, meta: dict[str, Any]) -> None:
         """Record ``owner``'s presence meta cluster-wide."""
 

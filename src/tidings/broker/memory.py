@@ -66,6 +66,9 @@ class MemoryBroker(Broker):
     ) -> ReplayResult:
         return self.replay_now(key, since_seq, since_time, limit)
 
+    async def last_seq(self, key: str) -> int | None:
+        return self.history.last_seq(key)
+
     def track(self, key: str, owner: int, presence_key: str, meta: dict[str, Any]) -> None:
         self._presence.setdefault(key, {})[owner] = (presence_key, meta)
 

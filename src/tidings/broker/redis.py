@@ -485,6 +485,11 @@ class RedisBroker(Broker):
         complete = len(newer) <= limit and (len(records) <= limit or records[0].ts * 1000 < since_ms)
         return ReplayResult(newer[-limit:], complete)
 
+    async def last_seq(self, key: str) -> int | None:
+        """The channel's current sequence number in Redis."""
+        raw = await self.redis.get(f"{self.prefix}:seq:{key}")
+        return None if raw is None else int(raw)
+
     @staticmethod
     def _record(entry: tuple[bytes, dict[bytes, bytes]]) -> HistoryRecord:
         entry_id, f = entry

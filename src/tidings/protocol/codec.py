@@ -173,8 +173,11 @@ def decode_binary(data: bytes) -> Message:
             meta = orjson.loads(meta_raw)
         except orjson.JSONDecodeError:
             raise MalformedMessage("binary broadcast metadata is not valid JSON") from None
-        if isinstance(meta, dict) and "persist" in meta:
-            payload["persist"] = meta["persist"]
+        if isinstance(meta, dict):
+            if "persist" in meta:
+                payload["persist"] = meta["persist"]
+            if isinstance(meta.get("id"), str):
+                payload["id"] = meta["id"]  # a client message id: echoed in meta, de-duplicated
     return Message(join_ref or None, ref or None, topic, "broadcast", payload)
 
 
