@@ -129,7 +129,6 @@ class WebSocketConnection(Session, asyncio.Protocol):
             self.refuse(503, "Server is restarting", delay=False)
             return
         if len(node.sessions) >= node.config.max_connections:
-            node.metrics.connections_refused += 1
             log.warning("refusing connection: MAX_CONNECTIONS (%d) reached", node.config.max_connections)
             self.refuse(503, "Too many connections", delay=False)
             return
