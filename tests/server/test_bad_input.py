@@ -422,6 +422,8 @@ async def test_max_connections_refuses_with_503(server_factory: ServerFactory) -
     srv = server_factory(env={"MAX_CONNECTIONS": "2"})
     async with open_ws(ws_url(srv)), open_ws(ws_url(srv)) as second:
         assert await refused(ws_url(srv)) == (503, {"error": "Too many connections"})
+        async with httpx.AsyncClient(base_url=srv.http_url, timeout=WAIT) as http:
+            assert await metric(http, "tidings_connections_refused_total") == 1
         await second.close()
         deadline = time.monotonic() + WAIT
         while True:  # the slot frees once the server has seen the close
