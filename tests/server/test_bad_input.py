@@ -690,3 +690,25 @@ async def test_rest_binary_broadcast_with_a_topic_too_long_for_kind4_is_422(serv
         r = await http.post(f"/api/broadcast/{topic}/events/e", json={"n": 1})
         assert r.status_code == 202
         assert (await recv_json(ws))[4]["payload"] == {"n": 1}
+
+
+async def test_rest_rate_limits_answer_429(server_factory: ServerFactory) -> None:
+    srv = server_factory(env={"MAX_NODE_MESSAGES_PER_SECOND": "3"})
+    one = {"topic": "room", "event": "e", "payload": {}}
+    async with httpx.AsyncClient(base_url=srv.http_url, timeout=WAIT) as http:
+        r = await http.post("/api/broadcast", json={"messages": [one] * 1001})
+        assert (r.status_code, r.json()) == (
+            429,
+            {"message": "Too many messages to broadcast, please reduce the batch size"},
+        )
+        r = await http.post("/api/broadcast", json={"messages": [one] * 4})
+        assert (r.status_code, r.json()) == (429, {"message": "You have exceeded your rate limit"})
+        assert (await http.post("/api/broadcast", json={"messages": [one] * 3})).status_code == 202
+        statuses = []
+        for _ in range(20):  # 3 per second: a quick run of requests runs out
+            r = await http.post("/api/broadcast/room/events/e", json={})
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert r.json() == {"message": "You have exceeded your rate limit"}
+                break
+        assert statuses[-1] == 429, statuses

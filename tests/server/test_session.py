@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -856,3 +857,57 @@ def test_v1_server_frames_always_have_ref_and_never_join_ref() -> None:
         assert set(obj) == {"topic", "event", "payload", "ref"}, obj
         events.add(obj["event"])
     assert events == {"phx_reply", "presence_state", "presence_diff", "broadcast", "system", "phx_close"}
+
+
+# -- join error backoff --------------------------------------------------------------------------------
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_join_errors_wait_for_channel_error_backoff() -> None:
+    p = pair(channel_error_backoff=0.05)
+    c = p.connect(V2)
+    c.join("realtime:")
+    assert c.session.sent == [], "the error reply is not sent at once"
+    await wait_until(lambda: bool(c.session.sent))
+    join_error(c, "TopicNameRequired: You must provide a topic name")
+
+
+async def test_join_rate_limit_with_backoff_replies_then_closes_1001() -> None:
+    p = pair(channel_error_backoff=0.05, max_joins_per_second=1)
+    c = p.connect(V2)
+    for i in range(11):
+        c.join(f"realtime:r{i}")
+    assert c.session.close_code is None
+    await wait_until(lambda: c.session.close_code is not None)
+    assert c.session.close_code == 1001
+    replies = c.texts()
+    assert [m.status for m in replies] == ["ok"] * 10 + ["error"]
+    assert replies[-1].response == {"reason": "ClientJoinRateLimitReached: Too many joins per second"}
+
+
+async def test_delayed_join_error_is_dropped_once_the_connection_closed() -> None:
+    p = pair(channel_error_backoff=0.02)
+    c = p.connect(V2)
+    c.join("realtime:")
+    c.session.close(1000)
+    await asyncio.sleep(0.1)
+    assert c.session.sent == []
+
+
+def test_binary_push_to_an_unjoined_topic_is_unmatched() -> None:
+    c = pair().connect(V2)
+    c.join_refs["realtime:x"] = "4"
+    ref = c.send_binary("realtime:x", "e", b"{}")
+    assert c.one().raw == [
+        "4",
+        ref,
+        "realtime:x",
+        "phx_reply",
+        {"status": "error", "response": {"reason": "unmatched topic"}},
+    ]
