@@ -883,8 +883,8 @@ async def test_join_rate_limit_with_backoff_replies_then_closes_1001() -> None:
     c = p.connect(V2)
     for i in range(11):
         c.join(f"realtime:r{i}")
-    assert c.session.close_code is None
-    await wait_until(lambda: c.session.close_code is not None)
+    assert not c.closed
+    await wait_until(lambda: c.closed)
     assert c.session.close_code == 1001
     replies = c.texts()
     assert [m.status for m in replies] == ["ok"] * 10 + ["error"]
