@@ -136,7 +136,14 @@ class Node:
     def schedule_expiry(self, channel: Channel, exp: float) -> None:
         """Check ``channel``'s token at ``exp`` (stale entries are ignored by the channel)."""
         self._expiry_seq += 1
-        heapq.heappush(self._expiry, (exp, self._expiry_seq, channel))
+        heap = self._expiry
+        if len(heap) > 2 * len(self.channel_ids) + 1024:
+            # Drop entries of channels that left or got a new token: otherwise a client joining
+            # and leaving with a long-lived token grows the heap, and pins every closed channel
+            # (and its session), until that token expires. Amortised O(1) per call.
+            heap[:] = [e for e in heap if not e[2].closed and e[2].principal.exp == e[0]]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (exp, self._expiry_seq, channel))
 
     def drain(self, window: float | None = None) -> None:
         """Close every connection with 1012, in batches spread over ``window`` seconds."""
