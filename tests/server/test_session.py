@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -911,3 +913,25 @@ def test_binary_push_to_an_unjoined_topic_is_unmatched() -> None:
         "phx_reply",
         {"status": "error", "response": {"reason": "unmatched topic"}},
     ]
+
+
+# -- bounded memory --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_closed_connections_are_not_retained(auth: bool) -> None:
+    # A client that connects, joins and goes away in a loop must not grow the node's memory,
+    # whatever its token (a long-lived one must not pin every closed channel until it expires).
+    p = auth_pair() if auth else pair()
+    apikey = token(10 * 365 * 86400) if auth else None
+    refs = []
+    n = 3000
+    for i in range(n):
+        c = p.connect(V2, token=apikey)
+        c.join(f"realtime:room{i % 7}")
+        refs.append(weakref.ref(c.session))
+        c.session.close(1000)
+    del c
+    gc.collect()
+    alive = sum(r() is not None for r in refs)
+    assert alive <= n // 2, f"{alive} of {n} closed sessions are still referenced"
