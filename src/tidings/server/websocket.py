@@ -208,7 +208,9 @@ class WebSocketConnection(Session, asyncio.Protocol):
 
     def receive_message(self, opcode: Opcode, data: bytes) -> None:
         """One complete WebSocket message."""
-        if self.closed:
+        if self.closed or self.principal is None:
+            # Also frames that arrive before the upgrade was accepted (e.g. while a refusal waits
+            # for CONNECT_ERROR_BACKOFF_MS): the websockets parser hands them over regardless.
             return
         if opcode is Opcode.TEXT:
             try:
