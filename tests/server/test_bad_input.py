@@ -21,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Frame, Opcode
 
 from tests.support.server import ServerProcess
 from tidings.auth.tokens import mint_token
@@ -712,3 +713,34 @@ async def test_rest_rate_limits_answer_429(server_factory: ServerFactory) -> Non
                 assert r.json() == {"message": "You have exceeded your rate limit"}
                 break
         assert statuses[-1] == 429, statuses
+
+
+async def test_frames_sent_while_a_refusal_is_delayed_are_ignored(server_factory: ServerFactory) -> None:
+    # A hostile client does not wait for the 101: its frames arrive while the server holds the
+    # 401 for CONNECT_ERROR_BACKOFF_MS. They must not be handled as if the upgrade was accepted.
+    srv = server_factory(env={"JWT_SECRET": SECRET, "CONNECT_ERROR_BACKOFF_MS": "500ms"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(
+            b"GET /realtime/v1/websocket?vsn=2.0.0&apikey=not-a-jwt HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the request is being refused, slowly
+        for text in (
+            '{"topic":"realtime:room","event":"phx_join","payload":{"config":{}},"ref":"1","join_ref":"1"}',
+            '{"topic":"realtime:room","event":"broadcast","payload":{"event":"e","payload":{}},"ref":"2"}',
+            '["1","3","realtime:room","phx_join",{"config":{}}]',
+        ):
+            writer.write(Frame(Opcode.TEXT, text.encode()).serialize(mask=True))
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ")
+    assert orjson.loads(body) == {"error": "The token provided is not a valid JWT"}
+    logs = srv.logs()
+    assert "Traceback" not in logs
+    assert "MalformedWebSocketMessage" not in logs, "frames of a refused upgrade were decoded"
