@@ -34,6 +34,7 @@ __all__ = [
     "primary_key",
     "publication_tables",
     "resolve_type",
+    "server_timezone",
     "slot_lag",
     "table_columns",
 ]
@@ -58,8 +59,13 @@ def connection_dsn(dsn: str, *, ssl: bool = False, **extra: str) -> str:
     params.update(extra)
     params.setdefault("application_name", "tidings")
     # Notice a dead peer within ~25 s even when the link is silent.
-    for key, value in (("keepalives", "1"), ("keepalives_idle", "10"), ("keepalives_interval", "5"),
-                       ("keepalives_count", "3"), ("connect_timeout", "10")):
+    for key, value in (
+        ("keepalives", "1"),
+        ("keepalives_idle", "10"),
+        ("keepalives_interval", "5"),
+        ("keepalives_count", "3"),
+        ("connect_timeout", "10"),
+    ):
         params.setdefault(key, value)
     return str(psycopg2.extensions.make_dsn(**params))
 
@@ -222,6 +228,12 @@ def _ident(conn: Any, name: str) -> str:
     return str(psycopg2.extensions.quote_ident(name, conn))
 
 
+def server_timezone(conn: Any) -> str:
+    """The database's ``TimeZone`` setting (how it reads zone-less timestamps)."""
+    ((zone,),) = _rows(conn, "SELECT current_setting('TimeZone')")
+    return str(zone)
+
+
 def slot_lag(conn: Any, slot: str) -> int | None:
     """Bytes of WAL between the server's current position and the slot's confirmed position."""
     rows = _rows(
@@ -329,5 +341,13 @@ def resolve_type(conn: Any, oid: int, _depth: int = 0) -> PgType:
             (relid,),
         )
         fields = tuple((str(a), resolve_type(conn, int(t), _depth + 1)) for a, t in attrs)
-    return catalog_type(oid, str(name), str(typtype), str(category), base=base, element=element,
-                        delimiter=str(delim), fields=fields)
+    return catalog_type(
+        oid,
+        str(name),
+        str(typtype),
+        str(category),
+        base=base,
+        element=element,
+        delimiter=str(delim),
+        fields=fields,
+    )

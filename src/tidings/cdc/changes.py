@@ -215,8 +215,9 @@ class ChangeDecoder:
             filter_types={n: t.filter_name for n, t in zip(names, types, strict=True)},
         )
 
-    def _render_row(self, info: TableInfo, values: TupleData, only: tuple[str, ...] | None = None
-                    ) -> dict[str, Any]:
+    def _render_row(
+        self, info: TableInfo, values: TupleData, only: tuple[str, ...] | None = None
+    ) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for name, typ, value in zip(info.names, info.types, values, strict=False):
             if isinstance(value, Unchanged) or (only is not None and name not in only):
@@ -227,8 +228,9 @@ class ChangeDecoder:
                 row[name] = render(typ, value)
         return row
 
-    def _change(self, kind: str, rel_id: int, new: TupleData | None, old_kind: str | None,
-                old: TupleData | None) -> Change:
+    def _change(
+        self, kind: str, rel_id: int, new: TupleData | None, old_kind: str | None, old: TupleData | None
+    ) -> Change:
         info = self.tables.get(rel_id)
         if info is None:
             raise ValueError(f"change for relation {rel_id} before its Relation message")
@@ -269,16 +271,36 @@ class ChangeDecoder:
         }
         if kind != "DELETE" and not info.primary_key:
             data["errors"] = [ERROR_NO_PRIMARY_KEY]
-            return Change(_change_id(commit_lsn, index), commit_lsn, index, info.schema, info.table, kind,
-                          data, {}, info.filter_types, info.primary_key)
+            return Change(
+                _change_id(commit_lsn, index),
+                commit_lsn,
+                index,
+                info.schema,
+                info.table,
+                kind,
+                data,
+                {},
+                info.filter_types,
+                info.primary_key,
+            )
         if kind != "DELETE":
             data["record"] = record if record is not None else {}
         if kind != "INSERT":
             data["old_record"] = old_record if old_record is not None else {}
         data["errors"] = errors
         row = data["record"] if kind != "DELETE" else data["old_record"]
-        return Change(_change_id(commit_lsn, index), commit_lsn, index, info.schema, info.table, kind,
-                      data, row, info.filter_types, info.primary_key)
+        return Change(
+            _change_id(commit_lsn, index),
+            commit_lsn,
+            index,
+            info.schema,
+            info.table,
+            kind,
+            data,
+            row,
+            info.filter_types,
+            info.primary_key,
+        )
 
 
 def _change_id(commit_lsn: int, index: int) -> str:
@@ -297,13 +319,12 @@ def _size(values: TupleData | None) -> int:
     return total
 
 
-def _small_values(row: dict[str, Any] | None, values: TupleData | None, info: TableInfo
-                  ) -> dict[str, Any] | None:
+def _small_values(
+    row: dict[str, Any] | None, values: TupleData | None, info: TableInfo
+) -> dict[str, Any] | None:
     if row is None or values is None:
         return row
-    raw = {
-        name: v for name, v in zip(info.names, values, strict=False) if isinstance(v, str | Binary)
-    }
+    raw = {name: v for name, v in zip(info.names, values, strict=False) if isinstance(v, str | Binary)}
     keep = {}
     for name, value in row.items():
         v = raw.get(name)

@@ -316,8 +316,9 @@ class SubscriptionIndex:
         return out
 
     @staticmethod
-    def _consider(entries: Iterable[_Entry], event: str, row: Mapping[str, Any],
-                  out: dict[Hashable, list[Binding]]) -> None:
+    def _consider(
+        entries: Iterable[_Entry], event: str, row: Mapping[str, Any], out: dict[Hashable, list[Binding]]
+    ) -> None:
         for entry in entries:
             b = entry.binding
             if event in b.events and b.filter.matches(row):

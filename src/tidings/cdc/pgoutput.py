@@ -169,7 +169,7 @@ def parse_copy_data(frame: bytes) -> XLogData | PrimaryKeepalive:
         if len(frame) < 1 + _XLOGDATA.size:
             raise DecodeError("truncated XLogData header")
         start, end, sent = _XLOGDATA.unpack_from(frame, 1)
-        return XLogData(start, end, sent, bytes(frame[1 + _XLOGDATA.size:]))
+        return XLogData(start, end, sent, bytes(frame[1 + _XLOGDATA.size :]))
     if kind == 0x6B:  # 'k'
         if len(frame) < 1 + _KEEPALIVE.size:
             raise DecodeError("truncated primary keepalive")
@@ -359,14 +359,14 @@ class _Reader:
         end = self.buf.find(b"\x00", self.pos)
         if end < 0:
             raise DecodeError(f"unterminated string in {chr(self.buf[0])!r} message")
-        text = self.buf[self.pos:end].decode("utf-8", errors="replace")
+        text = self.buf[self.pos : end].decode("utf-8", errors="replace")
         self.pos = end + 1
         return text
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.buf):
             raise DecodeError(f"truncated {chr(self.buf[0])!r} message")
-        data = self.buf[self.pos:self.pos + n]
+        data = self.buf[self.pos : self.pos + n]
         self.pos += n
         return data
 

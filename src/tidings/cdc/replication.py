@@ -48,8 +48,7 @@ _LOGICAL = psycopg2.extras.LogicalReplicationConnection
 # The replication session's output settings: values then render the same whatever the server's
 # defaults are (see tidings.cdc.values).
 SESSION_OPTIONS = (
-    "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres -c bytea_output=hex "
-    "-c extra_float_digits=1"
+    "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres -c bytea_output=hex -c extra_float_digits=1"
 )
 
 
@@ -212,8 +211,11 @@ class ReplicationStream:
         conn = None
         try:
             if catalog.ensure_slot(cat, self.slot) and self.sessions:
-                log.error("replication slot %s was missing and has been recreated: changes made "
-                          "meanwhile were not delivered", self.slot)
+                log.error(
+                    "replication slot %s was missing and has been recreated: changes made "
+                    "meanwhile were not delivered",
+                    self.slot,
+                )
             decoder = ChangeDecoder(
                 resolve_type=lambda oid: catalog.resolve_type(cat, oid),
                 primary_key=lambda rel: catalog.primary_key(cat, rel),

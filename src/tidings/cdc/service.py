@@ -103,7 +103,10 @@ class PostgresChanges:
         try:
             self._dsn = catalog.connection_dsn(database_url, ssl=ssl)
             self._stream_dsn = catalog.connection_dsn(
-                database_url, ssl=ssl, options=SESSION_OPTIONS, client_encoding="UTF8",
+                database_url,
+                ssl=ssl,
+                options=SESSION_OPTIONS,
+                client_encoding="UTF8",
                 application_name="tidings-cdc",
             )
         except psycopg2.ProgrammingError as exc:
@@ -116,6 +119,7 @@ class PostgresChanges:
         self._running = False
         self._tables_cache: dict[tuple[str, str], tuple[float, list[tuple[str, str]]]] = {}
         self._columns_cache: dict[tuple[str, str, str | None], tuple[float, list[ColumnInfo]]] = {}
+        self._timezone: str | None = None
         self.delivered = 0
         """Changes handed to ``deliver`` (with at least one subscriber)."""
 
@@ -133,14 +137,15 @@ class PostgresChanges:
         if self._running:
             return
         loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(self._pool_size, thread_name_prefix="tidings-cdc-db")
-        self._pool = ConnectionPool(self._dsn, self._pool_size)
         try:
             await self._db(catalog.check_server)
             await self._db(catalog.ensure_publication, self.publication)
             await self._db(catalog.ensure_slot, self.slot)
             self._stream = ReplicationStream(
-                self._stream_dsn, slot=self.slot, publication=self.publication, loop=loop,
+                self._stream_dsn,
+                slot=self.slot,
+                publication=self.publication,
+                loop=loop,
                 on_batch=self._on_batch,
             )
             self._running = True
@@ -175,8 +180,10 @@ class PostgresChanges:
         return self._stream is not None and self._stream.connected
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        # Created on first use, so subscribe() also works before start().
         if self._pool is None or self._executor is None:
-            raise PostgresChangesError("Postgres Changes is not started")
+            self._executor = ThreadPoolExecutor(self._pool_size, thread_name_prefix="tidings-cdc-db")
+            self._pool = ConnectionPool(self._dsn, self._pool_size)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._pool.run, fn, *args)
 
@@ -193,7 +200,8 @@ class PostgresChanges:
         """Validate *bindings* and register them for *owner*, replacing its earlier ones.
 
         Each binding is ``(id, params)`` with params as the client sent them (spec 6.1). All are
-        checked before any is registered: on error, *owner*'s registrations are unchanged.
+        checked before any is registered: on error, *owner*'s registrations are unchanged. May be
+        called before :meth:`start`: then the changes the stream replays at start are matched too.
 
         Raises:
             SubscriptionError: with the message for the client (``invalid column for filter x``,
@@ -206,13 +214,15 @@ class PostgresChanges:
             role = None
         compiled: list[tuple[tuple[str, str], Binding]] = []
         try:
+            if self._timezone is None:
+                self._timezone = await self._db(catalog.server_timezone)
             for bid, spec in specs:
                 tables = await self._published(spec.schema, spec.table)
                 if not tables:
                     raise SubscriptionError(no_tables_message(spec))
                 for table in tables:
                     columns = await self._columns(table, role)
-                    compiled.append((table, _compile(bid, spec, columns)))
+                    compiled.append((table, _compile(bid, spec, columns, self._timezone)))
         except (psycopg2.Error, PostgresChangesError) as exc:
             log.warning("postgres changes subscription failed: %s", _first_line(exc))
             raise SubscriptionError(UNAVAILABLE, transient=True) from None
@@ -265,17 +275,15 @@ class PostgresChanges:
         try:
             if not self._running or stream is None:
                 return
-            confirm = 0
             for item in batch:
                 if isinstance(item, TransactionEnd):
-                    confirm = item.end_lsn
+                    # Every change of this transaction was handed over (batches arrive in order).
+                    stream.confirm(item.end_lsn)
                     continue
                 try:
                     self._dispatch(item)
                 except Exception:
                     log.exception("delivering change %s failed", item.id)
-            if confirm:
-                stream.confirm(confirm)
         finally:
             if stream is not None:
                 stream.batch_done()
@@ -297,11 +305,11 @@ class PostgresChanges:
             self._deliver(owners, data, change.id)
 
 
-def _compile(bid: int, spec: BindingSpec, columns: list[ColumnInfo]) -> Binding:
+def _compile(bid: int, spec: BindingSpec, columns: list[ColumnInfo], timezone: str) -> Binding:
     """Bind one binding to one table's columns (only columns the role may select count)."""
     selectable = [c for c in columns if c.selectable]
     try:
-        bound = bind_filter(spec.conditions, {c.name: c.filter_typname for c in selectable})
+        bound = bind_filter(spec.conditions, {c.name: c.filter_typname for c in selectable}, timezone)
     except FilterError as exc:
         raise SubscriptionError(str(exc)) from None
     visible: frozenset[str] | None = None

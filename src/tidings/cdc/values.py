@@ -288,6 +288,7 @@ def render(pgtype: PgType, text: str | None) -> Any:
 # Types
 # --------------------------------------------------------------------------------------------
 
+# fmt: off
 # Built-in scalar types: oid -> (typname, render kind). Their OIDs are fixed across versions.
 _SCALARS: dict[int, tuple[str, str]] = {
     16: ("bool", BOOL), 17: ("bytea", STRING), 18: ("char", STRING), 19: ("name", STRING),
@@ -314,12 +315,15 @@ _ARRAYS: dict[int, int] = {
     2951: 2950, 3643: 3614, 3645: 3615, 3807: 3802, 3905: 3904, 3907: 3906, 3909: 3908, 3911: 3910,
     3913: 3912, 3927: 3926,
 }
+# fmt: on
 
 
 def _build_builtins() -> dict[int, PgType]:
     # box is the one built-in type whose typdelim is ';' (its text form contains commas).
-    types = {oid: PgType(oid, name, kind, None, ";" if name == "box" else ",")
-             for oid, (name, kind) in _SCALARS.items()}
+    types = {
+        oid: PgType(oid, name, kind, None, ";" if name == "box" else ",")
+        for oid, (name, kind) in _SCALARS.items()
+    }
     for oid, elem in _ARRAYS.items():
         element = types[elem]
         types[oid] = PgType(oid, "_" + element.name, ARRAY, element, element.delimiter)

@@ -35,9 +35,10 @@ import re
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, tzinfo
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = [
     "MAX_IN_VALUES",
@@ -54,7 +55,7 @@ __all__ = [
 
 OPERATORS: tuple[str, ...] = (
     "eq", "neq", "lt", "lte", "gt", "gte", "in", "like", "ilike", "is", "match", "imatch", "isdistinct",
-)
+)  # fmt: skip
 """Every operator of the grammar, in the spec's order."""
 
 MAX_IN_VALUES = 100
@@ -209,8 +210,12 @@ def _unquote(value: str) -> str:
 def _inspect_str(s: str) -> str:
     """An Elixir ``inspect/1`` of a string (the reference server's error text uses it)."""
     escaped = (
-        s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-        .replace("\r", "\\r").replace("#{", "\\#{")
+        s.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("\n", "\\n")
+        .replace("\t", "\\t")
+        .replace("\r", "\\r")
+        .replace("#{", "\\#{")
     )
     return f'"{escaped}"'
 
@@ -222,7 +227,8 @@ def _inspect_list(items: Sequence[str]) -> str:
 def inspect_conditions(conditions: Iterable[Condition]) -> str:
     """Conditions as the reference server logs them: ``[{"id", "eq", "5", false}]``."""
     parts = [
-        "{" + ", ".join([_inspect_str(c.column), _inspect_str(c.op), _inspect_str(c.value)])
+        "{"
+        + ", ".join([_inspect_str(c.column), _inspect_str(c.op), _inspect_str(c.value)])
         + (", true}" if c.negate else ", false}")
         for c in conditions
     ]
@@ -245,7 +251,7 @@ def parse_array_literal(text: str, delimiter: str = ",") -> list[Any]:
         eq = s.find("=")
         if eq < 0:
             raise ValueError("malformed array literal: missing '='")
-        s = s[eq + 1:].lstrip()
+        s = s[eq + 1 :].lstrip()
     if not s.startswith("{"):
         raise ValueError("malformed array literal: must start with '{'")
     result, pos = _parse_array_body(s, 1, delimiter)
@@ -367,8 +373,9 @@ class _Type:
 
     __slots__ = ("cast", "key", "name", "ordered", "patterns")
 
-    def __init__(self, name: str, key: KeyFn, cast: Callable[[str], Hashable], *, ordered: bool,
-                 patterns: bool = False) -> None:
+    def __init__(
+        self, name: str, key: KeyFn, cast: Callable[[str], Hashable], *, ordered: bool, patterns: bool = False
+    ) -> None:
         self.name = name
         self.key = key
         self.cast = cast
@@ -435,14 +442,18 @@ def _bool_key(v: Any) -> Hashable:
 
 def _text_type(name: str) -> _Type:
     if name == "bpchar":
+
         def key(v: Any) -> Hashable:
             return str(v).rstrip(" ")
     elif name == "citext":
+
         def key(v: Any) -> Hashable:
             return str(v).lower()
     else:
+
         def key(v: Any) -> Hashable:
             return v if type(v) is str else str(v)
+
     return _Type(name, key, key, ordered=True, patterns=True)
 
 
@@ -457,11 +468,13 @@ def _uuid_cast(text: str) -> Hashable:
         raise _invalid("uuid", text) from None
 
 
-def _moment_type(name: str) -> _Type:
+def _moment_type(name: str, zone: tzinfo) -> _Type:
     """timestamptz, timestamp, date, time: keyed by (rank, value) so +-infinity sort at the ends."""
     label = {
-        "timestamptz": "timestamp with time zone", "timestamp": "timestamp without time zone",
-        "date": "date", "time": "time without time zone",
+        "timestamptz": "timestamp with time zone",
+        "timestamp": "timestamp without time zone",
+        "date": "date",
+        "time": "time without time zone",
     }[name]
 
     def parse(text: str) -> tuple[int, Any]:
@@ -475,8 +488,8 @@ def _moment_type(name: str) -> _Type:
             return (0, time.fromisoformat(s))
         dt = datetime.fromisoformat(s)
         if name == "timestamptz":
-            # A zone-less value is read in UTC, the session zone Tidings uses.
-            return (0, dt if dt.tzinfo else dt.replace(tzinfo=UTC))
+            # A zone-less value is read in the database's TimeZone, as PostgreSQL does.
+            return (0, dt if dt.tzinfo else dt.replace(tzinfo=zone))
         return (0, dt.replace(tzinfo=None))
 
     def key(v: Any) -> Hashable:
@@ -543,9 +556,9 @@ def _array_type(name: str, element: _Type) -> _Type:
     return _Type(name, key, cast, ordered=False)
 
 
-def _column_type(typname: str) -> _Type:
+def _column_type(typname: str, zone: tzinfo = UTC) -> _Type:
     if typname.startswith("_") and len(typname) > 1:
-        return _array_type(typname, _column_type(typname[1:]))
+        return _array_type(typname, _column_type(typname[1:], zone))
     if typname in _INT_RANGES:
         return _int_type(typname)
     if typname in ("float4", "float8", "numeric"):
@@ -557,7 +570,7 @@ def _column_type(typname: str) -> _Type:
     if typname == "uuid":
         return _Type(typname, _uuid_key, _uuid_cast, ordered=True)
     if typname in ("timestamptz", "timestamp", "date", "time"):
-        return _moment_type(typname)
+        return _moment_type(typname, zone)
     if typname in ("json", "jsonb"):
         return _Type(typname, _freeze_json, _json_cast, ordered=False)
     return _other_type(typname)
@@ -636,6 +649,7 @@ def _compile_condition(cond: Condition, typ: _Type) -> Check:
 
     target = typ.cast(cond.value)
     if op == "isdistinct":
+
         def distinct(v: Any) -> bool:
             if v is None:
                 return not neg
@@ -669,8 +683,12 @@ class BoundFilter:
 
     __slots__ = ("_checks", "conditions", "index_column", "index_key", "index_keys")
 
-    def __init__(self, conditions: tuple[Condition, ...], checks: list[tuple[str, Check]],
-                 index: tuple[str, frozenset[Hashable], KeyFn] | None) -> None:
+    def __init__(
+        self,
+        conditions: tuple[Condition, ...],
+        checks: list[tuple[str, Check]],
+        index: tuple[str, frozenset[Hashable], KeyFn] | None,
+    ) -> None:
         self.conditions = conditions
         self._checks = tuple(checks)
         self.index_column: str | None = index[0] if index else None
@@ -691,8 +709,13 @@ class BoundFilter:
         return f"BoundFilter({inspect_conditions(self.conditions)})"
 
 
-def bind_filter(conditions: Sequence[Condition], column_types: Mapping[str, str]) -> BoundFilter:
+def bind_filter(
+    conditions: Sequence[Condition], column_types: Mapping[str, str], timezone: str | tzinfo = "UTC"
+) -> BoundFilter:
     """Cast each condition's value to its column's type (``column_types``: name -> typname).
+
+    *timezone* (the database's ``TimeZone`` setting) is how zone-less ``timestamptz`` values are
+    read; an IANA name PostgreSQL knows but this machine does not falls back to UTC.
 
     Raises:
         FilterError: ``invalid column for filter <c>``, a value that does not cast
@@ -701,11 +724,12 @@ def bind_filter(conditions: Sequence[Condition], column_types: Mapping[str, str]
     checks: list[tuple[str, Check]] = []
     index: tuple[str, frozenset[Hashable], KeyFn] | None = None
     types: dict[str, _Type] = {}
+    zone = _zone(timezone)
     for cond in conditions:
         typname = column_types.get(cond.column)
         if typname is None:
             raise FilterError(f"invalid column for filter {cond.column}")
-        typ = types.get(typname) or types.setdefault(typname, _column_type(typname))
+        typ = types.get(typname) or types.setdefault(typname, _column_type(typname, zone))
         checks.append((cond.column, _compile_condition(cond, typ)))
         if index is None and not cond.negate and cond.op in ("eq", "in"):
             if cond.op == "eq":
@@ -714,6 +738,17 @@ def bind_filter(conditions: Sequence[Condition], column_types: Mapping[str, str]
                 keys = frozenset(typ.cast(item) for item in cond.items if item is not None)
             index = (cond.column, keys, typ.key)
     return BoundFilter(tuple(conditions), checks, index)
+
+
+def _zone(timezone: str | tzinfo) -> tzinfo:
+    if not isinstance(timezone, str):
+        return timezone
+    if timezone.upper() in ("UTC", "GMT", "Z", "ETC/UTC", "UCT"):
+        return UTC
+    try:
+        return ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return UTC
 
 
 def matches(filter_text: str | None, row: Mapping[str, Any], column_types: Mapping[str, str]) -> bool:
