@@ -251,18 +251,22 @@ async def test_unsubscribe(
 
     leave_refs = [unpack(m)[0] for m in a.text_frames("out", mark) if unpack(m)[2] == "phx_leave"]
     assert len(leave_refs) == 1
-    inbound = [unpack(m) for m in a.text_frames("in", mark)]
-    assert any(
-        ref == leave_refs[0] and ev == "phx_reply" and p["status"] == "ok" for ref, _, ev, p in inbound
+
+    # phoenix.js resolves unsubscribe() 'ok' locally as soon as phx_leave is sent (the channel is
+    # already "leaving", so it cannot push): the server's reply and phx_close arrive afterwards.
+    def inbound(f: dict[str, Any]) -> tuple[Any, Any, Any, Any] | None:
+        return None if f["binary"] else unpack(json.loads(f["text"]))
+
+    reply = await a.wait_for(
+        "frame", since=mark, dir="in", pred=lambda f: (inbound(f) or (None,))[0] == leave_refs[0]
     )
-    # The client reports CLOSED on the reply; the phx_close that follows it may still be on its way.
+    ref, topic, event, payload = inbound(reply) or (None, None, None, None)
+    assert (topic, event, payload) == (topic_of(channel_name), "phx_reply", {"status": "ok", "response": {}})
     await a.wait_for(
         "frame",
         since=mark,
         dir="in",
-        pred=lambda f: (
-            not f["binary"] and unpack(json.loads(f["text"]))[1:3] == (topic_of(channel_name), "phx_close")
-        ),
+        pred=lambda f: (inbound(f) or (None,) * 4)[1:3] == (topic_of(channel_name), "phx_close"),
     )
 
     # The server really dropped the subscription: a REST broadcast reaches B but not A.
