@@ -23,6 +23,7 @@ import click
 
 from .pool import Pool
 from .procstat import loadavg, machine_info
+from .profile import Profiler, summarize_collapsed
 from .progress import Progress
 from .publishers import SOURCES
 from .report import check_targets, write_run, write_summary
@@ -74,6 +75,7 @@ async def run_target(
     env: dict[str, str],
     bench: Path,
     quiet: bool,
+    profile_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Outcome | None]:
     """Run ``scenario`` against ``target``; the report and the outcome (``None`` if not run)."""
     progress = Progress(f"{scenario} {target.name}", quiet)
@@ -105,7 +107,15 @@ async def run_target(
     try:
         await pool.start()
         run = Run(target, server, pool, params, progress)
-        outcome = await SCENARIOS[scenario].run(run)
+        profiler = None
+        if profile_dir is not None and target.name != "node-ws":
+            profiler = Profiler(server.pid, profile_dir / f"{target.name}-profile.txt")
+        try:
+            outcome = await SCENARIOS[scenario].run(run)
+        finally:
+            written = await asyncio.to_thread(profiler.stop) if profiler is not None else None
+        if written is not None:
+            report["profile"] = {"file": written.name, **summarize_collapsed(written)}
         await pool.call("close_all")
         report["status"] = "ok"
         report["metrics"] = outcome.metrics
@@ -130,6 +140,7 @@ async def run_bench(
     bench: Path,
     quiet: bool = False,
     wait_quiet: float = 0.0,
+    profile: bool = False,
 ) -> list[dict[str, Any]]:
     """Run ``scenario`` against each target in turn; write every report and the summary."""
     reports = []
@@ -140,7 +151,9 @@ async def run_bench(
             await asyncio.to_thread(_wait_quiet, wait_quiet, Progress(f"{scenario} {name}", quiet))
         before = loadavg()
         date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        report, outcome = await run_target(scenario, TARGETS[name], params, env, bench, quiet)
+        report, outcome = await run_target(
+            scenario, TARGETS[name], params, env, bench, quiet, out_dir if profile else None
+        )
         report.update(
             date=date,
             command=command,
@@ -218,7 +231,10 @@ def _parse_targets(against: str) -> list[str]:
     help="Connections/s while setting up the other scenarios.",
 )
 @click.option(
-    "--duration", type=float, default=10, show_default=True, help="Seconds of sending (fanout, order-status)."
+    "--duration",
+    type=float,
+    default=None,
+    help="Seconds of sending (fanout, order-status; scenario default).",
 )
 @click.option("--size", type=int, default=90, show_default=True, help="Bench payload size in bytes.")
 @click.option("--channels", type=int, default=None, help="Channels the clients spread over.")
@@ -273,6 +289,7 @@ def _parse_targets(against: str) -> list[str]:
     help="Wait up to this many seconds for load average < 0.5 before each target.",
 )
 @click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--profile", is_flag=True, help="Sample the (Python) server with py-spy during the run.")
 @click.option(
     "--setup", is_flag=True, help="Install the references (python-socketio, matplotlib, npm ws) and exit."
 )
@@ -283,7 +300,7 @@ def bench(
     n: int | None,
     rate: float | None,
     connect_rate: float,
-    duration: float,
+    duration: float | None,
     size: int,
     channels: int | None,
     vsn: str,
@@ -297,6 +314,7 @@ def bench(
     out_dir: Path | None,
     wait_quiet: float,
     quiet: bool,
+    profile: bool,
     setup: bool,
     list_: bool,
 ) -> None:
@@ -320,6 +338,7 @@ def bench(
     n = n if n is not None else int(spec.defaults["n"])
     rate = rate if rate is not None else float(spec.defaults["rate"])
     channels = channels if channels is not None else int(spec.defaults["channels"])
+    duration = duration if duration is not None else float(spec.defaults.get("duration", 10))
     if n <= 0 or size < 40 or (rate <= 0 and scenario != "memory"):
         raise click.BadParameter("need -n > 0, --rate > 0 and --size >= 40")
     if n > 60_000:
@@ -357,5 +376,7 @@ def bench(
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out_dir or Path("bench-results") / f"{stamp}-{scenario}"
     targets = _parse_targets(against)
-    run_loop(run_bench(scenario, targets, params, env, out, bench_dir, quiet, wait_quiet))
+    if profile and not Profiler.available():
+        raise click.UsageError("--profile needs py-spy (pip install py-spy)")
+    run_loop(run_bench(scenario, targets, params, env, out, bench_dir, quiet, wait_quiet, profile))
     click.echo(f"reports in {out}/", err=True)

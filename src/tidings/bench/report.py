@@ -171,6 +171,12 @@ def write_run(out_dir: Path, report: dict[str, Any], outcome: Outcome | None) ->
         for t in report["targets"]:
             met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
             lines.append(f"| {t['target']} | {_fmt(t['value'])} {t['unit']} | {_fmt(t['limit'])} | {met} |")
+    prof = report.get("profile")
+    if prof:
+        lines += ["", f"## Server profile (py-spy, {prof['file']})", "", "| own % | function |", "|---|---|"]
+        lines += [f"| {pct} | `{name}` |" for name, pct in prof["self"][:15]]
+        lines += ["", "| incl. % | function |", "|---|---|"]
+        lines += [f"| {pct} | `{name}` |" for name, pct in prof["inclusive"][:30]]
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     if outcome is not None:
