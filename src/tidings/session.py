@@ -9,6 +9,7 @@ or answered with the documented error reply.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -68,14 +69,15 @@ class Channel:
     def __init__(self, session: Session, cfg: JoinConfig, join_ref: str | None, principal: Principal) -> None:
         self.session = session
         self.cid = session.node.new_channel_id()
-        self.topic = cfg.topic
+        # Interned: every channel of a group shares one copy of these strings.
+        self.topic = sys.intern(cfg.topic)
         self.sub_topic = cfg.sub_topic
         self.private = cfg.private
-        self.key = group_key(cfg.private, cfg.sub_topic)
+        self.key = sys.intern(group_key(cfg.private, cfg.sub_topic))
         self.join_ref = join_ref
         self.broadcast_self = cfg.broadcast_self
         self.ack = cfg.broadcast_ack
-        self.presence_key = cfg.presence_key or session.node.hub.refs()
+        self.presence_key = cfg.presence_key  # "" -> a generated key at the first track
         self.presence_enabled = cfg.presence_enabled
         self.principal = principal
         self.presence_bucket: TokenBucket | None = None
@@ -217,7 +219,7 @@ class Session:
             return
         response: dict[str, Any] = {"postgres_changes": []}
         channel = Channel(self, cfg, msg.join_ref, principal)
-        self.channels[cfg.topic] = channel
+        self.channels[channel.topic] = channel
         node.channel_ids[channel.cid] = channel
         node.metrics.joins += 1
         if principal.exp is not None:
@@ -538,6 +540,8 @@ class Session:
             if channel.private and not self.may_read_private(channel.principal):
                 self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, channel.topic, "error", _OK))
                 return
+            if not channel.presence_key:
+                channel.presence_key = node.hub.refs()
             diff = presence.track(channel, channel.presence_key, state)
             meta = presence.meta_of(channel)
             if diff is not None and meta is not None:

@@ -70,6 +70,8 @@ class WebSocketConnection(Session, asyncio.Protocol):
             self._server_state.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # refused or closing: nothing more is parsed (no pong before a refusal's HTTP answer)
         ws = self.ws
         ws.receive_data(data)
         self.last_seen = self.node.tick
@@ -80,6 +82,8 @@ class WebSocketConnection(Session, asyncio.Protocol):
                     self.receive_frame(event)
                 elif isinstance(event, Request):
                     self.handshake(event)
+            if ws.state is OPEN:
+                self._restart_parser()
         self.flush_protocol()
 
     def eof_received(self) -> bool | None:
@@ -159,11 +163,12 @@ class WebSocketConnection(Session, asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=node.config.max_unsent_bytes)
         self.flush_protocol()
         self.write = self.transport.write
-        self._release_handshake()
 
-    def _release_handshake(self) -> None:
-        # ServerProtocol's parser generator keeps the upgrade request alive (~1.6 KB a
-        # connection). With nothing buffered, restart it as the plain frame parser.
+    def _restart_parser(self) -> None:
+        # The parser generator keeps its last locals alive between messages: the upgrade
+        # request after the handshake (~1.6 KB) and then the last frame (~0.2 KB), for as long
+        # as a connection idles. Between frames (nothing buffered; fragmentation state lives on
+        # the protocol, not in the generator) a fresh frame parser holds nothing.
         ws = self.ws
         if not ws.reader.buffer:
             ws.parser = Protocol.parse(ws)
@@ -173,6 +178,7 @@ class WebSocketConnection(Session, asyncio.Protocol):
         """Answer the upgrade with an HTTP error and a JSON ``{"error": ...}`` body."""
         self.node.metrics.connections_refused += 1
         log.info("refusing WebSocket upgrade: %d %s", status, message)
+        self.finish()
         body = orjson.dumps({"error": message})
         headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         response = Response(status, _phrase(status), headers, body)
