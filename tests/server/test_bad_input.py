@@ -734,6 +734,8 @@ async def test_frames_sent_while_a_refusal_is_delayed_are_ignored(server_factory
             '["1","3","realtime:room","phx_join",{"config":{}}]',
         ):
             writer.write(Frame(Opcode.TEXT, text.encode()).serialize(mask=True))
+        writer.write(Frame(Opcode.PING, b"ping").serialize(mask=True))  # no pong before the 101
+        writer.write(Frame(Opcode.CLOSE, b"\x03\xe8").serialize(mask=True))
         await writer.drain()
         response = await asyncio.wait_for(reader.read(), WAIT)
     finally:
