@@ -188,7 +188,7 @@ SETTINGS: tuple[Setting, ...] = (
         "MAX_PAYLOAD_SIZE_KB",
         _positive_int,
         1_000,
-        "Largest broadcast/presence payload in KB (broadcast dropped, REST 413).",
+        "Largest broadcast/presence payload in KB (broadcast dropped, REST 422).",
     ),
     Setting(
         "max_frame_size",
