@@ -32,5 +32,6 @@ def encode_frame(opcode: int, data: bytes) -> bytes:
 
 def close_frame(code: int, reason: str = "") -> bytes:
     """Return a close frame with ``code`` and a UTF-8 ``reason`` (truncated to fit 125 bytes)."""
-    body = struct.pack("!H", code) + reason.encode()[:123]
+    # Cut to 123 bytes without splitting a character: peers fail on a reason that is not UTF-8.
+    body = struct.pack("!H", code) + reason.encode()[:123].decode(errors="ignore").encode()
     return encode_frame(OP_CLOSE, body)
