@@ -526,3 +526,10 @@ def test_property_decode_binary_arbitrary_bytes(data: bytes) -> None:
         decode_binary(data)
     except MalformedMessage:
         pass
+
+
+def test_close_frame_truncation_keeps_the_reason_valid_utf8() -> None:
+    frame = parse_frames(close_frame(1001, "é" * 100))[0]
+    assert len(frame.data) <= 125
+    close = Close.parse(bytes(frame.data))  # raises on a reason cut inside a character
+    assert close.code == 1001 and set(close.reason) == {"é"}
