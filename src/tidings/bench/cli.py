@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from .pool import Pool
-from .procstat import loadavg, machine_info
+from .procstat import cpu_seconds, loadavg, machine_info
 from .profile import Profiler, summarize_collapsed
 from .progress import Progress
 from .publishers import SOURCES
@@ -110,8 +110,18 @@ async def run_target(
         profiler = None
         if profile_dir is not None and target.name != "node-ws":
             profiler = Profiler(server.pid, profile_dir / f"{target.name}-profile.txt")
+        pids = [os.getpid(), *(p.pid for p in pool.procs)]
+        gen0, wall0 = sum(cpu_seconds(p) for p in pids), time.monotonic()
         try:
             outcome = await SCENARIOS[scenario].run(run)
+            gen = sum(cpu_seconds(p) for p in pids) - gen0
+            cores = len(params.client_cpus or os.sched_getaffinity(0))
+            busy = 100 * gen / max(1e-9, time.monotonic() - wall0) / cores
+            outcome.metrics["load_generator_cpu_percent"] = round(busy, 1)
+            if busy > 80:
+                outcome.notes.append(
+                    f"the load generator used {busy:.0f}% of its cores: it may have limited this run"
+                )
         finally:
             written = await asyncio.to_thread(profiler.stop) if profiler is not None else None
         if written is not None:
