@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import time
 from typing import Any
 
@@ -324,8 +325,9 @@ async def test_rest_broadcast_reaches_websocket_subscribers(
 # -- rejoin after a server restart ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["graceful", "killed"])
 async def test_rejoin_after_server_restart(
-    server_factory: Any, js_client: JsFactory, channel_name: str, vsn: str
+    server_factory: Any, js_client: JsFactory, channel_name: str, vsn: str, sig: int
 ) -> None:
     server = server_factory()
     a = await js_client(server.ws_url, vsn=vsn, name="A")
@@ -334,7 +336,8 @@ async def test_rejoin_after_server_restart(
     await b.subscribed(channel_name)
     marks = a.mark(), b.mark()
 
-    await asyncio.to_thread(server.restart)
+    # Graceful: drained with close code 1012. Killed: the TCP connections just drop.
+    await asyncio.to_thread(server.restart, sig)
 
     # Each client notices the close, reconnects by itself and rejoins its channel.
     for client, mark in zip((a, b), marks, strict=True):

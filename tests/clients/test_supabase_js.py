@@ -117,3 +117,19 @@ async def test_bad_key_refused(auth_server: ServerProcess, js_client: JsFactory,
     # httpSend with the bad key is refused: the promise rejects with the server's message.
     with pytest.raises(DriverError, match="httpSend: Unauthorized$"):
         await a.call("httpSend", ch=channel_name, event="e", payload={})
+
+
+async def test_opaque_publishable_key_on_open_server(
+    shared_server: ServerProcess, js_client: JsFactory, channel_name: str
+) -> None:
+    """New-style `sb_publishable_...` keys are not JWTs; an open server (no JWT_SECRET) takes them, and
+    an `access_token` starting with `sb_` means "the socket's apikey identity" (spec 7.1)."""
+    key = "sb_publishable_conformance_test_key"
+    a = await js_client(shared_server.ws_url, lib="supabase-js", apikey=key, name="A")
+    b = await js_client(shared_server.ws_url, lib="supabase-js", apikey=key, name="B")
+    await a.subscribed(channel_name, config={"broadcast": {"ack": True}})
+    await b.subscribed(channel_name)
+    assert await a.call("send", ch=channel_name, event="hello", payload={"k": 1}) == "ok"
+    await b.wait_for("broadcast", ch=channel_name)
+    assert await a.call("httpSend", ch=channel_name, event="rest", payload={"k": 2}) == {"success": True}
+    await b.wait_for("broadcast", ch=channel_name, pred=lambda e: e["payload"]["event"] == "rest")
