@@ -370,7 +370,7 @@ async def test_limit_channels_per_client(
 
 
 async def test_limit_joins_per_second(server_factory: Any, py_client: PyFactory, channel_name: str) -> None:
-    server = server_factory(env={"MAX_JOINS_PER_SECOND": "1"})
+    server = server_factory(env={"MAX_JOINS_PER_SECOND": "1", "CHANNEL_ERROR_BACKOFF_MS": "300"})
     a = py_client(server.ws_url, name="A")
     results = []
     for i in range(12):
