@@ -13,6 +13,7 @@ from typing import Any
 import jwt
 import orjson
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from tests.support.session_pair import BinaryBroadcast, ClientEnd, Received, SessionPair
 from tidings.auth.tokens import mint_token
@@ -935,3 +936,64 @@ def test_closed_connections_are_not_retained(auth: bool) -> None:
     gc.collect()
     alive = sum(r() is not None for r in refs)
     assert alive <= n // 2, f"{alive} of {n} closed sessions are still referenced"
+
+
+# -- property: peer input never raises ------------------------------------------------------------
+
+TOPICS = st.sampled_from(["realtime:a", "realtime:b", "realtime:", "phoenix", "x"])
+EVENTS = st.sampled_from(
+    ["phx_join", "phx_leave", "broadcast", "presence", "access_token", "heartbeat", "phx_reply", "other"]
+)
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=6,
+)
+PAYLOADS = st.fixed_dictionaries(
+    {},
+    optional={
+        "config": st.fixed_dictionaries(
+            {},
+            optional={
+                "broadcast": st.fixed_dictionaries(
+                    {}, optional={"self": VALUES, "ack": VALUES, "replay": VALUES}
+                ),
+                "presence": st.fixed_dictionaries({}, optional={"key": VALUES, "enabled": VALUES}),
+                "private": VALUES,
+            },
+        )
+        | VALUES,
+        "type": st.just("broadcast") | VALUES,
+        "event": st.sampled_from(["track", "untrack", "e", "TRACK"]) | VALUES,
+        "payload": VALUES,
+        "access_token": st.sampled_from(["garbage", "sb_x"]) | VALUES,
+        "id": VALUES,
+    },
+)
+MESSAGES = st.lists(
+    st.tuples(st.sampled_from(["text", "binary", "raw"]), TOPICS, EVENTS, PAYLOADS, st.binary(max_size=40)),
+    max_size=25,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(serializer=st.sampled_from([V1, V2]), auth=st.booleans(), messages=MESSAGES)
+def test_property_peer_input_never_raises(serializer: Serializer, auth: bool, messages: list[Any]) -> None:
+    p = auth_pair(max_messages_per_second=10) if auth else pair(max_messages_per_second=10)
+    c = p.connect(serializer, token=token(3600) if auth else None)
+    watcher = joined(p, V2, topic="realtime:a", presence={"enabled": True})
+    for kind, topic, event, payload, raw in messages:
+        if kind == "text":
+            c.push(topic, event, payload)
+        elif kind == "binary":
+            c.send_binary(
+                topic, event if isinstance(event, str) else "e", raw, encoding=raw[0] % 3 if raw else 1
+            )
+        else:
+            c.session.receive_binary(raw)
+            c.send_raw(raw)
+    p.node.sweep(now=time.time() + 7200)
+    c.received()
+    watcher.received()
+    for frame in c.frames():
+        assert frame.opcode.name in ("TEXT", "BINARY")
