@@ -28,7 +28,8 @@ __all__ = [
 ]
 
 ALL_SCENARIOS = frozenset({"connect", "memory", "fanout", "order-status", "reconnect-storm", "presence"})
-REFERENCE_SCENARIOS = frozenset({"connect", "memory", "fanout"})
+# The references have no REST API: their reconnect-storm runs without updates (no loss figures).
+REFERENCE_SCENARIOS = frozenset({"connect", "memory", "fanout", "reconnect-storm"})
 
 # Limits out of the way: the bench measures the server, not its rate limiter.
 TIDINGS_BENCH_ENV = {
@@ -68,6 +69,7 @@ class Target:
     """One server kind."""
 
     def __init__(self, name: str, dialect: str, scenarios: frozenset[str], doc: str) -> None:
+        self.rest = name == "tidings"  # has POST /api/broadcast
         self.name = name
         self.dialect = dialect
         self.scenarios = scenarios
@@ -120,7 +122,12 @@ TARGETS: dict[str, Target] = {
         Target("tidings", "phoenix", ALL_SCENARIOS, "Tidings (`tidings serve`)"),
         Target("ceiling", "phoenix", REFERENCE_SCENARIOS, "bare uvloop asyncio.Protocol, pre-encoded frames"),
         Target("websockets", "phoenix", REFERENCE_SCENARIOS, "`websockets` asyncio server with broadcast()"),
-        Target("socketio", "socketio", REFERENCE_SCENARIOS, "python-socketio ASGI app under uvicorn"),
+        Target(
+            "socketio",
+            "socketio",
+            REFERENCE_SCENARIOS - {"reconnect-storm"},
+            "python-socketio ASGI app under uvicorn",
+        ),
         Target("node-ws", "phoenix", REFERENCE_SCENARIOS, "Node.js `ws` package"),
     )
 }
