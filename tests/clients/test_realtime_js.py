@@ -212,9 +212,9 @@ async def test_presence_sync_between_two_clients(
 async def test_heartbeat_replies(
     shared_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
 ) -> None:
-    a = await js_client(shared_server.ws_url, vsn=vsn, heartbeat_ms=400, name="A")
+    a = await js_client(shared_server.ws_url, vsn=vsn, heartbeat_ms=1000, name="A")
     await a.subscribed(channel_name)
-    oks = await a.wait_count("heartbeat", 3, status="ok", timeout=15)
+    oks = await a.wait_count("heartbeat", 2, status="ok", timeout=15)
     assert all(isinstance(e["latency"], int | float) for e in oks)
     assert not a.find("heartbeat", status="timeout") and not a.find("heartbeat", status="error")
 
@@ -224,7 +224,7 @@ async def test_heartbeat_replies(
 
     sent_refs = [fields(m)[2] for m in a.text_frames("out") if fields(m)[:2] == ("phoenix", "heartbeat")]
     replied = [fields(m)[2] for m in a.text_frames("in") if fields(m)[:2] == ("phoenix", "phx_reply")]
-    assert len(replied) >= 3
+    assert len(replied) >= 2
     assert set(replied) <= set(sent_refs)
     # The socket stayed up the whole time.
     assert a.find("socket", event="open") and not a.find("socket", event="close")
@@ -431,7 +431,7 @@ async def test_auth_token_expiring_while_joined(
     auth_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
 ) -> None:
     a = await js_client(auth_server.ws_url, vsn=vsn, apikey=mint_token(SECRET, role="anon"), name="A")
-    short = mint_token(SECRET, role="authenticated", ttl=2)
+    short = mint_token(SECRET, role="authenticated", ttl=3)
     await a.call("setAuth", token=short)
     await a.subscribed(channel_name)
     # The server closes the channel at expiry: a system error, then phx_close (no auto-rejoin).
@@ -551,7 +551,7 @@ async def test_token_refresh_keeps_channel_open(
     auth_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
 ) -> None:
     a = await js_client(auth_server.ws_url, vsn=vsn, apikey=mint_token(SECRET, role="anon"), name="A")
-    short = mint_token(SECRET, role="authenticated", ttl=2)
+    short = mint_token(SECRET, role="authenticated", ttl=3)
     await a.call("setAuth", token=short)
     await a.subscribed(channel_name)
     # setAuth on a joined channel pushes an `access_token` event (never answered by the server).
@@ -568,7 +568,7 @@ async def test_token_refresh_keeps_channel_open(
     pushed = json.loads((await a.wait_for("frame", access_token_push, since=mark, dir="out"))["text"])
     assert (pushed[4] if isinstance(pushed, list) else pushed["payload"]) == {"access_token": fresh}
     # Past the first token's expiry the channel is still open and still receives broadcasts.
-    await asyncio.sleep(3)
+    await asyncio.sleep(4)
     r = await rest_post(
         auth_server.http_url,
         "/api/broadcast",

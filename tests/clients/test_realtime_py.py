@@ -340,7 +340,7 @@ async def test_auth_refused_tokens(
 async def test_auth_token_expiring_while_joined(
     auth_server: ServerProcess, py_client: PyFactory, channel_name: str
 ) -> None:
-    a = py_client(auth_server.ws_url, mint_token(SECRET, role="authenticated", ttl=2), name="A")
+    a = py_client(auth_server.ws_url, mint_token(SECRET, role="authenticated", ttl=3), name="A")
     await a.subscribed(channel_name)
     # system error -> CHANNEL_ERROR with the payload as JSON, then phx_close -> CLOSED (no rejoin).
     err = await a.wait_for("status", ch=channel_name, status="CHANNEL_ERROR", timeout=15)
@@ -487,13 +487,13 @@ async def test_interop_with_realtime_js(
 async def test_token_refresh_keeps_channel_open(
     auth_server: ServerProcess, py_client: PyFactory, channel_name: str
 ) -> None:
-    a = py_client(auth_server.ws_url, mint_token(SECRET, role="authenticated", ttl=2), name="A")
+    a = py_client(auth_server.ws_url, mint_token(SECRET, role="authenticated", ttl=3), name="A")
     await a.subscribed(channel_name)
     fresh = mint_token(SECRET, role="authenticated", ttl=3600)
     await a.client.set_auth(fresh)
     pushed = [f for f in a.log.frames("out") if f["event"] == "access_token"]
     assert [f["topic"] for f in pushed] == [f"realtime:{channel_name}"]
-    await asyncio.sleep(3)  # past the first token's expiry
+    await asyncio.sleep(4)  # past the first token's expiry
     body = {"messages": [{"topic": channel_name, "event": "still-here", "payload": {}}]}
     r = await rest_post(auth_server.http_url, "/api/broadcast", body, token=fresh)
     assert r.status_code == 202
