@@ -274,7 +274,7 @@ def _parse_targets(against: str) -> list[str]:
     type=float,
     default=1000,
     show_default=True,
-    help="reconnect-storm: first reconnect delay (doubles, ±25% jitter, capped at 10 s).",
+    help="reconnect-storm: first reconnect delay (doubles, ±25% jitter, capped at 30 s).",
 )
 @click.option(
     "--source",

@@ -45,7 +45,7 @@ class Params:
     server_cpus: set[int] | None
     client_cpus: set[int] | None
     backoff: float = 1.0
-    backoff_cap: float = 10.0
+    backoff_cap: float = 30.0
     restart: str = "term"
     source: str = "rest"
     heartbeat: float = 25.0

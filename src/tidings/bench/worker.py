@@ -103,7 +103,7 @@ class Worker:
         self.sessions: dict[int, list[Session]] = {}
         self.reconnect = False
         self.backoff_base = 1.0
-        self.backoff_cap = 10.0
+        self.backoff_cap = 30.0
         self.tries: dict[int, int] = {}
         self.attempt_starts: dict[int, list[int]] = {}
         self.presence_expect = 0
@@ -242,7 +242,7 @@ class Worker:
             "counters": self.counters(),
         }
 
-    async def cmd_reconnect(self, enabled: bool, base: float = 1.0, cap: float = 10.0) -> None:
+    async def cmd_reconnect(self, enabled: bool, base: float = 1.0, cap: float = 30.0) -> None:
         """Reconnect closed clients with jittered exponential backoff (as the SDKs do)."""
         self.reconnect, self.backoff_base, self.backoff_cap = enabled, base, cap
 
