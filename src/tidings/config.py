@@ -276,6 +276,44 @@ SETTINGS: tuple[Setting, ...] = (
         "Most messages a rejoin may replay (Supabase uses 25).",
     ),
     Setting(
+        "database_url",
+        "DATABASE_URL",
+        _optional_str,
+        None,
+        "PostgreSQL for Postgres Changes (postgresql://user:pass@host/db); needs wal_level=logical.",
+    ),
+    Setting(
+        "db_pool_size",
+        "DB_POOL_SIZE",
+        _positive_int,
+        5,
+        "Connections for catalog queries of Postgres Changes.",
+    ),
+    Setting(
+        "db_ssl", "DB_SSL", _bool, False, "Require TLS to PostgreSQL (unless DATABASE_URL sets sslmode)."
+    ),
+    Setting(
+        "db_publication",
+        "DB_PUBLICATION",
+        _str,
+        "supabase_realtime",
+        "Publication streamed (created FOR ALL TABLES when missing).",
+    ),
+    Setting(
+        "db_slot",
+        "DB_SLOT",
+        _str,
+        "tidings_slot",
+        "Permanent logical replication slot (pgoutput); drop it when retiring Tidings.",
+    ),
+    Setting(
+        "db_resume_grace",
+        "DB_RESUME_GRACE",
+        _non_negative_duration,
+        5.0,
+        "After a start, clients get this long to rejoin before the slot replays what they missed.",
+    ),
+    Setting(
         "redis_url",
         "REDIS_URL",
         _optional_str,
@@ -328,6 +366,12 @@ class Config:
     history_size: int = 100
     history_ttl: float = 300.0
     replay_max: int = 100
+    database_url: str | None = None
+    db_pool_size: int = 5
+    db_ssl: bool = False
+    db_publication: str = "supabase_realtime"
+    db_slot: str = "tidings_slot"
+    db_resume_grace: float = 5.0
     redis_url: str | None = None
     node_timeout: float = 10.0
     workers: int = 1

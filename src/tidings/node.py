@@ -12,8 +12,11 @@ import logging
 import math
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from .auth.tokens import Verifier
 from .broker.base import Broker, Envelope, PublishDone
@@ -22,13 +25,16 @@ from .config import Config
 from .hub import Hub
 from .limits import TokenBucket
 from .metrics import NodeMetrics
-from .protocol.codec import Outbound
+from .protocol.codec import Outbound, encode_change
 from .protocol.join import TOPIC_PREFIX
 
 if TYPE_CHECKING:
+    from .cdc.service import PostgresChanges
     from .session import Channel, Session
 
 __all__ = ["Node", "group_key"]
+
+RECENT_CHANGES = 10_000  # change ids remembered to drop re-deliveries from the slot
 
 log = logging.getLogger("tidings.node")
 
@@ -61,6 +67,10 @@ class Node:
         # many polls hold each channel's broker subscription.
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.poll_refs: Counter[str] = Counter()
+        # Postgres Changes, when DATABASE_URL is set (attached by the app before start()).
+        self.cdc: PostgresChanges | None = None
+        self._recent_changes: OrderedDict[str, None] = OrderedDict()
+        self.replication_lag_bytes: int | None = None
         now = time.monotonic()
         self.join_bucket = TokenBucket(
             config.max_joins_per_second, config.max_joins_per_second * JOIN_WINDOW, now
@@ -76,6 +86,7 @@ class Node:
         self._expiry: list[tuple[float, int, Channel]] = []
         self._expiry_seq = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.max_payload_bytes = config.max_payload_size_kb * 1024
         # Silent for more than 2 heartbeat intervals -> closed; counted in sweeper ticks.
@@ -105,6 +116,8 @@ class Node:
             except asyncio.CancelledError:
                 pass
             self._sweeper = None
+        for task in list(self._background):
+            task.cancel()
         await self.broker.stop()
 
     async def _sweep_forever(self) -> None:
@@ -130,8 +143,11 @@ class Node:
         while heap and heap[0][0] <= now:
             exp, _, channel = heapq.heappop(heap)
             channel.token_expired(exp, now)
-        if self.tick % 10 == 0 and isinstance(self.broker, MemoryBroker):
-            self.broker.sweep(now)
+        if self.tick % 10 == 0:
+            if isinstance(self.broker, MemoryBroker):
+                self.broker.sweep(now)
+            if self.cdc is not None:
+                self.loop.create_task(self.refresh_replication_lag())
 
     def schedule_expiry(self, channel: Channel, exp: float) -> None:
         """Check ``channel``'s token at ``exp`` (stale entries are ignored by the channel)."""
@@ -165,6 +181,12 @@ class Node:
 
         if pending:
             close_batch(0)
+
+    def background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a node-lifetime task; it is cancelled by :meth:`stop`."""
+        task = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- connections -------------------------------------------------------------------------
 
@@ -252,6 +274,38 @@ class Node:
             self.metrics.deliveries += self.hub.fanout(
                 env.key, Outbound(env.topic, "presence_diff", env.payload)
             )
+
+    def deliver_change(self, matches: dict[Any, list[int]], data: dict[str, Any], change_id: str) -> None:
+        """A Postgres change for local channels: ``matches`` maps each channel to its binding ids.
+
+        The slot delivers at least once; a change id seen recently is dropped. ``data`` is
+        serialised once, and each distinct (topic, ids, serializer) frame once.
+        """
+        recent = self._recent_changes
+        if change_id in recent:
+            return
+        recent[change_id] = None
+        if len(recent) > RECENT_CHANGES:
+            recent.popitem(last=False)
+        data_json = orjson.dumps(data)
+        frames: dict[tuple[str, tuple[int, ...], int], bytes] = {}
+        sent = 0
+        for channel, ids in matches.items():
+            if channel.closed:
+                continue
+            session = channel.session
+            key = (channel.topic, tuple(ids), session.serializer)
+            frame = frames.get(key)
+            if frame is None:
+                frame = frames[key] = encode_change(session.serializer, channel.topic, ids, data_json)
+            session.write(frame)
+            sent += 1
+        self.metrics.deliveries += sent
+
+    async def refresh_replication_lag(self) -> None:
+        """Read the slot's lag (bytes of WAL not yet confirmed) for metrics and logs."""
+        if self.cdc is not None:
+            self.replication_lag_bytes = await self.cdc.slot_lag_bytes()
 
     def report_gap(self, key: str) -> None:
         """The broker lost messages of ``key`` it cannot recover: tell its subscribers.

@@ -8,6 +8,7 @@ or answered with the documented error reply.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 from .auth.tokens import AuthError, Principal
 from .broker.base import FAILED
 from .broker.memory import MemoryBroker
+from .cdc.index import SubscriptionError
 from .history import ReplayResult
 from .limits import TokenBucket
 from .node import Node, group_key
@@ -37,6 +39,8 @@ __all__ = ["Channel", "Session"]
 
 log = logging.getLogger("tidings.session")
 
+CHANGES_ATTEMPTS = 3
+CHANGES_RETRY_DELAY = 5.0  # seconds between subscription attempts while the database is down
 PRESENCE_MAX_CALLS = 5
 PRESENCE_WINDOW = 30.0
 _OK: dict[str, Any] = {}
@@ -60,6 +64,7 @@ class Channel:
         "presence_enabled",
         "presence_key",
         "principal",
+        "changes",
         "private",
         "session",
         "sub_topic",
@@ -81,6 +86,8 @@ class Channel:
         self.presence_enabled = cfg.presence_enabled
         self.principal = principal
         self.presence_bucket: TokenBucket | None = None
+        # Postgres Changes bindings as (id, params the client sent), empty when none.
+        self.changes: tuple[tuple[int, dict[str, Any]], ...] = ()
         self.closed = False
 
     def token_expired(self, exp: float, now: float) -> None:
@@ -214,24 +221,31 @@ class Session:
         if cfg.private and not self.may_read_private(principal):
             self.refuse_join(msg, self.unauthorized_reason(cfg.sub_topic))
             return
+        bindings: tuple[tuple[int, dict[str, Any]], ...] = ()
         if cfg.postgres_changes:
-            self.refuse_join(msg, errors.POSTGRES_CHANGES_UNAVAILABLE)
-            return
-        response: dict[str, Any] = {"postgres_changes": []}
+            if node.cdc is None:
+                self.refuse_join(msg, errors.POSTGRES_CHANGES_UNAVAILABLE)
+                return
+            bindings = tuple((node.cdc.binding_id(b), b) for b in cfg.postgres_changes)
+        # Each binding echoed verbatim plus its id: the clients compare them field by field.
+        response: dict[str, Any] = {"postgres_changes": [{**b, "id": bid} for bid, b in bindings]}
         channel = Channel(self, cfg, msg.join_ref, principal)
+        channel.changes = bindings
         self.channels[channel.topic] = channel
         node.channel_ids[channel.cid] = channel
         node.metrics.joins += 1
         if principal.exp is not None:
             node.schedule_expiry(channel, principal.exp)
         broker = node.broker
-        if isinstance(broker, MemoryBroker):
+        if isinstance(broker, MemoryBroker) and not (bindings and cfg.changes_wait):
             node.hub.add(channel.key, channel.topic, channel, self.serializer, self.write)
             replay = self.replay_request(cfg)
             result = broker.replay_now(channel.key, *replay) if replay else None
             state = broker.presence_state_now(channel.key) if channel.presence_enabled else None
             last_seq = broker.history.last_seq(channel.key)
             self.complete_join(channel, msg, response, result, state, last_seq)
+            if bindings:
+                node.loop.create_task(self.subscribe_changes(channel))
         else:
             # Buffer what fans out while the broker subscription, replay and presence state are
             # fetched, so the client sees: join reply, replayed messages, presence_state, live.
@@ -251,8 +265,24 @@ class Session:
         response: dict[str, Any],
         pending: list[tuple[int | None, bytes]],
     ) -> None:
-        """Finish a join that needs the broker's I/O."""
+        """Finish a join that needs I/O: the broker's, or a Postgres subscription to wait for."""
         broker = self.node.broker
+        if channel.changes and cfg.changes_wait:
+            # postgres_changes_options.wait: answer the join only once changes are live.
+            try:
+                await asyncio.wait_for(
+                    self.subscribe_changes(channel, announce=False), cfg.changes_wait_timeout
+                )
+                error = None
+            except TimeoutError:
+                error = "PostgresChangesSubscribeTimeout: the subscription was not ready in time"
+            except SubscriptionError as exc:
+                error = str(exc)
+            if error is not None:
+                if not channel.closed:
+                    self.leave(channel)
+                    self.refuse_join(msg, error)
+                return
         try:
             await broker.subscribe(channel.key)
             replay = self.replay_request(cfg)
@@ -272,6 +302,54 @@ class Session:
             if seq is None or seq > last:
                 self.write(frame)
         self.node.hub.add(channel.key, channel.topic, channel, self.serializer, self.write)
+        if channel.changes and not cfg.changes_wait:
+            await self.subscribe_changes(channel)
+        elif channel.changes:
+            self.changes_status(channel, "ok", "Subscribed to PostgreSQL")
+
+    async def subscribe_changes(self, channel: Channel, announce: bool = True) -> None:
+        """Register the channel's Postgres bindings; tell the client with a ``system`` push.
+
+        Transient failures (database unreachable) are retried; bad parameters are not.
+        With ``announce=False`` a failure raises :class:`SubscriptionError` instead.
+        """
+        cdc = self.node.cdc
+        assert cdc is not None
+        for attempt in range(CHANGES_ATTEMPTS):
+            try:
+                await cdc.subscribe(channel, channel.changes, channel.principal.claims)
+            except SubscriptionError as exc:
+                if exc.transient and attempt + 1 < CHANGES_ATTEMPTS and not channel.closed:
+                    await asyncio.sleep(CHANGES_RETRY_DELAY)
+                    continue
+                if not announce:
+                    raise
+                self.changes_status(channel, "error", str(exc))
+                return
+            if channel.closed:
+                cdc.unsubscribe(channel)
+            elif announce:
+                self.changes_status(channel, "ok", "Subscribed to PostgreSQL")
+            return
+
+    async def resubscribe_changes(self, channel: Channel) -> None:
+        """Re-create the bindings with a refreshed token's claims; only failures are announced."""
+        try:
+            await self.subscribe_changes(channel, announce=False)
+        except SubscriptionError as exc:
+            self.changes_status(channel, "error", str(exc))
+
+    def changes_status(self, channel: Channel, status: str, message: str) -> None:
+        """The ``system`` push of the postgres_changes extension."""
+        if channel.closed or self.closed:
+            return
+        payload = {
+            "extension": "postgres_changes",
+            "status": status,
+            "message": message,
+            "channel": channel.sub_topic,
+        }
+        self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "system", payload))
 
     def replay_request(self, cfg: JoinConfig) -> tuple[int | None, float | None, int] | None:
         """``(since_seq, since_time, limit)`` for the broker, or ``None`` when no replay is asked."""
@@ -344,6 +422,8 @@ class Session:
         if self.channels.get(channel.topic) is channel:
             del self.channels[channel.topic]
         node.channel_ids.pop(channel.cid, None)
+        if channel.changes and node.cdc is not None:
+            node.cdc.unsubscribe(channel)
         group = node.hub.remove(channel.key, channel)
         if group is None:
             return
@@ -416,6 +496,9 @@ class Session:
         channel.principal = principal
         if principal.exp is not None:
             self.node.schedule_expiry(channel, principal.exp)
+        if channel.changes and self.node.cdc is not None:
+            # Column privileges follow the role of the newest token.
+            self.node.loop.create_task(self.resubscribe_changes(channel))
 
     # -- broadcast / presence ----------------------------------------------------------------
 

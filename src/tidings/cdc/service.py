@@ -125,6 +125,22 @@ class PostgresChanges:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    async def check(self) -> None:
+        """Check the server and create publication and slot if needed, without streaming yet.
+
+        Lets a server fail at start on a bad set-up while it delays :meth:`start` until its
+        clients had time to rejoin (their subscriptions then see what the slot replays).
+
+        Raises:
+            PostgresChangesError: with one line saying what is wrong.
+        """
+        try:
+            await self._db(catalog.check_server)
+            await self._db(catalog.ensure_publication, self.publication)
+            await self._db(catalog.ensure_slot, self.slot)
+        except psycopg2.Error as exc:
+            raise PostgresChangesError(f"PostgreSQL at {self._where}: {_first_line(exc)}") from None
+
     async def start(self, *, timeout: float = 30.0) -> None:
         """Check the server, create publication and slot if needed, and start streaming.
 
@@ -158,8 +174,19 @@ class PostgresChanges:
             await self._shutdown()
             raise PostgresChangesError(f"PostgreSQL at {self._where}: {_first_line(exc)}") from None
 
-    async def stop(self) -> None:
-        """Stop streaming (after a last confirmation to the slot) and close connections."""
+    async def stop(self, *, drain_timeout: float = 5.0) -> None:
+        """Stop streaming and close connections.
+
+        First drains: the transaction being read is read to its end, what was already read is
+        delivered, and the slot is told, so a clean stop repeats nothing on the next start.
+        """
+        stream = self._stream
+        if stream is not None and self._running:
+            stream.drain()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain_timeout
+            while not (stream.drained and stream.inflight == 0) and loop.time() < deadline:
+                await asyncio.sleep(0.01)  # queued batches are delivered meanwhile
         await self._shutdown()
 
     async def _shutdown(self) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "Serializer",
     "decode_binary",
     "decode_text",
+    "encode_change",
     "encode_close",
     "encode_push",
     "encode_reply",
@@ -215,6 +216,26 @@ def encode_close(serializer: Serializer, join_ref: str | None, topic: str, event
     if serializer is Serializer.V2:
         return _text([join_ref, join_ref, topic, event, payload])
     return _text({"topic": topic, "event": event, "payload": payload, "ref": join_ref})
+
+
+def encode_change(serializer: Serializer, topic: str, ids: list[int], data_json: bytes) -> bytes:
+    """A ``postgres_changes`` push; ``data_json`` is the change's ``data`` already as JSON.
+
+    The change is serialised once; each channel's frame only adds its topic and binding ids.
+    """
+    head = orjson.dumps(topic) + b',"postgres_changes",{"ids":' + orjson.dumps(ids) + b',"data":'
+    if serializer is Serializer.V2:
+        return encode_frame(OP_TEXT, b"[null,null," + head + data_json + b"}]")
+    return encode_frame(
+        OP_TEXT,
+        b'{"topic":'
+        + orjson.dumps(topic)
+        + b',"event":"postgres_changes","payload":{"ids":'
+        + orjson.dumps(ids)
+        + b',"data":'
+        + data_json
+        + b'},"ref":null}',
+    )
 
 
 def _short(s: str) -> bytes:

@@ -48,6 +48,9 @@ class JoinConfig:
     postgres_changes: tuple[dict[str, Any], ...] = ()
     access_token: str | None = None
     replay: Replay | None = None
+    #: ``postgres_changes_options.wait``: hold the join reply until the subscription is live.
+    changes_wait: bool = False
+    changes_wait_timeout: float = 15.0
     warnings: tuple[str, ...] = ()
 
 
@@ -140,6 +143,14 @@ def parse_join(topic: str, payload: dict[str, Any]) -> JoinConfig:
             raise JoinError("UnableToReplayMessages: Replay params are not valid")
         replay = Replay(since=since_i, since_seq=since_seq_i, limit=max(1, min(limit, REPLAY_MAX)))
 
+    options = config.get("postgres_changes_options")
+    changes_wait, changes_wait_timeout = False, 15.0
+    if isinstance(options, dict):
+        changes_wait = parse_bool(options.get("wait")) is True
+        timeout_ms = _int(options.get("timeout"))
+        if timeout_ms is not None and timeout_ms > 0:
+            changes_wait_timeout = min(timeout_ms, 20_000) / 1000.0
+
     token = payload.get("access_token", payload.get("user_token"))
     if token is not None and not isinstance(token, str):
         warnings.append("access_token is not a string; ignoring it")
@@ -156,5 +167,7 @@ def parse_join(topic: str, payload: dict[str, Any]) -> JoinConfig:
         postgres_changes=bindings,
         access_token=token,
         replay=replay,
+        changes_wait=changes_wait,
+        changes_wait_timeout=changes_wait_timeout,
         warnings=tuple(warnings),
     )

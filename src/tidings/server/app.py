@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -42,14 +43,64 @@ def build_app(config: Config) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         node = Node(config, make_broker(config))
+        if config.database_url:
+            await start_changes(node, config)
         await node.start()
         app.state.node = node
         try:
             yield {"node": node}
         finally:
             await node.stop()
+            if node.cdc is not None:
+                await node.cdc.stop()
 
     return Starlette(routes=build_routes(), middleware=[cors_middleware()], lifespan=lifespan)
+
+
+async def start_changes(node: Node, config: Config) -> None:
+    """Connect Postgres Changes; a bad database set-up stops the server with one line.
+
+    Streaming starts ``DB_RESUME_GRACE`` later: changes committed while Tidings was down are
+    replayed by the slot as soon as it streams, and only subscriptions made by then see them,
+    so clients get that long to reconnect and rejoin first.
+    """
+    from ..cdc.service import PostgresChanges, PostgresChangesError
+
+    assert config.database_url is not None
+    cdc = PostgresChanges(
+        config.database_url,
+        publication=config.db_publication,
+        slot=config.db_slot,
+        pool_size=config.db_pool_size,
+        ssl=config.db_ssl,
+        deliver=node.deliver_change,
+    )
+    try:
+        await cdc.check()
+    except PostgresChangesError as exc:
+        log.error("DATABASE_URL: %s", exc)
+        raise SystemExit(3) from None
+    node.cdc = cdc
+    lag = await cdc.slot_lag_bytes()
+    node.replication_lag_bytes = lag
+    log.info(
+        "Postgres Changes: publication %r, slot %r, %s bytes of WAL to catch up; streaming in %.1f s",
+        config.db_publication,
+        config.db_slot,
+        "?" if lag is None else lag,
+        config.db_resume_grace,
+    )
+
+    async def stream_later() -> None:
+        await asyncio.sleep(config.db_resume_grace)
+        try:
+            await cdc.start()
+        except PostgresChangesError as exc:
+            log.error("Postgres Changes could not start streaming: %s", exc)
+            return
+        log.info("Postgres Changes streaming")
+
+    node.background(stream_later())
 
 
 def make_broker(config: Config) -> Broker | None:
