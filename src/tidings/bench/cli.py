@@ -50,6 +50,34 @@ def setup_references(bench: Path) -> None:
     click.echo("references ready: " + ", ".join(TARGETS))
 
 
+def tidings_source() -> dict[str, Any]:
+    """Which Tidings code is measured: package path, git commit, uncommitted changes."""
+    import tidings
+
+    path = Path(tidings.__file__).resolve().parent
+    info: dict[str, Any] = {"path": str(path), "commit": os.environ.get("TIDINGS_BENCH_COMMIT")}
+    if info["commit"] is None:
+        try:
+            head = subprocess.run(
+                ["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+            dirty = subprocess.run(
+                ["git", "-C", str(path), "status", "--porcelain", "--", "."],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+            if head.returncode == 0:
+                info["commit"] = head.stdout.strip()
+                info["uncommitted_changes"] = bool(dirty.stdout.strip())
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return info
+
+
 def _cpu_split(pin: bool) -> tuple[set[int] | None, set[int] | None]:
     """Server on the first allowed core, load generators on the others (when there are two)."""
     if not pin:
@@ -155,6 +183,7 @@ async def run_bench(
     """Run ``scenario`` against each target in turn; write every report and the summary."""
     reports = []
     machine = machine_info()
+    source = tidings_source()
     command = "tidings bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else "tidings bench"
     for name in targets:
         if wait_quiet > 0:
@@ -168,6 +197,7 @@ async def run_bench(
             date=date,
             command=command,
             machine=machine,
+            tidings_source=source,
             load_average={"before": before, "after": loadavg()},
             params=_params_dict(scenario, params),
             setup=(

@@ -137,13 +137,18 @@ def _fmt(v: Any) -> str:
 def _header_md(report: dict[str, Any]) -> list[str]:
     m = report["machine"]
     la = report["load_average"]
-    return [
+    out = [
         f"- Date: {report['date']}",
         f"- Command: `{report['command']}`",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
         f"Python {m['python']}, open files {m['nofile'][0]}",
         f"- Load average (1 min) before / after: {la['before'][0]:.2f} / {la['after'][0]:.2f}",
     ]
+    src = report.get("tidings_source")
+    if src:
+        dirty = " (with uncommitted changes)" if src.get("uncommitted_changes") else ""
+        out.append(f"- Tidings code: {src.get('commit') or 'unknown commit'}{dirty} from `{src.get('path')}`")
+    return out
 
 
 def write_run(out_dir: Path, report: dict[str, Any], outcome: Outcome | None) -> dict[str, Path]:
