@@ -16,6 +16,7 @@ import pytest
 from tests.cdc.conftest import Collector, Database, unique_slot, wait_until
 from tests.support.postgres import PostgresServer
 from tidings.cdc import catalog
+from tidings.cdc.pgoutput import parse_lsn
 from tidings.cdc.service import PostgresChanges, PostgresChangesError, SubscriptionError
 from tidings.protocol.filters import parse_filter
 
@@ -406,19 +407,28 @@ async def test_position_is_confirmed_after_delivery_and_lag_is_reported(
     pc = make_changes(col)
     await pc.start()
     await pc.subscribe("o", [(1, binding("t"))], None)
+    before = db.confirmed_lsn(pc.slot)
     db.execute("INSERT INTO t VALUES (1, 'a')")
-    after_insert = db.current_lsn()
     await col.wait_count(1)
-    await wait_until(lambda: db.confirmed_lsn(pc.slot) >= after_insert - 200)  # the commit's end
+    commit_lsn = parse_lsn(col.items[0].change_id.split(":")[0])
+    assert before < commit_lsn
+    # Confirmed past the commit record once delivered (to its end, or further on a keepalive).
+    await wait_until(lambda: db.confirmed_lsn(pc.slot) > commit_lsn)
     lag = await pc.slot_lag_bytes()
     assert lag is not None and lag >= 0
     await pc.stop()
     assert not pc.connected
     # While nobody consumes, the slot holds everything written since: ~200 kB of values here.
     db.execute("INSERT INTO t SELECT g, repeat(md5(g::text), 60) FROM generate_series(2, 100) g")
-    lag = await PostgresChanges(db.dsn, slot=pc.slot, deliver=Collector()).slot_lag_bytes()
-    assert lag is not None and lag > 150_000
-    assert await PostgresChanges(db.dsn, slot="no_such_slot", deliver=Collector()).slot_lag_bytes() is None
+    idle = PostgresChanges(db.dsn, slot=pc.slot, deliver=Collector())
+    missing = PostgresChanges(db.dsn, slot="no_such_slot", deliver=Collector())
+    try:
+        lag = await idle.slot_lag_bytes()
+        assert lag is not None and lag > 150_000
+        assert await missing.slot_lag_bytes() is None
+    finally:
+        await idle.stop()
+        await missing.stop()
 
 
 async def test_service_restart_resumes_where_it_stopped(db: Database, make_changes: Make) -> None:

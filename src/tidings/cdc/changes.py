@@ -150,6 +150,11 @@ class ChangeDecoder:
         self._index = 0
         self._timestamp = ""
 
+    @property
+    def in_transaction(self) -> bool:
+        """True between a Begin and its Commit."""
+        return self._begin is not None
+
     def reset(self) -> None:
         """Forget the session state; call when a new replication session starts."""
         self.tables.clear()

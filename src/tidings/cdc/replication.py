@@ -97,6 +97,8 @@ class ReplicationStream:
         self._max_record_bytes = max_record_bytes
 
         self._stop = threading.Event()
+        self._draining = threading.Event()
+        self._drained = threading.Event()
         self._connected_event = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -153,6 +155,22 @@ class ReplicationStream:
         with self._lock:
             self._inflight -= 1
         self._wake()
+
+    @property
+    def inflight(self) -> int:
+        """Batches handed to the loop and not yet done."""
+        with self._lock:
+            return self._inflight
+
+    def drain(self) -> None:
+        """Stop reading at the next transaction boundary (the one in progress is read to its end)."""
+        self._draining.set()
+        self._wake()
+
+    @property
+    def drained(self) -> bool:
+        """After :meth:`drain`: reading has stopped (or no session is streaming)."""
+        return self._drained.is_set() or not self.connected
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread (after a last status update) and wait for it. Blocking."""
@@ -251,6 +269,20 @@ class ReplicationStream:
         sent = 0
         batch: Batch = []
         while not self._stop.is_set():
+            if self._draining.is_set() and not decoder.in_transaction:
+                if batch:
+                    self._post(batch, cur)
+                    batch = []
+                self._drained.set()
+                confirmed = self._confirmed
+                if confirmed > sent:
+                    cur.send_feedback(
+                        write_lsn=confirmed, flush_lsn=confirmed, apply_lsn=confirmed, force=True
+                    )
+                    sent = confirmed
+                select.select([self._wake_r], [], [], 0.5)
+                self._drain_wake()
+                continue
             msg = cur.read_message()
             if msg is not None:
                 item = decoder.feed(msg.payload)
