@@ -266,7 +266,7 @@ def _parse_targets(against: str) -> list[str]:
 @click.option(
     "--connect-rate",
     type=float,
-    default=2000,
+    default=1000,
     show_default=True,
     help="Connections/s while setting up the other scenarios.",
 )
