@@ -24,7 +24,7 @@ from .broker.memory import MemoryBroker
 from .config import Config
 from .hub import Hub
 from .limits import TokenBucket
-from .metrics import NodeMetrics
+from .metrics import Monitor, NodeMetrics
 from .protocol.codec import Outbound, encode_change
 from .protocol.join import TOPIC_PREFIX
 
@@ -91,6 +91,8 @@ class Node:
         self.max_payload_bytes = config.max_payload_size_kb * 1024
         # Silent for more than 2 heartbeat intervals -> closed; counted in sweeper ticks.
         self.idle_ticks = max(2, math.ceil(2 * config.heartbeat_interval / SWEEP_INTERVAL))
+        # Once a second from the sweeper: RTT pings, samples for /api/metrics, alerts.
+        self.monitor = Monitor(self)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -148,6 +150,7 @@ class Node:
                 self.broker.sweep(now)
             if self.cdc is not None:
                 self.loop.create_task(self.refresh_replication_lag())
+        self.monitor.tick()
 
     def schedule_expiry(self, channel: Channel, exp: float) -> None:
         """Check ``channel``'s token at ``exp`` (stale entries are ignored by the channel)."""
@@ -196,10 +199,12 @@ class Node:
         if user is not None:
             self.users[user] += 1
         self.metrics.connections_total += 1
+        self.metrics.connection_opened(session, user)
 
     def unregister(self, session: Session, user: str | None) -> None:
         """Forget a closed connection."""
         self.sessions.discard(session)
+        self.metrics.connection_closed(session, user)
         if user is not None:
             left = self.users[user] - 1
             if left > 0:
@@ -233,15 +238,24 @@ class Node:
         """
         if isinstance(payload, bytearray):
             payload = bytes(payload)
+        key = group_key(private, sub_topic)
+        msg_id = msg_id or str(uuid.uuid4())
+        metrics = self.metrics
+        metrics.published += 1
+        timed = key in self.hub.groups  # delivery latency is timed only when it fans out here
+        if timed:
+            metrics.published_at[msg_id] = time.perf_counter()
         self.broker.publish(
-            group_key(private, sub_topic),
+            key,
             TOPIC_PREFIX + sub_topic,
             event,
             payload,
-            msg_id or str(uuid.uuid4()),
+            msg_id,
             None if exclude is None else exclude.cid,
             done,
         )
+        if timed and self.broker.synchronous:
+            metrics.published_at.pop(msg_id, None)  # a duplicate id was not delivered
 
     def publish_presence(self, key: str, topic: str, diff: dict[str, Any]) -> None:
         """Send a presence diff to every node with subscribers of ``key``."""
@@ -261,19 +275,47 @@ class Node:
             exclude = (
                 self.channel_ids.get(env.exclude) if env.exclude and env.origin == self.node_id else None
             )
-            self.metrics.broadcasts += 1
+            metrics = self.metrics
+            metrics.broadcasts += 1
             self.delivering_seq = env.seq
-            self.metrics.deliveries += self.hub.fanout(env.key, out, exclude)
+            sent = self.hub.fanout(env.key, out, exclude)
             self.delivering_seq = None
+            if sent:
+                # Once per fan-out, never per recipient: count, size, busiest channels.
+                metrics.sent_broadcast += sent
+                metrics.bytes_out += self._fanout_bytes(env.key, out)
+                cm = metrics.channel_messages
+                cm[env.key] = cm.get(env.key, 0) + 1
+            if env.origin == self.node_id and env.id is not None:
+                t0 = metrics.published_at.pop(env.id, None)
+                if t0 is not None:
+                    metrics.delivery_latency.observe(time.perf_counter() - t0)
             waiters = self.waiters.pop(env.key, None)
             if waiters:
                 for fut in waiters:
                     if not fut.done():
                         fut.set_result(None)
+        elif env.kind == Envelope.CHANGE:
+            if self.cdc is not None:
+                from .cdc.cluster import decode_change
+
+                self.cdc.dispatch(decode_change(env.payload))
         elif env.kind == Envelope.PRESENCE:
-            self.metrics.deliveries += self.hub.fanout(
-                env.key, Outbound(env.topic, "presence_diff", env.payload)
-            )
+            out = Outbound(env.topic, "presence_diff", env.payload)
+            sent = self.hub.fanout(env.key, out)
+            if sent:
+                self.metrics.sent_presence += sent
+                self.metrics.bytes_out += self._fanout_bytes(env.key, out)
+
+    def _fanout_bytes(self, key: str, out: Outbound) -> int:
+        """Bytes one fan-out wrote (frames are cached on ``out``: nothing is encoded here)."""
+        group = self.hub.groups.get(key)
+        if group is None:
+            return 0
+        v1 = out.frame_v1() if group.v1 else None
+        return (len(out.frame_v2()) * len(group.v2) if group.v2 else 0) + (
+            len(v1) * len(group.v1) if v1 is not None else 0
+        )
 
     def deliver_change(self, matches: dict[Any, list[int]], data: dict[str, Any], change_id: str) -> None:
         """A Postgres change for local channels: ``matches`` maps each channel to its binding ids.
@@ -289,7 +331,7 @@ class Node:
             recent.popitem(last=False)
         data_json = orjson.dumps(data)
         frames: dict[tuple[str, tuple[int, ...], int], bytes] = {}
-        sent = 0
+        sent = nbytes = 0
         for channel, ids in matches.items():
             if channel.closed:
                 continue
@@ -300,7 +342,8 @@ class Node:
                 frame = frames[key] = encode_change(session.serializer, channel.topic, ids, data_json)
             session.write(frame)
             sent += 1
-        self.metrics.deliveries += sent
+            nbytes += len(frame)
+        self.metrics.count_changes(sent, nbytes)
 
     async def refresh_replication_lag(self) -> None:
         """Read the slot's lag (bytes of WAL not yet confirmed) for metrics and logs."""

@@ -300,6 +300,16 @@ class RedisBroker(Broker):
         channel = self._channel(key)
         self._enqueue(lambda pipe: pipe.publish(channel, envelope))
 
+    def publish_change(self, key: str, change: dict[str, Any], done: Callable[[Any], None]) -> None:
+        """Send a Postgres change to every node subscribed to ``key``; ``done(result)`` after."""
+        envelope = b"0|" + orjson.dumps({"k": "c", "o": self.node_id, "c": change})
+        channel = self._channel(key)
+        self._enqueue(lambda pipe: pipe.publish(channel, envelope), done)
+
+    def after_queued(self, done: Callable[[Any], None]) -> None:
+        """Call ``done(result)`` once every command queued before it was answered (in order)."""
+        self._enqueue(lambda pipe: pipe.echo(b""), done)
+
     # -- subscriptions -----------------------------------------------------------------------
 
     async def subscribe(self, key: str) -> None:
@@ -408,6 +418,9 @@ class RedisBroker(Broker):
             return
         head, _, body = data.partition(b"|")
         env = orjson.loads(body)
+        if env["k"] == "c":
+            self._deliver(Envelope(Envelope.CHANGE, key, "", "", env["c"], origin=env["o"]))
+            return
         if env["k"] == "p":
             self._deliver(
                 Envelope(Envelope.PRESENCE, key, env["t"], "presence_diff", env["d"], origin=env["o"])

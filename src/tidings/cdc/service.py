@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg2
 
@@ -59,7 +59,7 @@ from tidings.cdc.index import (
 from tidings.cdc.replication import SESSION_OPTIONS, Batch, ReplicationStream
 from tidings.protocol.filters import FilterError, bind_filter
 
-__all__ = ["Deliver", "PostgresChanges", "PostgresChangesError", "SubscriptionError"]
+__all__ = ["Deliver", "Forwarder", "PostgresChanges", "PostgresChangesError", "SubscriptionError"]
 
 log = logging.getLogger("tidings.cdc")
 
@@ -72,6 +72,16 @@ UNAVAILABLE = "UnableToConnectToProject: Realtime was unable to connect to the p
 """Subscription error when the database cannot be reached (transient: retry later)."""
 
 _CACHE_SECONDS = 2.0  # how long subscribe() reuses catalog answers (bursts of joins)
+
+
+class Forwarder(Protocol):
+    """Takes streamed changes to every node (the cluster's broker) instead of delivering locally."""
+
+    def change(self, change: Change) -> None:
+        """Hand one change over."""
+
+    def end(self, end_lsn: int, confirm: Callable[[int], None]) -> None:
+        """A transaction ended: call ``confirm(end_lsn)`` once every change before it was handed over."""
 
 
 class PostgresChanges:
@@ -122,6 +132,8 @@ class PostgresChanges:
         self._timezone: str | None = None
         self.delivered = 0
         """Changes handed to ``deliver`` (with at least one subscriber)."""
+        self.forwarder: Forwarder | None = None
+        """In a cluster: where streamed changes go instead of local delivery (see :class:`Forwarder`)."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -188,6 +200,21 @@ class PostgresChanges:
             while not (stream.drained and stream.inflight == 0) and loop.time() < deadline:
                 await asyncio.sleep(0.01)  # queued batches are delivered meanwhile
         await self._shutdown()
+
+    async def stop_streaming(self) -> None:
+        """Stop only the replication stream (a cluster node that lost the lease); subscriptions stay.
+
+        Positions not yet confirmed are streamed again by whoever streams next.
+        """
+        self._running = False
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await asyncio.get_running_loop().run_in_executor(None, stream.stop)
+
+    @property
+    def streaming(self) -> bool:
+        """True from :meth:`start` until :meth:`stop_streaming` or :meth:`stop`."""
+        return self._running
 
     async def _shutdown(self) -> None:
         self._running = False
@@ -302,18 +329,34 @@ class PostgresChanges:
         try:
             if not self._running or stream is None:
                 return
+            forwarder = self.forwarder
             for item in batch:
                 if isinstance(item, TransactionEnd):
-                    # Every change of this transaction was handed over (batches arrive in order).
-                    stream.confirm(item.end_lsn)
+                    if forwarder is not None:
+                        # Confirmed once the cluster broker took every change before it.
+                        forwarder.end(item.end_lsn, stream.confirm)
+                    else:
+                        # Every change of this transaction was handed over (batches arrive in order).
+                        stream.confirm(item.end_lsn)
                     continue
                 try:
-                    self._dispatch(item)
+                    if forwarder is not None:
+                        forwarder.change(item)
+                    else:
+                        self._dispatch(item)
                 except Exception:
                     log.exception("delivering change %s failed", item.id)
         finally:
             if stream is not None:
                 stream.batch_done()
+
+    def dispatch(self, change: Change) -> None:
+        """Match *change* against this process's subscriptions and deliver it.
+
+        Called for the changes this process streams, or (in a cluster) for changes the
+        replication leader streamed and the broker brought here.
+        """
+        self._dispatch(change)
 
     def _dispatch(self, change: Change) -> None:
         matched = self._index.match((change.schema, change.table), change.type, change.row)

@@ -43,9 +43,9 @@ def build_app(config: Config) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         node = Node(config, make_broker(config))
+        await node.start()
         if config.database_url:
             await start_changes(node, config)
-        await node.start()
         app.state.node = node
         try:
             yield {"node": node}
@@ -90,6 +90,15 @@ async def start_changes(node: Node, config: Config) -> None:
         "?" if lag is None else lag,
         config.db_resume_grace,
     )
+
+    from ..broker.redis import RedisBroker
+
+    if isinstance(node.broker, RedisBroker):
+        # A cluster: one node holds the lease and streams; every node delivers.
+        from ..cdc.cluster import ChangeFeedLeader
+
+        node.background(ChangeFeedLeader(cdc, node.broker, first_delay=config.db_resume_grace).run())
+        return
 
     async def stream_later() -> None:
         await asyncio.sleep(config.db_resume_grace)
