@@ -411,8 +411,12 @@ class PyClient(Recorder):
         broadcast: tuple[str, ...] = ("*",),
         presence: bool = False,
         system: bool = True,
+        postgres: tuple[dict[str, Any], ...] = (),
     ) -> Any:
-        """A channel with recording listeners (not yet subscribed)."""
+        """A channel with recording listeners (not yet subscribed).
+
+        ``postgres``: bindings ``{event, schema?, table?, filter?}``, one ``on_postgres_changes`` each.
+        """
         cfg = {
             "broadcast": {"ack": False, "self": False},
             "presence": {"key": "", "enabled": False},
@@ -442,7 +446,19 @@ class PyClient(Recorder):
                 )
             )
         if system:
-            channel.on_system(lambda p, ch=ch: self.record({"t": "system", "ch": ch, "payload": dict(p)}))
+            channel.on_system(
+                lambda p, ch=ch: self.record({"t": "system", "ch": ch, "payload": p.model_dump()})
+            )
+        for index, binding in enumerate(postgres):
+            channel.on_postgres_changes(
+                binding["event"],
+                lambda p, ch=ch, i=index: self.record(
+                    {"t": "postgres", "ch": ch, "binding": i, "payload": p}
+                ),
+                table=binding.get("table"),
+                schema=binding.get("schema"),
+                filter=binding.get("filter"),
+            )
         return channel
 
     async def subscribe(self, ch: str, timeout: float = 20.0, **kwargs: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@
 //   broadcast {ch, payload}                    a broadcast listener fired
 //   presence  {ch, event, key?, state, ...}    presence sync / join / leave
 //   system    {ch, payload}                    a `system` listener fired
+//   postgres  {ch, binding, payload}           a postgres_changes listener fired (binding = its index)
 //   heartbeat {status, latency}                the client's heartbeatCallback
 //   socket    {event: open|close|error, code?, reason?, message?}   the underlying `ws` socket
 //   frame     {dir: in|out, binary, kind?, topic?, event?, text?}   every WebSocket message
@@ -165,9 +166,13 @@ function jsonable(payload) {
   return payload
 }
 
-function makeChannel({ ch: name, config = {}, broadcast = ['*'], presence = false, system = true }) {
+function makeChannel({ ch: name, config = {}, broadcast = ['*'], presence = false, system = true, postgres = [] }) {
   const channel = supabase ? supabase.channel(name, { config }) : client.channel(name, { config })
   channels.set(name, channel)
+  // postgres: [{event, schema, table?, filter?}, ...], one listener each (index = binding number).
+  postgres.forEach((binding, index) => {
+    channel.on('postgres_changes', binding, (payload) => emit({ t: 'postgres', ch: name, binding: index, payload }))
+  })
   for (const event of broadcast) {
     channel.on('broadcast', { event }, (payload) => emit({ t: 'broadcast', ch: name, payload: jsonable(payload) }))
   }
