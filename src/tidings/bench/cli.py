@@ -389,8 +389,12 @@ def bench(
         if not sep:
             raise click.BadParameter(f"--server-env wants KEY=VALUE, got {item!r}")
         env[key] = value
-    raise_nofile()
+    nofile = raise_nofile()
     workers = workers or max(2, min(8, math.ceil(n / 5000)))
+    if math.ceil(n / workers) > nofile - 64:
+        raise click.BadParameter(
+            f"{math.ceil(n / workers)} connections per worker exceed the open-files limit {nofile}"
+        )
     addrs = source_addrs or max(workers, math.ceil(n / 20000))
     if addrs > 250:
         raise click.BadParameter("at most 250 source addresses")

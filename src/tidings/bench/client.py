@@ -209,22 +209,26 @@ class ClientConn(asyncio.Protocol):
         self.sink.on_failed(self, kind)
 
     def on_open(self) -> None:
+        """The upgrade succeeded: Phoenix joins at once, Socket.IO waits for the open packet."""
         self.state = OPEN
         if isinstance(self.dialect, PhoenixDialect):
             self.send_join()
         # Socket.IO: wait for the Engine.IO open packet first.
 
     def send_join(self) -> None:
+        """Send the join request of this connection's topic."""
         self.state = JOINING
         self.join_ref = self.next_ref()
         self.send_text(self.dialect.join(self.join_ref, self.topic, self.presence_key))
 
     def joined(self) -> None:
+        """The join was acknowledged."""
         self.state = JOINED
         self.t_joined = time.time_ns()
         self.sink.on_joined(self)
 
     def on_text(self, data: bytes) -> None:
+        """One server message: bench payloads first (cheap), the rest by dialect."""
         if self.state == JOINED:
             tn = read_t_n(data)
             if tn is not None:
@@ -236,6 +240,7 @@ class ClientConn(asyncio.Protocol):
             self.on_socketio(data)
 
     def on_phoenix(self, data: bytes) -> None:
+        """Join replies, presence and channel closes."""
         assert isinstance(self.dialect, PhoenixDialect)
         try:
             ref, _topic, event, payload = self.dialect.decode(data)
@@ -257,6 +262,7 @@ class ClientConn(asyncio.Protocol):
                 self.abort()
 
     def on_socketio(self, data: bytes) -> None:
+        """Engine.IO open/ping, namespace connect and the join ack."""
         if data == b"2":
             self.send_text(b"3")
         elif data[:1] == b"0" and self.state == OPEN:
