@@ -82,6 +82,15 @@ def _str(value: str) -> str:
     return value
 
 
+def _fraction(value: str) -> float:
+    """A rate: ``0.05`` or ``5%``."""
+    text = value.strip()
+    f = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    if not 0.0 <= f <= 1.0:
+        raise ValueError("must be between 0 and 1 (or 0% and 100%)")
+    return f
+
+
 def _optional_str(value: str) -> str | None:
     return value or None
 
@@ -334,6 +343,48 @@ SETTINGS: tuple[Setting, ...] = (
         1,
         "Worker processes sharing the port (more than 1 needs REDIS_URL).",
     ),
+    Setting(
+        "alert_p95_latency",
+        "ALERT_P95_LATENCY",
+        _positive_duration,
+        0.5,
+        "Alert when p95 heartbeat RTT or delivery latency exceeds this (bare numbers are ms).",
+    ),
+    Setting(
+        "alert_reconnect_rate",
+        "ALERT_RECONNECT_RATE",
+        _fraction,
+        0.1,
+        "Alert when more than this share of connections reconnected within ALERT_WINDOW (0.1 or 10%).",
+    ),
+    Setting(
+        "alert_failure_rate",
+        "ALERT_FAILURE_RATE",
+        _fraction,
+        0.05,
+        "Alert when more than this share of messages failed (malformed, rate-limited, too large).",
+    ),
+    Setting(
+        "alert_queue_size",
+        "ALERT_QUEUE_SIZE",
+        _non_negative_int,
+        50,
+        "Alert when more messages than this wait inside the server (broker backlog).",
+    ),
+    Setting(
+        "alert_window",
+        "ALERT_WINDOW",
+        _positive_duration,
+        60.0,
+        "Sliding window of the alert figures and of /api/metrics percentiles and rates.",
+    ),
+    Setting(
+        "alert_webhook_url",
+        "ALERT_WEBHOOK_URL",
+        _optional_str,
+        None,
+        "POST alert transitions (firing/resolved) as JSON to this URL.",
+    ),
     Setting("log_level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info", "Log level."),
     Setting("log_format", "LOG_FORMAT", _choice("plain", "json"), "plain", "Log line format."),
 )
@@ -375,6 +426,12 @@ class Config:
     redis_url: str | None = None
     node_timeout: float = 10.0
     workers: int = 1
+    alert_p95_latency: float = 0.5
+    alert_reconnect_rate: float = 0.1
+    alert_failure_rate: float = 0.05
+    alert_queue_size: int = 50
+    alert_window: float = 60.0
+    alert_webhook_url: str | None = None
     log_level: str = "info"
     log_format: str = "plain"
 
@@ -389,7 +446,7 @@ class Config:
             value = getattr(self, s.field)
             shown = (
                 "(set)"
-                if s.field == "jwt_secret" and value
+                if s.field in ("jwt_secret", "alert_webhook_url") and value
                 else json.dumps(value)
                 if isinstance(value, dict)
                 else str(value)

@@ -158,11 +158,11 @@ class Session:
     def dispatch(self, msg: Message, size: int) -> None:
         """Route one decoded message."""
         node = self.node
-        node.metrics.messages_in += 1
-        node.metrics.bytes_in += size
+        node.metrics.receive(msg.event, size)
         topic, event = msg.topic, msg.event
         if topic == "phoenix":
             if event == "heartbeat":
+                node.metrics.sent_reply += 1
                 self.write(encode_reply(self.serializer, None, msg.ref, "phoenix", "ok", _OK))
             return
         if event == "phx_join":
@@ -179,6 +179,7 @@ class Session:
         elif event == "presence":
             self.presence(channel, msg, size)
         elif event == "phx_leave":
+            node.metrics.sent_reply += 1
             self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, topic, "ok", _OK))
             self.write(encode_close(self.serializer, channel.join_ref, topic))
             self.leave(channel)
@@ -387,6 +388,7 @@ class Session:
                 replayed.append({"type": "broadcast", "event": r.event, "payload": r.payload, "meta": meta})
                 last = max(last, r.seq)
             response["recovered"] = replay.complete and len(replayed) == len(replay.records)
+        self.node.metrics.sent_reply += 1
         self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, msg.topic, "ok", response))
         for payload in replayed:
             self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "broadcast", payload))
@@ -403,6 +405,7 @@ class Session:
         def send() -> None:
             if self.closed:
                 return
+            self.node.metrics.sent_reply += 1
             self.write(frame)
             if close_after:
                 self.close(1001, "too many joins")

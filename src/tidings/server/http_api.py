@@ -21,6 +21,7 @@ from ..auth.tokens import AuthError, Principal
 from ..history import HistoryRecord, ReplayResult
 from ..node import Node, group_key
 from .metrics_http import render_prometheus
+from .web import web_routes
 
 __all__ = ["build_routes", "cors_middleware"]
 
@@ -247,7 +248,7 @@ def build_routes() -> list[Route]:
             Route(f"{prefix}/health", health, methods=["GET"]),
             Route(f"{prefix}/channels/{{subtopic}}/messages", channel_messages, methods=["GET"]),
         ]
-    return routes
+    return routes + web_routes(PREFIXES)  # dashboard, demo, /api/metrics, /api/config
 
 
 def cors_middleware() -> Middleware:

@@ -1,41 +1,175 @@
-"""Prometheus text rendering of a node's counters and gauges."""
+"""Prometheus text rendering (exposition format 0.0.4) of a node's counters, gauges and histograms.
+
+Names follow Prometheus conventions: ``tidings_`` prefix, base units (seconds, bytes), counters end
+in ``_total``, one name per measure with labels for its kinds. The list with explanations is in
+``docs/observability.md``.
+"""
 
 from __future__ import annotations
 
+from ..alerts import ALERT_NAMES
+from ..metrics import RECEIVED_KINDS, Histogram
 from ..node import Node
 
 __all__ = ["render_prometheus"]
 
-_COUNTERS = {
-    "connections_total": "WebSocket connections accepted",
-    "connections_refused": "WebSocket upgrades refused",
-    "joins": "channel joins accepted",
-    "joins_refused": "channel joins refused",
-    "messages_in": "Phoenix messages received from clients",
-    "bytes_in": "bytes of Phoenix messages received",
-    "broadcasts": "broadcasts published",
-    "deliveries": "frames delivered to subscribers by fan-out",
-    "presence_events": "presence diffs published",
-    "malformed": "malformed messages dropped",
-    "rate_limited": "messages refused by rate limits",
-    "slow_consumer_closes": "connections closed as slow consumers (1013)",
-    "heartbeat_timeouts": "connections closed for missing heartbeats",
-    "dropped_payload_too_large": "broadcasts dropped for payload size",
-}
+# (name, help, attribute of NodeMetrics)
+_COUNTERS = (
+    ("tidings_connections_total", "WebSocket connections accepted.", "connections_total"),
+    ("tidings_connections_closed_total", "WebSocket connections closed.", "connections_closed"),
+    ("tidings_connections_refused_total", "WebSocket upgrades refused.", "connections_refused"),
+    (
+        "tidings_reconnects_total",
+        "Connections from an identity (JWT sub, else peer address) that closed one in the last 60 s.",
+        "reconnects",
+    ),
+    ("tidings_joins_total", "Channel joins accepted.", "joins"),
+    ("tidings_joins_refused_total", "Channel joins refused.", "joins_refused"),
+    (
+        "tidings_broadcasts_published_total",
+        "Broadcasts published through this node (WebSocket and REST).",
+        "published",
+    ),
+    (
+        "tidings_broadcasts_fanned_out_total",
+        "Broadcasts this node received from the broker for local fan-out.",
+        "broadcasts",
+    ),
+    ("tidings_presence_events_total", "Presence diffs published.", "presence_events"),
+    ("tidings_received_bytes_total", "Bytes of client messages received.", "bytes_in"),
+    ("tidings_sent_bytes_total", "Bytes written by fan-out (broadcast, presence, changes).", "bytes_out"),
+    ("tidings_rate_limited_total", "Messages and requests refused by rate limits.", "rate_limited"),
+    (
+        "tidings_slow_consumer_closes_total",
+        "Connections closed as slow consumers (1013).",
+        "slow_consumer_closes",
+    ),
+    (
+        "tidings_heartbeat_timeouts_total",
+        "Connections closed for missing heartbeats.",
+        "heartbeat_timeouts",
+    ),
+)
+
+_SENT = (
+    ("broadcast", "sent_broadcast"),
+    ("presence", "sent_presence"),
+    ("postgres_changes", "sent_postgres_changes"),
+    ("reply", "sent_reply"),
+)
+_DROPPED = (("malformed", "malformed"), ("payload_too_large", "dropped_payload_too_large"))
+
+
+def _metric(lines: list[str], name: str, kind: str, doc: str, samples: list[tuple[str, float]]) -> None:
+    lines.append(f"# HELP {name} {doc}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        lines.append(f"{name}{labels} {_num(value)}")
+
+
+def _num(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+def _histogram(lines: list[str], name: str, doc: str, hist: Histogram) -> None:
+    lines.append(f"# HELP {name} {doc}")
+    lines.append(f"# TYPE {name} histogram")
+    cumulative = 0
+    for bound, count in zip(hist.bounds, hist.counts, strict=False):
+        cumulative += count
+        lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+    cumulative += hist.counts[-1]
+    lines.append(f'{name}_bucket{{le="+Inf"}} {cumulative}')
+    lines.append(f"{name}_sum {_num(hist.sum)}")
+    lines.append(f"{name}_count {cumulative}")
 
 
 def render_prometheus(node: Node) -> str:
     """Every metric of ``node`` as Prometheus exposition text."""
+    m = node.metrics
+    monitor = node.monitor
     lines: list[str] = []
-    values = node.metrics.as_dict()
-    for name, doc in _COUNTERS.items():
-        full = f"tidings_{name}" if name.endswith("_total") else f"tidings_{name}_total"
-        lines += [f"# HELP {full} {doc}", f"# TYPE {full} counter", f"{full} {values[name]}"]
-    gauges = {
-        "connections": (len(node.sessions), "open WebSocket connections"),
-        "channels": (len(node.hub.groups), "channel groups with subscribers on this node"),
-        "draining": (int(node.draining), "1 while the node drains connections"),
-    }
-    for name, (value, doc) in gauges.items():
-        lines += [f"# HELP tidings_{name} {doc}", f"# TYPE tidings_{name} gauge", f"tidings_{name} {value}"]
+    for name, doc, attr in _COUNTERS:
+        _metric(lines, name, "counter", doc, [("", getattr(m, attr))])
+    _metric(
+        lines,
+        "tidings_messages_received_total",
+        "counter",
+        "Client messages received over WebSocket, by kind.",
+        [(f'{{kind="{k}"}}', v) for k, v in zip(RECEIVED_KINDS, m.received, strict=True)],
+    )
+    _metric(
+        lines,
+        "tidings_messages_sent_total",
+        "counter",
+        "Frames sent to clients, by kind (fan-out deliveries; replies to heartbeats, joins, leaves).",
+        [(f'{{kind="{k}"}}', getattr(m, attr)) for k, attr in _SENT],
+    )
+    _metric(
+        lines,
+        "tidings_messages_dropped_total",
+        "counter",
+        "Client messages dropped, by reason.",
+        [(f'{{reason="{k}"}}', getattr(m, attr)) for k, attr in _DROPPED],
+    )
+    _metric(
+        lines,
+        "tidings_alerts_fired_total",
+        "counter",
+        "Alerts that started firing.",
+        [("", monitor.alerts.fired_total)],
+    )
+    gauges: list[tuple[str, str, float]] = [
+        ("tidings_connections", "Open WebSocket connections.", len(node.sessions)),
+        ("tidings_channels", "Channel groups with subscribers on this node.", len(node.hub.groups)),
+        ("tidings_draining", "1 while the node drains connections.", int(node.draining)),
+        ("tidings_start_time_seconds", "Start time of the node (Unix seconds).", node.started_at),
+        (
+            "tidings_queued_messages",
+            "Messages waiting inside the server (published here, not yet fanned out; broker backlog).",
+            monitor.queue_size(),
+        ),
+        (
+            "tidings_broker_lag_seconds",
+            "Age of the oldest message published here still waiting for its fan-out (0: none).",
+            monitor.broker_lag(),
+        ),
+    ]
+    for name, doc, value in gauges:
+        _metric(lines, name, "gauge", doc, [("", value)])
+    # Postgres Changes gauges: absent until the replication side has measured them.
+    lag_bytes = getattr(node, "replication_lag_bytes", None)
+    optional = (
+        ("tidings_replication_lag_bytes", "WAL bytes the replication slot has not confirmed yet.", lag_bytes),
+        (
+            "tidings_replication_lag_seconds",
+            "Seconds the change stream is behind.",
+            m.replication_lag_seconds,
+        ),
+        ("tidings_replication_slot_bytes", "WAL bytes retained by the slot.", m.replication_slot_bytes),
+    )
+    for name, doc, maybe in optional:
+        if maybe is not None:
+            _metric(lines, name, "gauge", doc, [("", maybe)])
+    _metric(
+        lines,
+        "tidings_alert_firing",
+        "gauge",
+        "1 while the alert fires.",
+        [(f'{{alert="{name}"}}', int(name in monitor.alerts.active)) for name in ALERT_NAMES],
+    )
+    _histogram(
+        lines,
+        "tidings_heartbeat_rtt_seconds",
+        "WebSocket ping/pong round trip of sampled active connections.",
+        m.heartbeat_rtt,
+    )
+    _histogram(
+        lines,
+        "tidings_delivery_latency_seconds",
+        "From handing a broadcast to the broker to the end of its local fan-out.",
+        m.delivery_latency,
+    )
     return "\n".join(lines) + "\n"

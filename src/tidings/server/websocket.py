@@ -211,6 +211,8 @@ class WebSocketConnection(Session, asyncio.Protocol):
             if frame.fin:
                 whole, self._frag = b"".join(self._frag), None
                 self.receive_message(self._frag_op, whole)
+        elif opcode is Opcode.PONG:
+            self.node.metrics.pong(data)  # times the monitor's RTT pings (metrics.Monitor.ping)
 
     def receive_message(self, opcode: Opcode, data: bytes) -> None:
         """One complete WebSocket message."""

@@ -1,0 +1,105 @@
+"""The dashboard (``/``), the order-tracking demo (``/demo/orders``), their static assets, and the
+JSON they read: ``/api/metrics`` (the guide's metrics and the dashboard's series) and
+``/api/config`` (what the server offers a browser, e.g. whether Postgres Changes are available).
+
+Assets are package data under ``server/static/``; nothing is fetched from a CDN. The demo's
+bundle (``orders.bundle.js``, supabase-js inside) is built from ``web/`` by ``make web`` and
+committed, so a fresh clone serves it without npm.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from importlib import metadata
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from ..node import Node
+
+__all__ = ["STATIC_DIR", "api_config", "api_metrics", "static_file", "web_routes"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+PAGES = {"/": "dashboard.html", "/dashboard": "dashboard.html", "/demo/orders": "orders.html"}
+_NO_STORE = {"Cache-Control": "no-store"}
+
+mimetypes.add_type("text/javascript", ".js")
+mimetypes.add_type("application/json", ".map")
+
+
+def _node(request: Request) -> Node:
+    node: Node = request.state.node
+    return node
+
+
+def _assets() -> frozenset[str]:
+    """The files that may be served (read once: no path from a request ever reaches the disk)."""
+    if not STATIC_DIR.is_dir():
+        return frozenset()
+    return frozenset(p.name for p in STATIC_DIR.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+_ASSETS = _assets()
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tidings")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0"
+
+
+async def page(request: Request) -> Response:
+    """An HTML page (``no-cache``, so an upgrade shows at once)."""
+    name = PAGES[request.url.path.rstrip("/") or "/"]
+    return FileResponse(STATIC_DIR / name, media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+
+async def static_file(request: Request) -> Response:
+    """``GET /static/{name}``: one of the packaged assets, or 404."""
+    name = request.path_params["name"]
+    if name not in _ASSETS:
+        return JSONResponse({"message": "Not Found"}, status_code=404)
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return FileResponse(STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+
+async def api_metrics(request: Request) -> Response:
+    """``GET /api/metrics[?history=N]``: the guide's metrics as JSON, plus the dashboard's series."""
+    try:
+        points = int(request.query_params.get("history", "60"))
+    except ValueError:
+        return JSONResponse({"errors": {"history": ["must be a number"]}}, status_code=422)
+    snapshot = _node(request).monitor.snapshot(history=max(0, min(points, 600)))
+    return JSONResponse(snapshot, headers=_NO_STORE)
+
+
+async def api_config(request: Request) -> Response:
+    """``GET /api/config``: what a browser page needs to know to pick its transport."""
+    node = _node(request)
+    return JSONResponse(
+        {
+            "version": _version(),
+            "node": node.node_id,
+            # Postgres Changes are offered when DATABASE_URL is set and the service is attached.
+            "postgresChanges": getattr(node, "cdc", None) is not None,
+            "authRequired": node.verifier.enabled,
+            "heartbeatIntervalMs": int(node.config.heartbeat_interval * 1000),
+            "historySize": node.config.history_size,
+        },
+        headers=_NO_STORE,
+    )
+
+
+def web_routes(prefixes: tuple[str, ...] = ("/api", "/realtime/v1/api")) -> list[Route]:
+    """Pages, assets and the JSON endpoints (the latter under every API prefix)."""
+    routes = [Route(path, page, methods=["GET"]) for path in PAGES]
+    routes.append(Route("/static/{name}", static_file, methods=["GET"]))
+    for prefix in prefixes:
+        routes += [
+            Route(f"{prefix}/metrics", api_metrics, methods=["GET"]),
+            Route(f"{prefix}/config", api_config, methods=["GET"]),
+        ]
+    return routes
