@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint deps bench clean
+.PHONY: run test lint deps bench clean web
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,11 @@ run: $(STAMP)
 deps:
 	bash scripts/install-system-deps.sh
 
+## Rebuild the browser bundles (demo page, supabase-js inside) into src/tidings/server/static/.
+## The output is committed: `make run` never needs npm.
+web:
+	cd web && npm ci --no-audit --no-fund --loglevel=error && node build.mjs
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
@@ -27,4 +32,4 @@ test: $(STAMP) deps lint
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) tests/js/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) tests/js/node_modules web/node_modules .pytest_cache .mypy_cache .ruff_cache
