@@ -183,7 +183,7 @@ SETTINGS: tuple[Setting, ...] = (
         "MAX_MESSAGES_PER_SECOND",
         _positive_int,
         100,
-        "Messages per second one client may send (bursts of one second allowed).",
+        "Broadcasts per second one client may send (one second of burst); other messages: 10x.",
     ),
     Setting(
         "max_node_messages_per_second",

@@ -78,6 +78,10 @@ class Node:
         self.message_bucket = TokenBucket(
             config.max_node_messages_per_second, config.max_node_messages_per_second, now
         )
+        self.log_bucket = TokenBucket(5, 20, now)  # log lines about bad client input
+        # Non-broadcast messages (heartbeats, joins, pushes, garbage) one connection may send a
+        # second before the rest are dropped: far above any real client, far below a flood.
+        self.control_limit = max(100, 10 * config.max_messages_per_second)
         self.sessions: set[Session] = set()
         self.users: Counter[str] = Counter()
         self.tick = 0

@@ -109,6 +109,8 @@ class Session:
         "principal",
         "serializer",
         "user",
+        "window_count",
+        "window_tick",
         "write",
     )
 
@@ -120,6 +122,8 @@ class Session:
         self.channels: dict[str, Channel] = {}
         self.last_seen = node.tick
         self.msg_bucket: TokenBucket | None = None
+        self.window_tick = 0
+        self.window_count = 0
         self.closed = False
         # Writes one complete WebSocket frame. The I/O layer sets it to ``transport.write`` so
         # replies and fan-out cost one call; it is reset to a no-op once the connection closes.
@@ -138,8 +142,7 @@ class Session:
         try:
             msg = decode_text(data, self.serializer)
         except MalformedMessage as exc:
-            self.node.metrics.malformed += 1
-            log.info("MalformedWebSocketMessage: %s", exc)
+            self.malformed(exc)
             return
         self.dispatch(msg, len(data))
 
@@ -150,16 +153,29 @@ class Session:
                 raise MalformedMessage("binary messages need vsn 2.0.0")
             msg = decode_binary(data)
         except MalformedMessage as exc:
-            self.node.metrics.malformed += 1
-            log.info("MalformedWebSocketMessage: %s", exc)
+            self.malformed(exc)
             return
         self.dispatch(msg, len(data))
+
+    def malformed(self, exc: Exception) -> None:
+        """Drop a malformed message: counted, rate-limited like any message, logged sparingly."""
+        node = self.node
+        node.metrics.malformed += 1
+        self.over_control_rate()
+        # A flood of garbage must not flood the log: a few lines a second for the whole node.
+        if node.log_bucket.take(time.monotonic()):
+            log.info("MalformedWebSocketMessage: %s", exc)
+        else:
+            log.debug("MalformedWebSocketMessage: %s", exc)
 
     def dispatch(self, msg: Message, size: int) -> None:
         """Route one decoded message."""
         node = self.node
         node.metrics.receive(msg.event, size)
         topic, event = msg.topic, msg.event
+        if event != "broadcast" and self.over_control_rate():
+            log.debug("dropping %s on %s: control message flood", event, topic)
+            return
         if topic == "phoenix":
             if event == "heartbeat":
                 node.metrics.sent_reply += 1
@@ -504,6 +520,22 @@ class Session:
             self.node.loop.create_task(self.resubscribe_changes(channel))
 
     # -- broadcast / presence ----------------------------------------------------------------
+
+    def over_control_rate(self) -> bool:
+        """Count a non-broadcast message (heartbeat, join, push, garbage) in this second's window.
+
+        Floods of them are dropped beyond ``node.control_limit`` a second. Two ints per
+        connection, reset by the sweeper's tick: no per-connection object.
+        """
+        tick = self.node.tick
+        if self.window_tick != tick:
+            self.window_tick = tick
+            self.window_count = 0
+        self.window_count += 1
+        if self.window_count > self.node.control_limit:
+            self.node.metrics.rate_limited += 1
+            return True
+        return False
 
     def over_message_rate(self) -> bool:
         """Count one client message against the per-client and per-node limits."""

@@ -19,6 +19,7 @@ from ..broker.base import Broker
 from ..config import Config
 from ..node import Node
 from .http_api import build_routes, cors_middleware
+from .http_protocol import DeadlineHttpProtocol
 from .websocket import WebSocketConnection
 
 __all__ = ["app_from_env", "build_app", "make_broker", "raise_open_files_limit", "run", "uvicorn_config"]
@@ -149,7 +150,7 @@ def uvicorn_config(config: Config) -> uvicorn.Config:
         host=config.host,
         port=config.port,
         loop=loop,
-        http="httptools",
+        http=DeadlineHttpProtocol,
         ws=WebSocketConnection,
         lifespan="on",
         log_config=None,
@@ -181,7 +182,7 @@ def run(config: Config) -> None:
             host=config.host,
             port=config.port,
             loop=base.loop,
-            http="httptools",
+            http=DeadlineHttpProtocol,
             ws=WebSocketConnection,
             lifespan="on",
             log_config=None,
