@@ -230,3 +230,20 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+
+
+async def test_history_endpoint_takes_topics_with_slashes(redis_url: str) -> None:
+    server = node(redis_url)
+    try:
+        await rest_broadcast(server.http_url, "org/1/orders", "e", {"n": 1})
+        async with httpx.AsyncClient() as c:
+            async with asyncio.timeout(5):
+                while True:
+                    r = await c.get(f"{server.http_url}/api/channels/org%2F1%2Forders/messages")
+                    assert r.status_code == 200
+                    if r.json()["messages"]:
+                        break
+                    await asyncio.sleep(0.05)
+        assert r.json()["messages"][0]["payload"] == {"n": 1}
+    finally:
+        server.stop()

@@ -246,7 +246,7 @@ def build_routes() -> list[Route]:
                 methods=["POST"],
             ),
             Route(f"{prefix}/health", health, methods=["GET"]),
-            Route(f"{prefix}/channels/{{subtopic}}/messages", channel_messages, methods=["GET"]),
+            Route(f"{prefix}/channels/{{subtopic:path}}/messages", channel_messages, methods=["GET"]),
         ]
     return routes + web_routes(PREFIXES)  # dashboard, demo, /api/metrics, /api/config
 
