@@ -348,6 +348,8 @@ class Monitor:
         config = node.config
         self.window = max(1, int(round(config.alert_window)))
         self.samples: collections.deque[Sample] = collections.deque(maxlen=max(HISTORY, self.window) + 1)
+        # The node's start (every counter 0) is the baseline until a full window has passed.
+        self.samples.append(Sample(node, 0))
         self.channel_history: collections.deque[dict[str, int]] = collections.deque(maxlen=TOP_WINDOW)
         self.alerts = Alerts(config, node.node_id)
         self._pinged: dict[Session, int] = {}

@@ -29,7 +29,7 @@
     if (v === null || v === undefined || isNaN(v)) return "–";
     if (Math.abs(v) >= 1e6) return (v / 1e6).toFixed(1) + "M";
     if (Math.abs(v) >= 1e4) return (v / 1e3).toFixed(1) + "k";
-    var d = digits === undefined ? (Math.abs(v) < 10 && v % 1 !== 0 ? 2 : 0) : digits;
+    var d = digits === undefined ? (v % 1 === 0 ? 0 : Math.abs(v) < 10 ? 2 : 1) : digits;
     return Number(v).toFixed(d);
   }
 
@@ -41,6 +41,10 @@
     this.grid = el("g", {}, this.svg);
     this.paths = series.map(function (s) {
       return el("path", { class: "series", stroke: s.color, "data-key": s.key }, this.svg);
+    }, this);
+    // The newest value of each series as a dot: visible even while a line has a single point.
+    this.dots = series.map(function (s) {
+      return el("circle", { r: 2.5, fill: s.color, visibility: "hidden" }, this.svg);
     }, this);
     var legend = document.createElement("div");
     legend.className = "legend";
@@ -94,8 +98,18 @@
       });
       this.paths[idx].setAttribute("d", d);
       var last = null;
+      var dot = this.dots[idx];
+      dot.setAttribute("visibility", "hidden");
       for (var j = points.length - 1; j >= 0; j--) {
-        if (points[j][s.key] !== null && points[j][s.key] !== undefined) { last = points[j][s.key]; break; }
+        if (points[j][s.key] !== null && points[j][s.key] !== undefined) {
+          last = points[j][s.key];
+          if (points[j].t >= t0) {
+            dot.setAttribute("cx", x(points[j].t).toFixed(1));
+            dot.setAttribute("cy", y(last).toFixed(1));
+            dot.setAttribute("visibility", "visible");
+          }
+          break;
+        }
       }
       this.labels[idx].textContent = s.label + " " + fmt(last);
     }, this);
@@ -198,6 +212,11 @@
     });
   }
 
+  function pct(rate) {
+    var p = rate * 100;
+    return (p < 10 && p % 1 !== 0 ? p.toFixed(1) : p.toFixed(0)) + " %";
+  }
+
   function ms(v) {
     return v === null || v === undefined ? "–" : fmt(v, v < 10 ? 2 : 0) + " ms";
   }
@@ -210,8 +229,8 @@
     setText("stat-out", fmt(m.rates.messagesOut, 1));
     setText("stat-p95", ms(m.p95Latency));
     setText("stat-delivery", ms(m.deliveryLatency.p95));
-    setText("stat-reconnect", fmt(m.reconnectRate * 100, 1) + " %");
-    setText("stat-failed", m.failedMessages + " (" + fmt(m.failureRate * 100, 1) + " %)");
+    setText("stat-reconnect", pct(m.reconnectRate));
+    setText("stat-failed", fmt(m.failedMessages) + " · " + pct(m.failureRate));
     setText("stat-queue", String(m.messageQueueSize));
     Object.keys(charts).forEach(function (k) { charts[k].render(m.history); });
     renderAlerts(m);
