@@ -105,7 +105,7 @@ class Target:
             return f"benchmarks/ not found at {bench} (set TIDINGS_BENCHMARKS_DIR)"
         if self.name == "socketio":
             try:
-                import socketio  # type: ignore[import-untyped]  # noqa: F401
+                import socketio  # noqa: F401
             except ImportError:
                 return "python-socketio is not installed (run `tidings bench --setup`)"
         if self.name == "node-ws":
