@@ -95,6 +95,8 @@ class Alerts:
         self.active: dict[str, Alert] = {}
         #: Alert transitions since start (``tidings_alerts_fired_total``).
         self.fired_total = 0
+        #: The thread of the latest webhook POST (tests join it).
+        self.last_post: threading.Thread | None = None
 
     def thresholds_json(self) -> dict[str, float]:
         """The thresholds, in the dashboard's units (milliseconds, fractions, messages)."""
@@ -174,7 +176,7 @@ class Alerts:
                     extra={"fields": {"alert": name, "value": value, "threshold": threshold}},
                 )
         if changes and self.webhook_url:
-            self.notify(changes, now)
+            self.last_post = self.notify(changes, now)
         return changes
 
     def notify(self, changes: list[tuple[str, Alert]], now: float) -> threading.Thread:

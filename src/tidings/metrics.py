@@ -233,7 +233,7 @@ class NodeMetrics:
         """Client messages refused or dropped: malformed, rate-limited, too large."""
         return self.malformed + self.rate_limited + self.dropped_payload_too_large
 
-    def pong(self, data: bytes) -> None:
+    def pong(self, data: bytes | bytearray | memoryview) -> None:
         """A pong arrived: if it answers one of our RTT pings, observe the round trip."""
         sent = self.pings.pop(bytes(data), None)
         if sent is not None:

@@ -24,6 +24,7 @@ from .broker.memory import MemoryBroker
 from .config import Config
 from .hub import Hub
 from .limits import TokenBucket
+from .logs import redact, secrets_of
 from .metrics import Monitor, NodeMetrics
 from .protocol.codec import Outbound, encode_change
 from .protocol.join import TOPIC_PREFIX
@@ -97,6 +98,10 @@ class Node:
         self.idle_ticks = max(2, math.ceil(2 * config.heartbeat_interval / SWEEP_INTERVAL))
         # Once a second from the sweeper: RTT pings, samples for /api/metrics, alerts.
         self.monitor = Monitor(self)
+        # Logs never carry these (the log handler's Redactor masks them).
+        redact(
+            *secrets_of(config.jwt_secret, config.alert_webhook_url, config.database_url, config.redis_url)
+        )
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
