@@ -323,6 +323,14 @@ SETTINGS: tuple[Setting, ...] = (
         "After a start, clients get this long to rejoin before the slot replays what they missed.",
     ),
     Setting(
+        "db_rls",
+        "DB_RLS",
+        _bool,
+        False,
+        "Deliver INSERT/UPDATE of tables with row level security only to subscribers whose JWT role "
+        "and claims may read the row (a query per change and distinct claims).",
+    ),
+    Setting(
         "redis_url",
         "REDIS_URL",
         _optional_str,
@@ -423,6 +431,7 @@ class Config:
     db_publication: str = "supabase_realtime"
     db_slot: str = "tidings_slot"
     db_resume_grace: float = 5.0
+    db_rls: bool = False
     redis_url: str | None = None
     node_timeout: float = 10.0
     workers: int = 1

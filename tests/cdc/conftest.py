@@ -104,6 +104,11 @@ class Collector:
             await self.wait_for(lambda c: len(c.for_owner(owner)) >= n, timeout)
 
 
+def ensure_role(db: Database, name: str, options: str = "NOLOGIN") -> None:
+    """Create role *name* unless it exists (roles are shared by every database of the server)."""
+    db.execute(f"DO $$ BEGIN CREATE ROLE {name} {options}; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+
+
 def unique_slot() -> str:
     """A slot name no other test uses (slots are cluster-wide)."""
     return f"tidings_test_{next(_slots)}"

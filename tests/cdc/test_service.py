@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.cdc.conftest import Collector, Database, unique_slot, wait_until
+from tests.cdc.conftest import Collector, Database, ensure_role, unique_slot, wait_until
 from tests.support.postgres import PostgresServer
 from tidings.cdc import catalog
 from tidings.cdc.pgoutput import parse_lsn
@@ -324,7 +324,7 @@ async def test_subscribe_replace_unsubscribe_and_wildcards(db: Database, make_ch
 
 async def test_select_and_column_privileges(db: Database, make_changes: Make) -> None:
     db.execute("CREATE TABLE items (id int4 PRIMARY KEY, title text, secret text, n int4)")
-    db.execute("CREATE ROLE authenticated NOLOGIN")
+    ensure_role(db, "authenticated")
     db.execute("GRANT SELECT (id, title, n) ON items TO authenticated")
     col = Collector()
     pc = make_changes(col)

@@ -7,10 +7,11 @@ would hold a snapshot, and creating a logical slot waits for every open transact
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -18,10 +19,12 @@ from typing import Any, TypeVar
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
+from psycopg2 import sql
 
 from tidings.cdc.values import PgType, builtin_type, catalog_type, unknown_type
 
 __all__ = [
+    "CheckFailed",
     "ColumnInfo",
     "ConnectionPool",
     "PostgresChangesError",
@@ -34,9 +37,11 @@ __all__ = [
     "primary_key",
     "publication_tables",
     "resolve_type",
+    "row_security",
     "server_timezone",
     "slot_lag",
     "table_columns",
+    "visible_keys",
 ]
 
 log = logging.getLogger("tidings.cdc")
@@ -46,6 +51,10 @@ T = TypeVar("T")
 
 class PostgresChangesError(RuntimeError):
     """Postgres Changes cannot run against this database; the message is one line saying why."""
+
+
+class CheckFailed(Exception):
+    """An RLS visibility check failed for a reason other than a lost connection (one line)."""
 
 
 def connection_dsn(dsn: str, *, ssl: bool = False, **extra: str) -> str:
@@ -351,3 +360,128 @@ def resolve_type(conn: Any, oid: int, _depth: int = 0) -> PgType:
         delimiter=str(delim),
         fields=fields,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Row level security (DB_RLS)
+# --------------------------------------------------------------------------------------------
+
+RLS_CHUNK = 200
+"""Rows checked per statement by :func:`visible_keys`."""
+RLS_STATEMENT_TIMEOUT_MS = 10_000
+"""A visibility check running longer fails (the rows count as not visible): a slow policy must not
+hold up every delivery behind it."""
+
+
+def row_security(conn: Any, schema: str, table: str) -> bool:
+    """Whether ``schema.table`` has row level security enabled (True when the table is gone:
+    nothing is delivered unchecked from a table that cannot be looked at)."""
+    rows = _rows(
+        conn,
+        "SELECT c.relrowsecurity FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s",
+        (schema, table),
+    )
+    return bool(rows[0][0]) if rows else True
+
+
+def _key_literal(value: Any) -> tuple[bool, str]:
+    """A key value from a change's record as SQL text: ``(True, text)`` compares the column to an
+    untyped literal (PostgreSQL reads it as the column's type, so indexes are used); ``(False,
+    json)`` compares ``to_jsonb(column)`` (arrays and composites, which the record holds as JSON)."""
+    if isinstance(value, bool):
+        return True, "true" if value else "false"
+    if isinstance(value, int):
+        return True, str(value)
+    if isinstance(value, float):
+        return True, repr(value)  # rendered as a float only when repr() is exact
+    if isinstance(value, str):
+        return True, value
+    return False, json.dumps(value)
+
+
+def visible_keys(
+    conn: Any,
+    schema: str,
+    table: str,
+    key_columns: Sequence[str],
+    role: str,
+    claims_json: str,
+    keys: Sequence[Sequence[Any]],
+) -> set[int]:
+    """Indexes into *keys* (primary key values, in *key_columns* order) of the rows that *role*
+    with these JWT claims may SELECT under the table's row level security policies.
+
+    Runs in a transaction that is rolled back: ``SET LOCAL ROLE``, ``request.jwt.claims`` (and the
+    older ``request.jwt.claim.sub`` / ``request.jwt.claim.role``), then a ``SELECT`` by primary key,
+    as Supabase does.
+
+    Raises:
+        CheckFailed: the check itself failed: a role missing from the database, a role this
+            connection may not switch to, no SELECT privilege, a policy raising, the statement
+            timeout, ...
+        psycopg2.OperationalError: the connection failed (worth retrying).
+    """
+    try:
+        claims = json.loads(claims_json)
+    except ValueError:
+        claims = {}
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    relation = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+    visible: set[int] = set()
+    try:
+        _check_keys(conn, relation, key_columns, role, claims_json, sub, keys, visible)
+    except psycopg2.errors.QueryCanceled as exc:
+        raise CheckFailed(_first_line(exc)) from None
+    except (psycopg2.OperationalError, psycopg2.InterfaceError):
+        raise
+    except psycopg2.Error as exc:
+        raise CheckFailed(_first_line(exc)) from None
+    return visible
+
+
+def _check_keys(
+    conn: Any,
+    relation: sql.Composable,
+    key_columns: Sequence[str],
+    role: str,
+    claims_json: str,
+    sub: Any,
+    keys: Sequence[Sequence[Any]],
+    visible: set[int],
+) -> None:
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        try:
+            cur.execute(
+                sql.SQL(
+                    "SET LOCAL ROLE {}; SET LOCAL statement_timeout = {}; "
+                    "SELECT set_config('request.jwt.claims', %s, true), "
+                    "set_config('request.jwt.claim.sub', %s, true), "
+                    "set_config('request.jwt.claim.role', %s, true)"
+                ).format(sql.Identifier(role), sql.Literal(RLS_STATEMENT_TIMEOUT_MS)),
+                (claims_json, "" if sub is None else str(sub), role),
+            )
+            for start in range(0, len(keys), RLS_CHUNK):
+                branches: list[sql.Composable] = []
+                params: list[str] = []
+                for i in range(start, min(start + RLS_CHUNK, len(keys))):
+                    conditions: list[sql.Composable] = []
+                    for column, value in zip(key_columns, keys[i], strict=True):
+                        plain, text = _key_literal(value)
+                        template = "{} = %s" if plain else "to_jsonb({}) = %s::jsonb"
+                        conditions.append(sql.SQL(template).format(sql.Identifier(column)))
+                        params.append(text)
+                    branches.append(
+                        sql.SQL("(SELECT {} FROM {} WHERE {} LIMIT 1)").format(
+                            sql.Literal(i), relation, sql.SQL(" AND ").join(conditions)
+                        )
+                    )
+                cur.execute(sql.SQL(" UNION ALL ").join(branches), params)
+                visible.update(int(row[0]) for row in cur.fetchall())
+        finally:
+            if not conn.closed:
+                try:
+                    cur.execute("ROLLBACK")
+                except psycopg2.Error:
+                    conn.close()  # the pool drops a closed connection

@@ -29,8 +29,31 @@ Setup, done by :meth:`PostgresChanges.start`:
 * The slot (default ``tidings_slot``) is a permanent pgoutput slot, created if missing. It keeps
   WAL while Tidings is down: drop it (``pg_drop_replication_slot``) when retiring Tidings.
 
-Not done here: row level security. Subscriptions honour column privileges of the JWT ``role``
-(when that role exists in the database) but rows are not checked against RLS policies.
+Authorization: subscriptions honour column privileges of the JWT ``role`` (when that role exists
+in the database). Rows are checked against row level security policies only with ``rls=True``
+(``DB_RLS``, off by default), as Supabase does:
+
+* INSERT/UPDATE on a table with row level security enabled (``pg_class.relrowsecurity``, looked up
+  at most every 2 s per table) reach a subscriber only if its role, with its JWT claims, may SELECT
+  the row: in a transaction that is rolled back, ``SET LOCAL ROLE <role>``, ``request.jwt.claims``
+  (plus ``request.jwt.claim.sub`` and ``request.jwt.claim.role``), then a SELECT by primary key.
+  Subscribers with identical claims share one check; the rows of a run of queued changes are
+  checked together (one transaction per table and claims). The row is judged as it is when
+  checked, not as it was committed (like Supabase): a row deleted meanwhile is delivered to nobody.
+  A role missing from the database, a role this connection may not ``SET ROLE`` to (connect as a
+  superuser, or ``GRANT authenticated TO <tidings user>``), a subscriber without a ``role`` claim,
+  or a check that fails (no SELECT privilege, a policy raising, 10 s statement timeout): not
+  visible. Transient failures (the database unreachable) are retried; delivery waits meanwhile.
+* DELETE is never checked; on a table with row level security its ``old_record`` keeps only the
+  primary key (spec 6.5), and filters see only that.
+* Tables without row level security are delivered as without the option (no query).
+
+With ``rls=True`` every change goes through one ordered pipeline (:mod:`tidings.cdc.rls`), so
+changes stay in stream order and a transaction is confirmed only after every change before it was
+delivered. It holds the reader's batches until they are delivered, so the reader's in-flight limit
+bounds memory. In a cluster the check happens on each delivering node (:meth:`dispatch`); there a
+node that falls more than 10,000 changes behind drops changes (logged), as a slow Redis subscriber
+would lose them. With ``rls=False`` changes are delivered straight from the reader's batches.
 """
 
 from __future__ import annotations
@@ -57,6 +80,7 @@ from tidings.cdc.index import (
     parse_binding,
 )
 from tidings.cdc.replication import SESSION_OPTIONS, Batch, ReplicationStream
+from tidings.cdc.rls import Identity, RlsPipeline, identity_of
 from tidings.protocol.filters import FilterError, bind_filter
 
 __all__ = ["Deliver", "Forwarder", "PostgresChanges", "PostgresChangesError", "SubscriptionError"]
@@ -72,6 +96,8 @@ UNAVAILABLE = "UnableToConnectToProject: Realtime was unable to connect to the p
 """Subscription error when the database cannot be reached (transient: retry later)."""
 
 _CACHE_SECONDS = 2.0  # how long subscribe() reuses catalog answers (bursts of joins)
+_RLS_BACKLOG = 10_000  # changes a cluster node queues for RLS checks before it drops some
+_WARN_SECONDS = 60.0  # the same RLS check failure is logged at most this often
 
 
 class Forwarder(Protocol):
@@ -94,6 +120,9 @@ class PostgresChanges:
         pool_size: connections (and worker threads) for catalog queries.
         ssl: require TLS (``sslmode=require``) unless the URL sets ``sslmode``.
         deliver: called on the loop thread for each change with subscribers (see module doc).
+        rls: deliver INSERT/UPDATE of tables with row level security only to subscribers whose
+            role and claims may SELECT the row (see module doc); costs a query per change (run)
+            and distinct claims.
     """
 
     def __init__(
@@ -105,6 +134,7 @@ class PostgresChanges:
         pool_size: int = 5,
         ssl: bool = False,
         deliver: Deliver,
+        rls: bool = False,
     ) -> None:
         self.publication = publication
         self.slot = slot
@@ -130,10 +160,27 @@ class PostgresChanges:
         self._tables_cache: dict[tuple[str, str], tuple[float, list[tuple[str, str]]]] = {}
         self._columns_cache: dict[tuple[str, str, str | None], tuple[float, list[ColumnInfo]]] = {}
         self._timezone: str | None = None
+        self._stopped = False
         self.delivered = 0
         """Changes handed to ``deliver`` (with at least one subscriber)."""
         self.forwarder: Forwarder | None = None
         """In a cluster: where streamed changes go instead of local delivery (see :class:`Forwarder`)."""
+        self.rls = rls
+        self.rls_queries = 0
+        """RLS visibility checks run (one transaction each)."""
+        self._identities: dict[Hashable, Identity] = {}
+        self._rls_cache: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._warned: dict[tuple[str, ...], float] = {}
+        self._pipeline: RlsPipeline | None = None
+        if rls:
+            self._pipeline = RlsPipeline(
+                match=self._match,
+                identity=self._identities.get,
+                row_security=self._row_security,
+                check=self._visible,
+                deliver=self._deliver_matched,
+                backlog=_RLS_BACKLOG,
+            )
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -164,6 +211,7 @@ class PostgresChanges:
         """
         if self._running:
             return
+        self._stopped = False
         loop = asyncio.get_running_loop()
         try:
             await self._db(catalog.check_server)
@@ -193,12 +241,17 @@ class PostgresChanges:
         delivered, and the slot is told, so a clean stop repeats nothing on the next start.
         """
         stream = self._stream
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
         if stream is not None and self._running:
             stream.drain()
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + drain_timeout
             while not (stream.drained and stream.inflight == 0) and loop.time() < deadline:
                 await asyncio.sleep(0.01)  # queued batches are delivered meanwhile
+        self._stopped = True
+        if self._pipeline is not None:
+            while not self._pipeline.idle and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            await self._pipeline.close()  # what is left is not confirmed: the slot repeats it
         await self._shutdown()
 
     async def stop_streaming(self) -> None:
@@ -283,10 +336,13 @@ class PostgresChanges:
         self._index.remove(owner)
         for table, binding in compiled:
             self._index.add(owner, table, binding)
+        if self._pipeline is not None:
+            self._identities[owner] = identity_of(claims)
 
     def unsubscribe(self, owner: Hashable) -> None:
         """Drop every binding of *owner* (no error if it has none)."""
         self._index.remove(owner)
+        self._identities.pop(owner, None)
 
     @property
     def index(self) -> SubscriptionIndex:
@@ -326,10 +382,16 @@ class PostgresChanges:
 
     def _on_batch(self, batch: Batch) -> None:
         stream = self._stream
+        handed = False
         try:
             if not self._running or stream is None:
                 return
             forwarder = self.forwarder
+            if forwarder is None and self._pipeline is not None:
+                # RLS checks: the pipeline delivers in order, confirms, and releases the batch.
+                self._pipeline.put_batch(batch, stream)
+                handed = True
+                return
             for item in batch:
                 if isinstance(item, TransactionEnd):
                     if forwarder is not None:
@@ -347,21 +409,32 @@ class PostgresChanges:
                 except Exception:
                     log.exception("delivering change %s failed", item.id)
         finally:
-            if stream is not None:
+            if stream is not None and not handed:
                 stream.batch_done()
 
     def dispatch(self, change: Change) -> None:
         """Match *change* against this process's subscriptions and deliver it.
 
         Called for the changes this process streams, or (in a cluster) for changes the
-        replication leader streamed and the broker brought here.
+        replication leader streamed and the broker brought here. With RLS checks the change is
+        queued and delivered (in order, after its checks) on the loop; must then be called on
+        the loop thread.
         """
+        if self._pipeline is not None:
+            if not self._stopped:
+                self._pipeline.put_change(change)
+            return
         self._dispatch(change)
 
+    def _match(self, change: Change) -> dict[Hashable, list[Binding]]:
+        return self._index.match((change.schema, change.table), change.type, change.row)
+
     def _dispatch(self, change: Change) -> None:
-        matched = self._index.match((change.schema, change.table), change.type, change.row)
-        if not matched:
-            return
+        matched = self._match(change)
+        if matched:
+            self._deliver_matched(change, matched)
+
+    def _deliver_matched(self, change: Change, matched: dict[Hashable, list[Binding]]) -> None:
         groups: dict[frozenset[str] | None, dict[Hashable, list[int]]] = {}
         for owner, bound in matched.items():
             # The owner sees the union of what its matching bindings may see.
@@ -373,6 +446,77 @@ class PostgresChanges:
         for visible, owners in groups.items():
             data = change.data if visible is None else narrow(change.data, visible)
             self._deliver(owners, data, change.id)
+
+    # -- RLS checks (loop thread; the SQL runs in the pool) -------------------------------------
+
+    async def _row_security(self, schema: str, table: str) -> bool:
+        key = (schema, table)
+        hit = self._rls_cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < _CACHE_SECONDS:
+            return hit[1]
+        try:
+            enabled = await self._db_retrying(catalog.row_security, schema, table)
+        except psycopg2.Error as exc:
+            self._warn(("relrowsecurity", schema, table), "cannot tell whether %s.%s has row level security "
+                       "(%s): checking its rows", schema, table, _first_line(exc))  # fmt: skip
+            enabled = True
+        self._rls_cache[key] = (time.monotonic(), enabled)
+        return enabled
+
+    async def _visible(
+        self,
+        schema: str,
+        table: str,
+        key_columns: tuple[str, ...],
+        ident: Identity,
+        keys: list[tuple[Any, ...]],
+    ) -> set[int]:
+        """Indexes of *keys* whose rows *ident* may select; failures count as not visible."""
+        if ident.role is None:
+            return set()
+        self.rls_queries += 1
+        try:
+            return await self._db_retrying(
+                catalog.visible_keys, schema, table, key_columns, ident.role, ident.claims_json, keys
+            )
+        except (catalog.CheckFailed, psycopg2.Error) as exc:
+            self._warn(
+                ("visible", schema, table, ident.role, type(exc).__name__),
+                "RLS check of %s.%s for role %r failed (%s): not delivered to its subscribers",
+                schema,
+                table,
+                ident.role,
+                _first_line(exc),
+            )
+            return set()
+
+    async def _db_retrying(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`_db`, retrying (with backoff, until it works) while the database is unreachable.
+
+        Raises:
+            psycopg2.Error: a failure that is not an outage (and whatever *fn* raises).
+        """
+        delay = 0.2
+        while True:
+            try:
+                return await self._db(fn, *args)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError, RuntimeError) as exc:
+                # RuntimeError: the executor was shut down under us (a failed start); _db makes
+                # a new one.
+                self._warn(("db",), "RLS checks wait for the database: %s", _first_line(exc))
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+    def _warn(self, key: tuple[str, ...], message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(key, -_WARN_SECONDS) >= _WARN_SECONDS:
+            self._warned[key] = now
+            log.warning("postgres changes: " + message, *args)
+
+    @property
+    def rls_dropped(self) -> int:
+        """Changes a cluster node dropped because its RLS checks fell too far behind."""
+        return 0 if self._pipeline is None else self._pipeline.dropped
 
 
 def _compile(bid: int, spec: BindingSpec, columns: list[ColumnInfo], timezone: str) -> Binding:

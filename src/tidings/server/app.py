@@ -75,6 +75,7 @@ async def start_changes(node: Node, config: Config) -> None:
         pool_size=config.db_pool_size,
         ssl=config.db_ssl,
         deliver=node.deliver_change,
+        rls=config.db_rls,
     )
     try:
         await cdc.check()
