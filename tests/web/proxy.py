@@ -3,6 +3,8 @@
 HTTP requests pass through untouched; while :meth:`CuttingProxy.cut_websockets` is in force every
 ``Upgrade: websocket`` request is answered by closing the connection, and the upgraded connections
 already open are reset: what a browser sees when a middlebox stops passing WebSockets.
+``ws_delay`` (seconds) holds every chunk of an upgraded connection that long, in both directions:
+a slow link for WebSockets only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class CuttingProxy:
         self.target_port = target_port
         self.port = 0
         self.websockets_cut = False
+        self.ws_delay = 0.0
         self.upgrades_refused = 0
         self._upgraded: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
@@ -96,14 +99,17 @@ class CuttingProxy:
         if upgrade:
             self._upgraded.update((writer, up_writer))
         up_writer.write(head)
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        delay = self.ws_delay if upgrade else 0.0
+        await asyncio.gather(self._pipe(reader, up_writer, delay), self._pipe(up_reader, writer, delay))
         self._upgraded.discard(writer)
         self._upgraded.discard(up_writer)
 
     @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float = 0.0) -> None:
         try:
             while data := await reader.read(65536):
+                if delay:
+                    await asyncio.sleep(delay)
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):

@@ -104,6 +104,23 @@ def test_cutting_the_websocket_falls_back_to_polling_and_recovers(
     ]
 
 
+def test_a_poor_connection_polls_as_well_and_applies_each_update_once(
+    proxied: tuple[ServerProcess, CuttingProxy], browser: BrowserContext
+) -> None:
+    srv, proxy = proxied
+    proxy.ws_delay = 0.2  # each way: heartbeat round trips of 400 ms and more
+    page = open_order(browser, proxy.http_url, "C3")
+    quality = page.get_by_test_id("quality")
+    expect(quality).to_have_attribute("data-quality", "poor", timeout=WAIT_MS)  # first heartbeat: 5 s
+    expect(page.get_by_test_id("transport")).to_have_attribute("data-mode", "websocket+polling")
+    expect(page.get_by_test_id("banner")).to_contain_text("degraded")
+    set_status(srv.http_url, "C3", "confirmed")
+    expect(page.get_by_test_id("status")).to_have_text("confirmed", timeout=WAIT_MS)
+    page.wait_for_timeout(1_000)  # the slower path delivers too, and is ignored
+    assert page.locator("#log li").count() == 1
+    screenshot(page, "orders-poor")
+
+
 @pytest.mark.postgres
 def test_postgres_changes_drive_the_page_when_the_server_has_a_database(
     tidings: Callable[..., ServerProcess], browser: BrowserContext, postgres: PostgresServer
