@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.cdc.conftest import Collector, Database, ensure_role, unique_slot, wait_until
+from tests.support.postgres import PostgresServer
 from tidings.cdc import catalog
 from tidings.cdc.changes import Change
 from tidings.cdc.cluster import decode_change, encode_change
@@ -172,6 +173,38 @@ async def test_order_is_kept_across_checked_and_unchecked_tables(
     # Confirmed once delivered.
     last_commit = max(parse_lsn(i.split(":")[0]) for i in ids)
     await wait_until(lambda: db.confirmed_lsn(pc.slot) > last_commit)
+
+
+async def test_failed_checks_hide_the_row_and_delivery_goes_on(
+    rls_db: Database, make_changes: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = rls_db
+    db.execute("CREATE TABLE hidden (id int4 PRIMARY KEY); ALTER TABLE hidden ENABLE ROW LEVEL SECURITY")
+    col = Collector()
+    pc = make_changes(col, rls=True)
+    await pc.start()
+    await pc.subscribe("alice", [*both(), (3, {"event": "*", "schema": "public", "table": "hidden"})], ALICE)
+    db.execute("INSERT INTO hidden VALUES (1)")  # authenticated may not SELECT it at all
+    db.execute("INSERT INTO notes VALUES (1, 'alice')")
+    await col.wait_for(lambda c: ("notes", "INSERT", 1) in seen(c, "alice"))
+    assert seen(col, "alice") == [("notes", "INSERT", 1)]
+    assert "RLS check of public.hidden for role 'authenticated' failed (permission denied" in caplog.text
+
+
+async def test_postgres_restart_during_rls_checks(
+    postgres: PostgresServer, rls_db: Database, make_changes: Make
+) -> None:
+    db = rls_db
+    col = Collector()
+    pc = make_changes(col, rls=True)
+    await pc.start()
+    await pc.subscribe("alice", both(), ALICE)
+    db.execute("INSERT INTO notes VALUES (1, 'alice')")
+    await col.wait_count(1)
+    await asyncio.to_thread(postgres.restart)  # pooled connections are dead now
+    db.execute("INSERT INTO notes VALUES (2, 'bob'), (3, 'alice')")
+    await col.wait_for(lambda c: ("notes", "INSERT", 3) in seen(c, "alice"))
+    assert seen(col, "alice") == [("notes", "INSERT", 1), ("notes", "INSERT", 3)]
 
 
 async def test_restart_with_rls_loses_nothing(rls_db: Database, make_changes: Make) -> None:

@@ -9,6 +9,8 @@ Pure modules (no asyncio, no I/O), testable without a database:
 
 I/O modules: :mod:`tidings.cdc.catalog` (blocking SQL), :mod:`tidings.cdc.replication` (the reader
 thread) and :mod:`tidings.cdc.service` (:class:`PostgresChanges`, what the server uses).
+:mod:`tidings.cdc.rls` is the ordered pipeline of the row level security option (asyncio; its
+queries are injected by the service).
 
 ``PostgresChanges``, ``PostgresChangesError`` and ``SubscriptionError`` are importable from here;
 they load the driver on first use, so importing a pure module stays cheap.

@@ -456,9 +456,14 @@ class PostgresChanges:
             return hit[1]
         try:
             enabled = await self._db_retrying(catalog.row_security, schema, table)
-        except psycopg2.Error as exc:
-            self._warn(("relrowsecurity", schema, table), "cannot tell whether %s.%s has row level security "
-                       "(%s): checking its rows", schema, table, _first_line(exc))  # fmt: skip
+        except Exception as exc:
+            self._warn(
+                ("relrowsecurity", schema, table),
+                "cannot tell whether %s.%s has row level security (%s): checking its rows",
+                schema,
+                table,
+                _first_line(exc),
+            )
             enabled = True
         self._rls_cache[key] = (time.monotonic(), enabled)
         return enabled
@@ -479,7 +484,7 @@ class PostgresChanges:
             return await self._db_retrying(
                 catalog.visible_keys, schema, table, key_columns, ident.role, ident.claims_json, keys
             )
-        except (catalog.CheckFailed, psycopg2.Error) as exc:
+        except Exception as exc:  # whatever went wrong, the row is not shown
             self._warn(
                 ("visible", schema, table, ident.role, type(exc).__name__),
                 "RLS check of %s.%s for role %r failed (%s): not delivered to its subscribers",
@@ -497,13 +502,17 @@ class PostgresChanges:
             psycopg2.Error: a failure that is not an outage (and whatever *fn* raises).
         """
         delay = 0.2
+        shut_down = 0
         while True:
             try:
                 return await self._db(fn, *args)
-            except (psycopg2.OperationalError, psycopg2.InterfaceError, RuntimeError) as exc:
-                # RuntimeError: the executor was shut down under us (a failed start); _db makes
-                # a new one.
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                 self._warn(("db",), "RLS checks wait for the database: %s", _first_line(exc))
+            except RuntimeError:
+                # The executor was shut down under us (a failed start): _db makes a new one.
+                shut_down += 1
+                if shut_down > 3:
+                    raise
             await asyncio.sleep(delay)
             delay = min(5.0, delay * 2)
 
