@@ -31,6 +31,7 @@ class CuttingProxy:
         self.ws_delay = 0.0
         self.upgrades_refused = 0
         self._upgraded: set[asyncio.StreamWriter] = set()
+        self._open: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cutting-proxy", daemon=True)
         self._server: asyncio.Server | None = None
@@ -51,9 +52,14 @@ class CuttingProxy:
         """Close everything and stop the thread."""
 
         async def close() -> None:
-            self._reset_upgraded()
+            for writer in list(self._open):  # long-polls too: the server need not wait for them
+                writer.transport.abort()
             if self._server is not None:
                 self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         self._call(close())
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -98,11 +104,16 @@ class CuttingProxy:
             return
         if upgrade:
             self._upgraded.update((writer, up_writer))
+        self._open.update((writer, up_writer))
         up_writer.write(head)
         delay = self.ws_delay if upgrade else 0.0
-        await asyncio.gather(self._pipe(reader, up_writer, delay), self._pipe(up_reader, writer, delay))
-        self._upgraded.discard(writer)
-        self._upgraded.discard(up_writer)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, delay), self._pipe(up_reader, writer, delay))
+        except asyncio.CancelledError:
+            pass  # stop(): not an error of this connection
+        for w in (writer, up_writer):
+            self._upgraded.discard(w)
+            self._open.discard(w)
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float = 0.0) -> None:
