@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 
 import httpx
 from websockets.exceptions import ConnectionClosed
@@ -57,15 +58,17 @@ class Load:
                     )
                 )
                 ref = 1
+                next_beat = time.monotonic()
                 while not self.stop_event.is_set():
-                    ref += 1
-                    ws.send(
-                        json.dumps({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": str(ref)})
-                    )
+                    now = time.monotonic()
+                    if now >= next_beat:
+                        ref += 1
+                        beat = {"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": str(ref)}
+                        ws.send(json.dumps(beat))
+                        next_beat = now + 0.25
                     with contextlib.suppress(TimeoutError):
-                        while True:
-                            ws.recv(timeout=0.25)
-                            self.received += 1
+                        ws.recv(timeout=max(0.01, next_beat - time.monotonic()))
+                        self.received += 1
         except ConnectionClosed:
             pass
         except BaseException as exc:  # surfaced by the test through .errors
