@@ -353,3 +353,51 @@ async def test_cluster_backlog_is_bounded() -> None:
         assert pc._pipeline.put_change(change("INSERT", {"id": 9}, None))
     finally:
         await pc.stop()
+
+
+def test_visible_keys_for_every_kind_of_key(rls_db: Database) -> None:
+    """Composite, uuid, timestamptz, numeric and array keys are looked up by the record's values."""
+    db = rls_db
+    policy = "USING (owner = (current_setting('request.jwt.claims', true)::json->>'sub'))"
+    tables = {
+        "composite": ("a int8, b text", "(1, 'x', 'alice'), (1, 'y', 'bob'), (2, 'x', 'alice')", "a, b"),
+        "uuids": ("u uuid", "('639f86b1-738b-43ed-bb09-c8d3f3bafa30', 'alice')", "u"),
+        "times": ("t timestamptz", "('2026-08-21 14:00:00.123+02', 'alice')", "t"),
+        "nums": ("n numeric", "(1.5, 'alice'), (12345678901234567890.5, 'alice')", "n"),
+        "arrays": ("v int4[]", "('{1,2}', 'alice'), ('{3}', 'bob')", "v"),
+    }
+    for name, (columns, rows, key) in tables.items():
+        db.execute(
+            f"CREATE TABLE {name} ({columns}, owner text, PRIMARY KEY ({key})); "
+            f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY; "
+            f"CREATE POLICY p ON {name} FOR SELECT TO authenticated {policy}; "
+            f"GRANT SELECT ON {name} TO authenticated; INSERT INTO {name} VALUES {rows}"
+        )
+    conn = catalog.connect(db.dsn)
+    claims = json.dumps(ALICE)
+
+    def visible(table: str, key_columns: tuple[str, ...], keys: list[tuple[Any, ...]]) -> set[int]:
+        security = catalog.table_security(conn, "public", table)
+        assert security.enabled and set(security.key_types) == set(key_columns)
+        return catalog.visible_keys(
+            conn, "public", table, key_columns, security.key_types, "authenticated", claims, keys
+        )
+
+    try:
+        # Values as the change's record holds them (see tidings.cdc.values).
+        assert visible("composite", ("a", "b"), [(1, "x"), (1, "y"), (2, "x"), (3, "z")]) == {0, 2}
+        assert visible("uuids", ("u",), [("639f86b1-738b-43ed-bb09-c8d3f3bafa30",)]) == {0}
+        assert visible("times", ("t",), [("2026-08-21T12:00:00.123+00:00",)]) == {0}
+        assert visible("nums", ("n",), [(1.5,), ("12345678901234567890.5",), (2,)]) == {0, 1}
+        assert visible("arrays", ("v",), [([1, 2],), ([3],)]) == {0}
+        assert catalog.table_security(conn, "public", "plain") == catalog.TableSecurity(
+            False, {"id": "pg_catalog.int4"}
+        )
+        with pytest.raises(catalog.CheckFailed, match="no_such_role"):
+            catalog.visible_keys(conn, "public", "uuids", ("u",), {}, "no_such_role", claims, [("x",)])
+        # The connection is usable afterwards: nothing of the check is left on it.
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_user, current_setting('request.jwt.claims', true)")
+            assert cur.fetchone() == ("postgres", "")
+    finally:
+        conn.close()

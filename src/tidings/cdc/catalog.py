@@ -11,7 +11,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,6 +28,7 @@ __all__ = [
     "ColumnInfo",
     "ConnectionPool",
     "PostgresChangesError",
+    "TableSecurity",
     "check_server",
     "connect",
     "connection_dsn",
@@ -37,10 +38,10 @@ __all__ = [
     "primary_key",
     "publication_tables",
     "resolve_type",
-    "row_security",
     "server_timezone",
     "slot_lag",
     "table_columns",
+    "table_security",
     "visible_keys",
 ]
 
@@ -366,38 +367,57 @@ def resolve_type(conn: Any, oid: int, _depth: int = 0) -> PgType:
 # Row level security (DB_RLS)
 # --------------------------------------------------------------------------------------------
 
-RLS_CHUNK = 200
-"""Rows checked per statement by :func:`visible_keys`."""
 RLS_STATEMENT_TIMEOUT_MS = 10_000
 """A visibility check running longer fails (the rows count as not visible): a slow policy must not
 hold up every delivery behind it."""
 
 
-def row_security(conn: Any, schema: str, table: str) -> bool:
-    """Whether ``schema.table`` has row level security enabled (True when the table is gone:
-    nothing is delivered unchecked from a table that cannot be looked at)."""
+@dataclass(frozen=True, slots=True)
+class TableSecurity:
+    """What RLS checks need to know about a table."""
+
+    enabled: bool
+    """``pg_class.relrowsecurity``."""
+    key_types: dict[str, str]
+    """Primary key column -> its type, schema-qualified and quoted for a cast."""
+
+
+def table_security(conn: Any, schema: str, table: str) -> TableSecurity:
+    """Whether ``schema.table`` has row level security enabled, and its key columns' types.
+
+    A table that is gone counts as enabled: nothing is delivered unchecked from a table that
+    cannot be looked at.
+    """
     rows = _rows(
         conn,
-        "SELECT c.relrowsecurity FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s",
+        """
+        SELECT c.relrowsecurity, a.attname, quote_ident(tn.nspname) || '.' || quote_ident(t.typname)
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+        LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)
+        LEFT JOIN pg_type t ON t.oid = a.atttypid
+        LEFT JOIN pg_namespace tn ON tn.oid = t.typnamespace
+        WHERE n.nspname = %s AND c.relname = %s
+        """,
         (schema, table),
     )
-    return bool(rows[0][0]) if rows else True
+    if not rows:
+        return TableSecurity(True, {})
+    return TableSecurity(bool(rows[0][0]), {str(r[1]): str(r[2]) for r in rows if r[1] is not None})
 
 
-def _key_literal(value: Any) -> tuple[bool, str]:
-    """A key value from a change's record as SQL text: ``(True, text)`` compares the column to an
-    untyped literal (PostgreSQL reads it as the column's type, so indexes are used); ``(False,
-    json)`` compares ``to_jsonb(column)`` (arrays and composites, which the record holds as JSON)."""
+def _key_text(value: Any) -> str | None:
+    """A key value of a change's record in the type's text input form (None: not a scalar)."""
     if isinstance(value, bool):
-        return True, "true" if value else "false"
+        return "true" if value else "false"
     if isinstance(value, int):
-        return True, str(value)
+        return str(value)
     if isinstance(value, float):
-        return True, repr(value)  # rendered as a float only when repr() is exact
+        return repr(value)  # the record holds a float only when repr() is exact
     if isinstance(value, str):
-        return True, value
-    return False, json.dumps(value)
+        return value
+    return None
 
 
 def visible_keys(
@@ -405,6 +425,7 @@ def visible_keys(
     schema: str,
     table: str,
     key_columns: Sequence[str],
+    key_types: Mapping[str, str],
     role: str,
     claims_json: str,
     keys: Sequence[Sequence[Any]],
@@ -412,9 +433,11 @@ def visible_keys(
     """Indexes into *keys* (primary key values, in *key_columns* order) of the rows that *role*
     with these JWT claims may SELECT under the table's row level security policies.
 
-    Runs in a transaction that is rolled back: ``SET LOCAL ROLE``, ``request.jwt.claims`` (and the
-    older ``request.jwt.claim.sub`` / ``request.jwt.claim.role``), then a ``SELECT`` by primary key,
-    as Supabase does.
+    As Supabase does: in a transaction that is rolled back, ``SET LOCAL ROLE``, ``request.jwt.claims``
+    (and the older ``request.jwt.claim.sub`` / ``request.jwt.claim.role``), then a ``SELECT`` by
+    primary key. One statement checks every key: the values travel as text arrays, cast to each
+    key column's type (from *key_types*) so the primary key index is used. A column of arrays or
+    composites (JSON in the record), or of unknown type, is compared with ``to_jsonb``.
 
     Raises:
         CheckFailed: the check itself failed: a role missing from the database, a role this
@@ -427,61 +450,49 @@ def visible_keys(
     except ValueError:
         claims = {}
     sub = claims.get("sub") if isinstance(claims, dict) else None
-    relation = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
-    visible: set[int] = set()
+    arrays: list[list[str]] = []
+    conditions: list[sql.Composable] = []
+    for j, column in enumerate(key_columns):
+        texts = [_key_text(key[j]) for key in keys]
+        type_name = key_types.get(column)
+        name = sql.Identifier(f"k{j}")
+        if type_name is not None and all(t is not None for t in texts):
+            arrays.append([t for t in texts if t is not None])
+            cond = sql.SQL("r.{} = k.{}::{}").format(sql.Identifier(column), name, sql.SQL(type_name))
+        else:
+            arrays.append([json.dumps(key[j]) for key in keys])
+            cond = sql.SQL("to_jsonb(r.{}) = k.{}::jsonb").format(sql.Identifier(column), name)
+        conditions.append(cond)
+    query = sql.SQL(
+        "BEGIN; SET LOCAL ROLE {role}; SET LOCAL statement_timeout = {timeout}; "
+        "SELECT set_config('request.jwt.claims', %s, true), set_config('request.jwt.claim.sub', %s, true), "
+        "set_config('request.jwt.claim.role', %s, true); "
+        "SELECT k.n - 1 FROM unnest({arrays}) WITH ORDINALITY AS k({names}, n) "
+        "WHERE EXISTS (SELECT 1 FROM {schema}.{table} r WHERE {conditions})"
+    ).format(
+        role=sql.Identifier(role),
+        timeout=sql.Literal(RLS_STATEMENT_TIMEOUT_MS),
+        arrays=sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in arrays),
+        names=sql.SQL(", ").join(sql.Identifier(f"k{j}") for j in range(len(arrays))),
+        schema=sql.Identifier(schema),
+        table=sql.Identifier(table),
+        conditions=sql.SQL(" AND ").join(conditions),
+    )
+    params: list[Any] = [claims_json, "" if sub is None else str(sub), role, *arrays]
     try:
-        _check_keys(conn, relation, key_columns, role, claims_json, sub, keys, visible)
+        with conn.cursor() as cur:
+            try:
+                cur.execute(query, params)
+                return {int(row[0]) for row in cur.fetchall()}
+            finally:
+                if not conn.closed:
+                    try:
+                        cur.execute("ROLLBACK")
+                    except psycopg2.Error:
+                        conn.close()  # the pool drops a closed connection
     except psycopg2.errors.QueryCanceled as exc:
         raise CheckFailed(_first_line(exc)) from None
     except (psycopg2.OperationalError, psycopg2.InterfaceError):
         raise
     except psycopg2.Error as exc:
         raise CheckFailed(_first_line(exc)) from None
-    return visible
-
-
-def _check_keys(
-    conn: Any,
-    relation: sql.Composable,
-    key_columns: Sequence[str],
-    role: str,
-    claims_json: str,
-    sub: Any,
-    keys: Sequence[Sequence[Any]],
-    visible: set[int],
-) -> None:
-    with conn.cursor() as cur:
-        cur.execute("BEGIN")
-        try:
-            cur.execute(
-                sql.SQL(
-                    "SET LOCAL ROLE {}; SET LOCAL statement_timeout = {}; "
-                    "SELECT set_config('request.jwt.claims', %s, true), "
-                    "set_config('request.jwt.claim.sub', %s, true), "
-                    "set_config('request.jwt.claim.role', %s, true)"
-                ).format(sql.Identifier(role), sql.Literal(RLS_STATEMENT_TIMEOUT_MS)),
-                (claims_json, "" if sub is None else str(sub), role),
-            )
-            for start in range(0, len(keys), RLS_CHUNK):
-                branches: list[sql.Composable] = []
-                params: list[str] = []
-                for i in range(start, min(start + RLS_CHUNK, len(keys))):
-                    conditions: list[sql.Composable] = []
-                    for column, value in zip(key_columns, keys[i], strict=True):
-                        plain, text = _key_literal(value)
-                        template = "{} = %s" if plain else "to_jsonb({}) = %s::jsonb"
-                        conditions.append(sql.SQL(template).format(sql.Identifier(column)))
-                        params.append(text)
-                    branches.append(
-                        sql.SQL("(SELECT {} FROM {} WHERE {} LIMIT 1)").format(
-                            sql.Literal(i), relation, sql.SQL(" AND ").join(conditions)
-                        )
-                    )
-                cur.execute(sql.SQL(" UNION ALL ").join(branches), params)
-                visible.update(int(row[0]) for row in cur.fetchall())
-        finally:
-            if not conn.closed:
-                try:
-                    cur.execute("ROLLBACK")
-                except psycopg2.Error:
-                    conn.close()  # the pool drops a closed connection

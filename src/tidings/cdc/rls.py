@@ -114,8 +114,7 @@ class _Check:
     positions: dict[str, int] = field(default_factory=dict)
     visible: set[int] = field(default_factory=set)
 
-    def add(self, key: tuple[Any, ...]) -> int:
-        token = json.dumps(key, default=str)
+    def add(self, key: tuple[Any, ...], token: str) -> int:
         pos = self.positions.get(token)
         if pos is None:
             pos = self.positions[token] = len(self.keys)
@@ -323,6 +322,7 @@ class RlsPipeline:
         if "record" not in change.data or not await self._row_security(change.schema, change.table):
             return _Delivery(change, matched, None)  # no row level security, or an error row without a record
         key = row_key(change)
+        token = "" if key is None else json.dumps(key, default=str)
         gates: _Gates = {}
         for owner in matched:
             ident = self._identity(owner)
@@ -333,5 +333,5 @@ class RlsPipeline:
             check = checks.get(group)
             if check is None:
                 check = checks[group] = _Check(change.schema, change.table, change.primary_key, ident)
-            gates[owner] = (check, check.add(key))
+            gates[owner] = (check, check.add(key, token))
         return _Delivery(change, matched, gates)

@@ -54,6 +54,8 @@ delivered. It holds the reader's batches until they are delivered, so the reader
 bounds memory. In a cluster the check happens on each delivering node (:meth:`dispatch`); there a
 node that falls more than 10,000 changes behind drops changes (logged), as a slow Redis subscriber
 would lose them. With ``rls=False`` changes are delivered straight from the reader's batches.
+
+Setting PostgreSQL up, and what each option costs: ``docs/postgres-changes.md``.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ class PostgresChanges:
         self.rls_queries = 0
         """RLS visibility checks run (one transaction each)."""
         self._identities: dict[Hashable, Identity] = {}
-        self._rls_cache: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._rls_cache: dict[tuple[str, str], tuple[float, catalog.TableSecurity]] = {}
         self._warned: dict[tuple[str, ...], float] = {}
         self._pipeline: RlsPipeline | None = None
         if rls:
@@ -453,9 +455,9 @@ class PostgresChanges:
         key = (schema, table)
         hit = self._rls_cache.get(key)
         if hit is not None and time.monotonic() - hit[0] < _CACHE_SECONDS:
-            return hit[1]
+            return hit[1].enabled
         try:
-            enabled = await self._db_retrying(catalog.row_security, schema, table)
+            security = await self._db_retrying(catalog.table_security, schema, table)
         except Exception as exc:
             self._warn(
                 ("relrowsecurity", schema, table),
@@ -464,9 +466,9 @@ class PostgresChanges:
                 table,
                 _first_line(exc),
             )
-            enabled = True
-        self._rls_cache[key] = (time.monotonic(), enabled)
-        return enabled
+            security = catalog.TableSecurity(True, {})
+        self._rls_cache[key] = (time.monotonic(), security)
+        return security.enabled
 
     async def _visible(
         self,
@@ -480,9 +482,18 @@ class PostgresChanges:
         if ident.role is None:
             return set()
         self.rls_queries += 1
+        hit = self._rls_cache.get((schema, table))  # filled by _row_security for this run
+        key_types = hit[1].key_types if hit is not None else {}
         try:
             return await self._db_retrying(
-                catalog.visible_keys, schema, table, key_columns, ident.role, ident.claims_json, keys
+                catalog.visible_keys,
+                schema,
+                table,
+                key_columns,
+                key_types,
+                ident.role,
+                ident.claims_json,
+                keys,
             )
         except Exception as exc:  # whatever went wrong, the row is not shown
             self._warn(
