@@ -77,6 +77,11 @@ async def start_changes(node: Node, config: Config) -> None:
         deliver=node.deliver_change,
         rls=config.db_rls,
     )
+    if config.db_rls and not (config.jwt_secret or config.jwt_jwks):
+        log.warning(
+            "DB_RLS is on but tokens are not verified (no JWT_SECRET or JWT_JWKS): any client can claim "
+            "any role and sub, so row level security protects nothing"
+        )
     try:
         await cdc.check()
     except PostgresChangesError as exc:
