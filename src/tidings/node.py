@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Coroutine
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["Node", "group_key"]
 
 RECENT_CHANGES = 10_000  # change ids remembered to drop re-deliveries from the slot
+REPLICATION_LAG_WARNING = 64 * 1024 * 1024  # bytes of unconfirmed WAL worth a log line
 
 log = logging.getLogger("tidings.node")
 
@@ -68,6 +70,7 @@ class Node:
         # many polls hold each channel's broker subscription.
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.poll_refs: Counter[str] = Counter()
+        self.polls_closed = False
         # Postgres Changes, when DATABASE_URL is set (attached by the app before start()).
         self.cdc: PostgresChanges | None = None
         self._recent_changes: OrderedDict[str, None] = OrderedDict()
@@ -178,6 +181,7 @@ class Node:
         if self.draining:
             return
         self.draining = True
+        self.wake_polls()
         window = self.config.drain_window if window is None else window
         pending = list(self.sessions)
         log.info("draining %d connections over %.1f s", len(pending), window)
@@ -338,6 +342,7 @@ class Node:
         recent[change_id] = None
         if len(recent) > RECENT_CHANGES:
             recent.popitem(last=False)
+        self.note_commit_time(data.get("commit_timestamp"))
         data_json = orjson.dumps(data)
         frames: dict[tuple[str, tuple[int, ...], int], bytes] = {}
         sent = nbytes = 0
@@ -354,10 +359,23 @@ class Node:
             nbytes += len(frame)
         self.metrics.count_changes(sent, nbytes)
 
+    def note_commit_time(self, commit_timestamp: object) -> None:
+        """Replication lag in seconds: now minus the commit time of the change being delivered."""
+        if isinstance(commit_timestamp, str):
+            try:
+                committed = datetime.fromisoformat(commit_timestamp).timestamp()
+            except ValueError:
+                return
+            self.metrics.set_replication(lag_seconds=max(0.0, time.time() - committed))
+
     async def refresh_replication_lag(self) -> None:
         """Read the slot's lag (bytes of WAL not yet confirmed) for metrics and logs."""
         if self.cdc is not None:
-            self.replication_lag_bytes = await self.cdc.slot_lag_bytes()
+            lag = await self.cdc.slot_lag_bytes()
+            self.replication_lag_bytes = lag
+            self.metrics.set_replication(slot_bytes=lag)
+            if lag is not None and lag > REPLICATION_LAG_WARNING:
+                log.warning("replication slot is %d bytes behind the database", lag)
 
     def report_gap(self, key: str) -> None:
         """The broker lost messages of ``key`` it cannot recover: tell its subscribers.
@@ -378,8 +396,18 @@ class Node:
         if key not in self.hub.groups and not self.poll_refs.get(key):
             self.broker.unsubscribe(key)
 
+    def wake_polls(self) -> None:
+        """Shutting down: answer every waiting long-poll now (each returns what it has)."""
+        self.polls_closed = True
+        for waiters in list(self.waiters.values()):
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
     async def wait_for_message(self, key: str, timeout: float) -> None:
         """Wait (at most ``timeout`` s) for the next broadcast on ``key`` (HTTP long-poll)."""
+        if self.polls_closed:
+            return
         fut: asyncio.Future[None] = self.loop.create_future()
         self.waiters.setdefault(key, []).append(fut)
         self.poll_refs[key] += 1

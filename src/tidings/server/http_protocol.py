@@ -34,6 +34,13 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        """uvicorn is stopping: let a waiting history long-poll answer now instead of at its timeout."""
+        node = self.app_state.get("node")
+        if node is not None:
+            node.wake_polls()
+        super().shutdown()
+
     def _cancel_deadline(self) -> None:
         handle: Any = getattr(self, "_head_deadline", None)
         if handle is not None:
