@@ -135,6 +135,10 @@ class Session:
         """Close the connection with a WebSocket close code."""
         raise NotImplementedError
 
+    def reply(self, msg: Message, status: str, response: dict[str, Any], topic: str | None = None) -> None:
+        """``phx_reply`` to ``msg`` (on its own topic unless ``topic`` is given)."""
+        self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, topic or msg.topic, status, response))
+
     # -- inbound -----------------------------------------------------------------------------
 
     def receive_text(self, data: bytes) -> None:
@@ -188,7 +192,7 @@ class Session:
         if channel is None:
             status = "ok" if event == "phx_leave" else "error"
             response = _OK if event == "phx_leave" else {"reason": errors.UNMATCHED_TOPIC}
-            self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, topic, status, response))
+            self.reply(msg, status, response, topic)
             return
         if event == "broadcast":
             self.broadcast(channel, msg, size)
@@ -196,7 +200,7 @@ class Session:
             self.presence(channel, msg, size)
         elif event == "phx_leave":
             node.metrics.sent_reply += 1
-            self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, topic, "ok", _OK))
+            self.reply(msg, "ok", _OK, topic)
             self.write(encode_close(self.serializer, channel.join_ref, topic))
             self.leave(channel)
         elif event == "access_token":
@@ -405,7 +409,7 @@ class Session:
                 last = max(last, r.seq)
             response["recovered"] = replay.complete and len(replayed) == len(replay.records)
         self.node.metrics.sent_reply += 1
-        self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, msg.topic, "ok", response))
+        self.reply(msg, "ok", response)
         for payload in replayed:
             self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "broadcast", payload))
         if state is not None:
@@ -565,16 +569,7 @@ class Session:
         if size > node.max_payload_bytes:
             node.metrics.dropped_payload_too_large += 1
             if channel.ack:
-                self.write(
-                    encode_reply(
-                        self.serializer,
-                        msg.join_ref,
-                        msg.ref,
-                        channel.topic,
-                        "error",
-                        {"reason": errors.PAYLOAD_TOO_LARGE},
-                    )
-                )
+                self.reply(msg, "error", {"reason": errors.PAYLOAD_TOO_LARGE}, channel.topic)
             return
         if channel.private and not self.may_read_private(channel.principal):
             return  # write not allowed: dropped silently, as Supabase does
@@ -612,16 +607,7 @@ class Session:
         event = payload.get("event")
         kind = event.lower() if isinstance(event, str) else ""
         if kind not in ("track", "untrack"):
-            self.write(
-                encode_reply(
-                    self.serializer,
-                    msg.join_ref,
-                    msg.ref,
-                    channel.topic,
-                    "error",
-                    {"reason": "unknown presence event"},
-                )
-            )
+            self.reply(msg, "error", {"reason": "unknown presence event"}, channel.topic)
             return
         now = time.monotonic()
         bucket = channel.presence_bucket
@@ -641,22 +627,13 @@ class Session:
         if kind == "track":
             state = payload.get("payload", {})
             if not isinstance(state, dict):
-                self.write(
-                    encode_reply(
-                        self.serializer,
-                        msg.join_ref,
-                        msg.ref,
-                        channel.topic,
-                        "error",
-                        {"reason": errors.PRESENCE_PAYLOAD_NOT_MAP},
-                    )
-                )
+                self.reply(msg, "error", {"reason": errors.PRESENCE_PAYLOAD_NOT_MAP}, channel.topic)
                 return
             if size > node.max_payload_bytes:
                 self.shutdown_channel(channel, errors.TRACK_SIZE_EXCEEDED)
                 return
             if channel.private and not self.may_read_private(channel.principal):
-                self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, channel.topic, "error", _OK))
+                self.reply(msg, "error", _OK, channel.topic)
                 return
             if not channel.presence_key:
                 channel.presence_key = node.hub.refs()
@@ -668,6 +645,6 @@ class Session:
             diff = presence.untrack(channel)
             if diff is not None:
                 node.broker.untrack(channel.key, channel.cid)
-        self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, channel.topic, "ok", _OK))
+        self.reply(msg, "ok", _OK, channel.topic)
         if diff is not None:
             node.publish_presence(channel.key, channel.topic, diff)

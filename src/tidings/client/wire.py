@@ -20,6 +20,8 @@ from tidings.protocol.codec import (
     Message,
     Serializer,
     decode_text,
+    decode_user_meta,
+    decode_user_payload,
 )
 
 __all__ = [
@@ -144,26 +146,14 @@ def decode_user_broadcast(data: bytes) -> Message:
         pos += event_len
     except UnicodeDecodeError:
         raise MalformedMessage("binary frame header strings must be UTF-8") from None
-    meta_raw = data[pos:end]
-    body = data[end:]
-    inner: Any
-    if encoding == 1:
-        try:
-            inner = orjson.loads(body) if body else {}
-        except orjson.JSONDecodeError:
-            raise MalformedMessage("binary broadcast JSON payload is not valid JSON") from None
-    elif encoding == 0:
-        inner = bytes(body)
-    else:
-        raise MalformedMessage(f"unknown payload encoding {encoding}")
-    payload: dict[str, Any] = {"type": "broadcast", "event": event, "payload": inner}
-    if meta_raw:
-        try:
-            meta = orjson.loads(meta_raw)
-        except orjson.JSONDecodeError:
-            raise MalformedMessage("binary broadcast metadata is not valid JSON") from None
-        if isinstance(meta, dict):
-            payload["meta"] = meta
+    payload: dict[str, Any] = {
+        "type": "broadcast",
+        "event": event,
+        "payload": decode_user_payload(encoding, data[end:]),
+    }
+    meta = decode_user_meta(data[pos:end])
+    if meta is not None:
+        payload["meta"] = meta
     return Message(None, None, topic, "broadcast", payload)
 
 

@@ -28,6 +28,8 @@ __all__ = [
     "Serializer",
     "decode_binary",
     "decode_text",
+    "decode_user_meta",
+    "decode_user_payload",
     "encode_change",
     "encode_close",
     "encode_push",
@@ -157,29 +159,41 @@ def decode_binary(data: bytes) -> Message:
         meta_raw = data[pos : pos + meta_len]
     except UnicodeDecodeError:
         raise MalformedMessage("binary frame header strings must be UTF-8") from None
-    body = data[end:]
-    inner: Any
+    payload: dict[str, Any] = {
+        "type": "broadcast",
+        "event": event,
+        "payload": decode_user_payload(encoding, data[end:]),
+    }
+    meta = decode_user_meta(meta_raw)
+    if meta is not None:
+        if "persist" in meta:
+            payload["persist"] = meta["persist"]
+        if isinstance(meta.get("id"), str):
+            payload["id"] = meta["id"]  # a client message id: echoed in meta, de-duplicated
+    return Message(join_ref or None, ref or None, topic, "broadcast", payload)
+
+
+def decode_user_payload(encoding: int, body: bytes) -> Any:
+    """The user payload of a binary broadcast frame: JSON (encoding 1) or raw bytes (encoding 0)."""
     if encoding == 1:
         try:
-            inner = orjson.loads(body) if body else {}
+            return orjson.loads(body) if body else {}
         except orjson.JSONDecodeError:
             raise MalformedMessage("binary broadcast JSON payload is not valid JSON") from None
-    elif encoding == 0:
-        inner = bytes(body)
-    else:
-        raise MalformedMessage(f"unknown payload encoding {encoding}")
-    payload: dict[str, Any] = {"type": "broadcast", "event": event, "payload": inner}
-    if meta_raw:
-        try:
-            meta = orjson.loads(meta_raw)
-        except orjson.JSONDecodeError:
-            raise MalformedMessage("binary broadcast metadata is not valid JSON") from None
-        if isinstance(meta, dict):
-            if "persist" in meta:
-                payload["persist"] = meta["persist"]
-            if isinstance(meta.get("id"), str):
-                payload["id"] = meta["id"]  # a client message id: echoed in meta, de-duplicated
-    return Message(join_ref or None, ref or None, topic, "broadcast", payload)
+    if encoding == 0:
+        return bytes(body)
+    raise MalformedMessage(f"unknown payload encoding {encoding}")
+
+
+def decode_user_meta(raw: bytes) -> dict[str, Any] | None:
+    """The metadata of a binary broadcast frame: a JSON object, or ``None`` when empty or not one."""
+    if not raw:
+        return None
+    try:
+        meta = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise MalformedMessage("binary broadcast metadata is not valid JSON") from None
+    return meta if isinstance(meta, dict) else None
 
 
 def _text(obj: object) -> bytes:
