@@ -39,6 +39,9 @@ def section(folder: Path, scenario: str) -> list[str]:
     keys = KEY_METRICS[scenario]
     lines = [f"### {scenario}", "", f"`{first['command']}`", ""]
     lines.append("Parameters: " + ", ".join(f"{k}={v}" for k, v in first["params"].items()))
+    commit = (first.get("tidings_source") or {}).get("commit")
+    if commit:
+        lines[-1] += f"; Tidings commit {commit}"
     lines += [
         "",
         "| server | "
@@ -60,6 +63,7 @@ def section(folder: Path, scenario: str) -> list[str]:
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {ratio} | {r.get('date', '')[:16]} | {fmt(load)} |"
         )
+    lines.append("")
     if scenario == "fanout" and tid is not None and tid["status"] == "ok":
         mine = tid["metrics"]["server_cpu_us_per_delivery"]
         for ref, limit, text in (
@@ -72,7 +76,6 @@ def section(folder: Path, scenario: str) -> list[str]:
                 met = "met" if mine <= limit * theirs else "**not met**"
                 lines.append(f"- Target: server CPU per delivery {text}: {mine} vs {theirs} µs — {met}")
     if tid is not None and tid.get("targets"):
-        lines.append("")
         for t in tid["targets"]:
             met = "met" if t["met"] else "**not met**"
             lines.append(f"- Target: {t['target']}: {fmt(t['value'])} {t['unit']} — {met}")
