@@ -34,6 +34,18 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         super().connection_lost(exc)
 
+    def handle_websocket_upgrade(self) -> None:
+        """Hand the transport to the WebSocket protocol, then drop what refers back to ``self``.
+
+        The httptools parser holds callbacks into this protocol: left alone, the pair (and its
+        scope, headers and flow control) is freed only by the cyclic garbage collector, whose full
+        passes then grow with every upgraded connection. Broken here, refcounting frees it now.
+        """
+        super().handle_websocket_upgrade()
+        self._cancel_deadline()
+        for name in ("parser", "flow", "scope", "headers", "cycle", "pipeline", "url"):
+            setattr(self, name, None)
+
     def shutdown(self) -> None:
         """uvicorn is stopping: let a waiting history long-poll answer now instead of at its timeout."""
         node = self.app_state.get("node")
