@@ -22,3 +22,7 @@ fi
 if [ -f tests/js/package.json ] && [ ! -d tests/js/node_modules ]; then
   (cd tests/js && npm install --no-audit --no-fund --loglevel=error)
 fi
+# The bench's Node.js reference server (tests/bench runs it at tiny N).
+if [ -f benchmarks/node/package.json ] && [ ! -d benchmarks/node/node_modules ]; then
+  (cd benchmarks/node && npm ci --no-audit --no-fund --loglevel=error)
+fi
