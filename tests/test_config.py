@@ -301,3 +301,13 @@ def test_serve_with_a_bad_setting_exits_with_one_line(
     lines = [line for line in proc.stderr.splitlines() if line.strip()] + proc.stdout.splitlines()
     assert len(lines) == 1, proc.stderr + proc.stdout
     assert lines[0].startswith(f"tidings: invalid {setting} ")
+
+
+def test_check_config_masks_passwords_in_urls() -> None:
+    config = load_config(
+        {}, environ={"DATABASE_URL": "postgresql://app:s3cret@db:5432/x", "REDIS_URL": "redis://:pw@r:6379/0"}
+    )
+    shown = {env: value for env, value, _ in config.describe()}
+    assert shown["DATABASE_URL"] == "postgresql://app:***@db:5432/x"
+    assert shown["REDIS_URL"] == "redis://:***@r:6379/0"
+    assert "s3cret" not in str(config.describe())

@@ -453,15 +453,22 @@ class Config:
         rows = []
         for s in SETTINGS:
             value = getattr(self, s.field)
-            shown = (
-                "(set)"
-                if s.field in ("jwt_secret", "alert_webhook_url") and value
-                else json.dumps(value)
-                if isinstance(value, dict)
-                else str(value)
-            )
+            if s.field in ("jwt_secret", "alert_webhook_url") and value:
+                shown = "(set)"
+            elif s.field in ("database_url", "redis_url") and value:
+                shown = _mask_password(str(value))
+            elif isinstance(value, dict):
+                shown = json.dumps(value)
+            else:
+                shown = str(value)
             rows.append((s.env, shown, s.doc))
         return rows
+
+
+def _mask_password(url: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host`` (and ``password=...`` in DSNs)."""
+    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(password=)\S+", r"\1***", url)
 
 
 def _parse(setting: Setting, raw: Any, source: str) -> Any:
