@@ -137,6 +137,7 @@ class Session:
 
     def reply(self, msg: Message, status: str, response: dict[str, Any], topic: str | None = None) -> None:
         """``phx_reply`` to ``msg`` (on its own topic unless ``topic`` is given)."""
+        self.node.metrics.sent_reply += 1
         self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, topic or msg.topic, status, response))
 
     # -- inbound -----------------------------------------------------------------------------
@@ -182,8 +183,7 @@ class Session:
             return
         if topic == "phoenix":
             if event == "heartbeat":
-                node.metrics.sent_reply += 1
-                self.write(encode_reply(self.serializer, None, msg.ref, "phoenix", "ok", _OK))
+                self.reply(msg, "ok", _OK)
             return
         if event == "phx_join":
             self.join(msg)
@@ -199,7 +199,6 @@ class Session:
         elif event == "presence":
             self.presence(channel, msg, size)
         elif event == "phx_leave":
-            node.metrics.sent_reply += 1
             self.reply(msg, "ok", _OK, topic)
             self.write(encode_close(self.serializer, channel.join_ref, topic))
             self.leave(channel)
@@ -408,7 +407,6 @@ class Session:
                 replayed.append({"type": "broadcast", "event": r.event, "payload": r.payload, "meta": meta})
                 last = max(last, r.seq)
             response["recovered"] = replay.complete and len(replayed) == len(replay.records)
-        self.node.metrics.sent_reply += 1
         self.reply(msg, "ok", response)
         for payload in replayed:
             self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "broadcast", payload))
