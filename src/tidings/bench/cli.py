@@ -25,7 +25,7 @@ from .pool import Pool
 from .procstat import cpu_seconds, loadavg, machine_info
 from .profile import Profiler, summarize_collapsed
 from .progress import Progress
-from .publishers import SOURCES
+from .publishers import SOURCES, drop_slot
 from .report import check_targets, write_run, write_summary
 from .scenarios import SCENARIOS, Outcome, Params, Run
 from .targets import TARGETS, ServerHandle, Target, benchmarks_dir, free_port
@@ -112,12 +112,30 @@ async def run_target(
         report["status"] = "n/a"
         return report, None
     why = target.unavailable(bench)
+    if why is None and target.redis and not params.redis_url:
+        why = "needs --redis-url"
     if why is not None:
         report["status"] = f"unavailable: {why}"
         progress.note(report["status"])
         return report, None
+    env = dict(env)
+    slot = None
+    if target.tidings and params.source == "postgres" and params.database_url and scenario == "order-status":
+        slot = f"tidings_bench_{os.getpid()}"
+        env.update(DATABASE_URL=params.database_url, DB_SLOT=slot, DB_RESUME_GRACE="0")
+    if target.redis and params.redis_url:
+        env.update(REDIS_URL=params.redis_url)
     server = ServerHandle(target, HOST, free_port(HOST), env, params.server_cpus, bench)
-    await asyncio.to_thread(server.start)
+    if target.nodes > 1:
+        # The second node (where updates enter) runs beside the load generator, not on the server core.
+        server.peer = ServerHandle(target, HOST, free_port(HOST), env, params.client_cpus, bench)
+    try:
+        await asyncio.to_thread(server.start)
+    except RuntimeError as exc:
+        await asyncio.to_thread(server.stop)
+        report["status"] = f"failed: {exc}"
+        progress.done(report["status"])
+        return report, None
     pool = Pool(
         params.workers,
         HOST,
@@ -164,6 +182,11 @@ async def run_target(
     finally:
         await pool.stop()
         await asyncio.to_thread(server.stop)
+        if slot is not None and params.database_url:
+            try:
+                await asyncio.to_thread(drop_slot, params.database_url, slot)
+            except Exception as exc:  # the report says so; the run itself is over
+                report.setdefault("notes", []).append(f"could not drop replication slot {slot}: {exc}")
     report["server"] = {"pid": server.pid, "cpus": sorted(params.server_cpus or []), "log": server.log.name}
     progress.done(report["status"] if report["status"] != "ok" else "done")
     return report, outcome
@@ -313,6 +336,18 @@ def _parse_targets(against: str) -> list[str]:
     show_default=True,
     help="order-status: how updates are sent.",
 )
+@click.option(
+    "--database-url",
+    default=None,
+    metavar="DSN",
+    help="order-status --source postgres: PostgreSQL (wal_level=logical) for the server and the updates.",
+)
+@click.option(
+    "--redis-url",
+    default=None,
+    metavar="URL",
+    help="Redis for the tidings-redis and tidings-cluster targets.",
+)
 @click.option("--server-env", multiple=True, metavar="KEY=VALUE", help="Extra environment for the server.")
 @click.option(
     "--out",
@@ -350,6 +385,8 @@ def bench(
     restart: str,
     backoff_ms: float,
     source: str,
+    database_url: str | None,
+    redis_url: str | None,
     server_env: tuple[str, ...],
     out_dir: Path | None,
     wait_quiet: float,
@@ -389,6 +426,8 @@ def bench(
         if not sep:
             raise click.BadParameter(f"--server-env wants KEY=VALUE, got {item!r}")
         env[key] = value
+    if source == "postgres" and scenario == "order-status" and not database_url:
+        raise click.BadParameter("--source postgres needs --database-url")
     nofile = raise_nofile()
     workers = workers or max(2, min(8, math.ceil(n / 5000)))
     if math.ceil(n / workers) > nofile - 64:
@@ -416,6 +455,9 @@ def bench(
         backoff=backoff_ms / 1000,
         restart=restart,
         source=source,
+        database_url=database_url,
+        db_publication=env.get("DB_PUBLICATION", "supabase_realtime"),
+        redis_url=redis_url,
     )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out_dir or Path("bench-results") / f"{stamp}-{scenario}"

@@ -21,6 +21,7 @@ from .wire import (
     PhoenixDialect,
     client_frame,
     handshake_request,
+    read_record_t_n,
     read_t_n,
 )
 
@@ -41,6 +42,9 @@ class Sink(TypingProtocol):
     def on_presence(self, conn: ClientConn, event: str, payload: Any) -> None:
         """``presence_state`` or ``presence_diff`` arrived."""
 
+    def on_system(self, conn: ClientConn, payload: Any) -> None:
+        """A ``system`` message arrived (e.g. the Postgres Changes subscription status)."""
+
     def on_failed(self, conn: ClientConn, kind: str) -> None:
         """Connecting or joining failed (``kind`` names why)."""
 
@@ -54,6 +58,7 @@ class ClientConn(asyncio.Protocol):
     __slots__ = (
         "accept",
         "buf",
+        "changes",
         "close_code",
         "dialect",
         "host",
@@ -79,8 +84,10 @@ class ClientConn(asyncio.Protocol):
         host: str,
         port: int,
         presence_key: str | None = None,
+        changes: list[dict[str, str]] | None = None,
     ) -> None:
         self.sink = sink
+        self.changes = changes
         self.dialect = dialect
         self.idx = idx
         self.topic = topic
@@ -219,7 +226,7 @@ class ClientConn(asyncio.Protocol):
         """Send the join request of this connection's topic."""
         self.state = JOINING
         self.join_ref = self.next_ref()
-        self.send_text(self.dialect.join(self.join_ref, self.topic, self.presence_key))
+        self.send_text(self.dialect.join(self.join_ref, self.topic, self.presence_key, self.changes))
 
     def joined(self) -> None:
         """The join was acknowledged."""
@@ -230,7 +237,7 @@ class ClientConn(asyncio.Protocol):
     def on_text(self, data: bytes) -> None:
         """One server message: bench payloads first (cheap), the rest by dialect."""
         if self.state == JOINED:
-            tn = read_t_n(data)
+            tn = read_record_t_n(data) if self.changes else read_t_n(data)
             if tn is not None:
                 self.sink.on_bench(self, tn[0], tn[1])
                 return
@@ -257,6 +264,8 @@ class ClientConn(asyncio.Protocol):
                     self.fail("join-error")
         elif event == "presence_state" or event == "presence_diff":
             self.sink.on_presence(self, event, payload)
+        elif event == "system":
+            self.sink.on_system(self, payload)
         elif event == "phx_close" or event == "phx_error":
             if self.state == JOINED:
                 self.abort()

@@ -1,15 +1,19 @@
 """What sends bench messages: a WebSocket publisher and pluggable update sources.
 
-An :class:`UpdateSource` delivers one update to a channel by some route (today the REST broadcast
-API; a PostgreSQL ``UPDATE`` source plugs in here once Postgres Changes land). Every source puts a
-bench payload (``"t"`` send time first, ``"n"`` counter second) into what it sends.
+An :class:`UpdateSource` delivers one update to a channel by some route: the REST broadcast API
+(``rest``) or a SQL ``UPDATE`` of the channel's row that Tidings streams as Postgres Changes
+(``postgres``). Every source carries a send time ``t`` (``time.time_ns()``) and a per-channel
+counter ``n`` in what it sends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -17,7 +21,19 @@ import orjson
 from .client import JOINED, ClientConn
 from .wire import Dialect, bench_payload
 
-__all__ = ["SOURCES", "PublishRecord", "RestBroadcastSource", "UpdateSource", "WsPublisher"]
+__all__ = [
+    "ORDERS_TABLE",
+    "SOURCES",
+    "PostgresUpdateSource",
+    "PublishRecord",
+    "RestBroadcastSource",
+    "SourceOptions",
+    "UpdateSource",
+    "WsPublisher",
+    "drop_slot",
+]
+
+ORDERS_TABLE = "orders"
 
 
 class WsPublisher:
@@ -54,6 +70,9 @@ class WsPublisher:
         pass
 
     def on_presence(self, conn: ClientConn, event: str, payload: Any) -> None:
+        pass
+
+    def on_system(self, conn: ClientConn, payload: Any) -> None:
         pass
 
     def on_failed(self, conn: ClientConn, kind: str) -> None:
@@ -167,7 +186,162 @@ class RestBroadcastSource(UpdateSource):
             self._free.get_nowait().reset()
 
 
-# Registry of update routes for ``order-status`` (``--source``); a Postgres source is added later.
-SOURCES: dict[str, Callable[[str, int], UpdateSource]] = {
-    "rest": lambda host, port: RestBroadcastSource(host, port),
+def _order_id(channel: str) -> int:
+    """Row id of an ``order-<id>`` channel."""
+    return int(channel.rsplit("-", 1)[1])
+
+
+class PostgresUpdateSource(UpdateSource):
+    """``UPDATE orders SET t = <time_ns>, n = <n>, p = <pad> WHERE id = <order>`` per update.
+
+    Each statement commits on its own (autocommit) on one of ``concurrency`` psycopg2 connections,
+    each owned by one thread. :meth:`start` creates the table if it is missing (``id bigint`` key,
+    ``t``/``n`` bigint, ``p`` text; ``REPLICA IDENTITY DEFAULT``), inserts rows ``0 .. rows-1`` and
+    makes sure the publication streams it. ``t`` is taken right before the statement is sent.
+    """
+
+    name = "postgres"
+
+    def __init__(
+        self, dsn: str, rows: int, publication: str = "supabase_realtime", concurrency: int = 4
+    ) -> None:
+        self.dsn = dsn
+        self.rows = rows
+        self.publication = publication
+        self.concurrency = concurrency
+        self._local = threading.local()
+        self._conns: list[Any] = []
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="bench-pg")
+
+    def _connect(self) -> Any:
+        import psycopg2
+
+        conn = psycopg2.connect(self.dsn)
+        conn.autocommit = True
+        return conn
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    def _setup(self) -> None:
+        import psycopg2
+
+        conn = self._connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    f"CREATE TABLE IF NOT EXISTS {ORDERS_TABLE} "
+                    "(id bigint PRIMARY KEY, t bigint NOT NULL DEFAULT 0, n bigint NOT NULL DEFAULT 0, "
+                    "p text)"
+                )
+                for col in ("t bigint NOT NULL DEFAULT 0", "n bigint NOT NULL DEFAULT 0", "p text"):
+                    cur.execute(f"ALTER TABLE {ORDERS_TABLE} ADD COLUMN IF NOT EXISTS {col}")
+                cur.execute(f"ALTER TABLE {ORDERS_TABLE} REPLICA IDENTITY DEFAULT")
+                cur.execute(
+                    f"INSERT INTO {ORDERS_TABLE} (id) SELECT g FROM generate_series(0, %s) g "
+                    "ON CONFLICT (id) DO NOTHING",
+                    (self.rows - 1,),
+                )
+                cur.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (self.publication,))
+                row = cur.fetchone()
+                try:
+                    if row is None:
+                        cur.execute(f'CREATE PUBLICATION "{self.publication}" FOR ALL TABLES')
+                    elif not row[0]:
+                        cur.execute(
+                            "SELECT 1 FROM pg_publication_tables WHERE pubname = %s "
+                            "AND schemaname = 'public' AND tablename = %s",
+                            (self.publication, ORDERS_TABLE),
+                        )
+                        if cur.fetchone() is None:
+                            cur.execute(f'ALTER PUBLICATION "{self.publication}" ADD TABLE {ORDERS_TABLE}')
+                except psycopg2.errors.DuplicateObject:
+                    pass  # the server created it meanwhile
+        finally:
+            conn.close()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._setup)
+
+    def _update(self, rec: PublishRecord, order: int, size: int) -> None:
+        conn = self._conn()
+        pad = "x" * max(0, size - 40)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    f"UPDATE {ORDERS_TABLE} SET t = %s, n = %s, p = %s WHERE id = %s",
+                    (time.time_ns(), rec.n, pad, order),
+                )
+                rec.accepted = cur.rowcount == 1
+        except Exception:
+            self._local.conn = None
+            try:
+                conn.close()
+            except Exception:
+                pass
+        rec.end = time.time_ns()
+
+    async def send(self, channel: str, n: int, size: int) -> PublishRecord:
+        # ``start`` is when the update was due: queueing for a free connection counts in the request time.
+        rec = PublishRecord(channel, n, time.time_ns())
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._update, rec, _order_id(channel), size
+        )
+        return rec
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, True)
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+            self._conns.clear()
+
+
+def drop_slot(dsn: str, slot: str) -> None:
+    """Drop the replication slot a bench server used (no error if it is gone)."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND NOT active",
+                (slot,),
+            )
+    finally:
+        conn.close()
+
+
+@dataclasses.dataclass
+class SourceOptions:
+    """What an update source may need: the server's address, and for ``postgres`` the database."""
+
+    host: str
+    port: int
+    database_url: str | None = None
+    rows: int = 0
+    publication: str = "supabase_realtime"
+
+
+def _postgres_source(o: SourceOptions) -> UpdateSource:
+    if not o.database_url:
+        raise ValueError("--source postgres needs --database-url")
+    return PostgresUpdateSource(o.database_url, o.rows, o.publication)
+
+
+# Registry of update routes for ``order-status`` (``--source``).
+SOURCES: dict[str, Callable[[SourceOptions], UpdateSource]] = {
+    "rest": lambda o: RestBroadcastSource(o.host, o.port),
+    "postgres": _postgres_source,
 }

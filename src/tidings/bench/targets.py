@@ -31,6 +31,9 @@ ALL_SCENARIOS = frozenset({"connect", "memory", "fanout", "order-status", "recon
 # The references have no REST API: their reconnect-storm runs without updates (no loss figures).
 REFERENCE_SCENARIOS = frozenset({"connect", "memory", "fanout", "reconnect-storm"})
 
+# Redis targets: what measures delivery (a node restart of a cluster is not modelled).
+CLUSTER_SCENARIOS = frozenset({"connect", "memory", "fanout", "order-status"})
+
 # Limits out of the way: the bench measures the server, not its rate limiter.
 TIDINGS_BENCH_ENV = {
     "MAX_CONNECTIONS": "20000",
@@ -68,8 +71,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Target:
     """One server kind."""
 
-    def __init__(self, name: str, dialect: str, scenarios: frozenset[str], doc: str) -> None:
-        self.rest = name == "tidings"  # has POST /api/broadcast
+    def __init__(
+        self,
+        name: str,
+        dialect: str,
+        scenarios: frozenset[str],
+        doc: str,
+        redis: bool = False,
+        nodes: int = 1,
+    ) -> None:
+        self.rest = name.startswith("tidings")  # has POST /api/broadcast
+        self.tidings = name.startswith("tidings")
+        self.redis = redis  # needs --redis-url (REDIS_URL of every node)
+        self.nodes = nodes  # 2: subscribers on the first node, updates sent to the second
         self.name = name
         self.dialect = dialect
         self.scenarios = scenarios
@@ -78,7 +92,7 @@ class Target:
     def command(self, host: str, port: int, bench: Path) -> list[str]:
         """The argv that starts the server."""
         py = sys.executable
-        if self.name == "tidings":
+        if self.tidings:
             return [py, "-m", "tidings", "serve", "--host", host, "--port", str(port)]
         if self.name == "node-ws":
             return ["node", str(bench / "node" / "ws_server.mjs"), "--host", host, "--port", str(port)]
@@ -92,14 +106,14 @@ class Target:
     def env(self, extra: dict[str, str]) -> dict[str, str]:
         """Environment of the server process."""
         env = dict(os.environ)
-        if self.name == "tidings":
+        if self.tidings:
             env.update(TIDINGS_BENCH_ENV)
         env.update(extra)
         return env
 
     def unavailable(self, bench: Path) -> str | None:
         """Why this target cannot run here (``None`` when it can)."""
-        if self.name == "tidings":
+        if self.tidings:
             return None
         if not (bench / "ceiling_server.py").is_file():
             return f"benchmarks/ not found at {bench} (set TIDINGS_BENCHMARKS_DIR)"
@@ -129,6 +143,21 @@ TARGETS: dict[str, Target] = {
             "python-socketio ASGI app under uvicorn",
         ),
         Target("node-ws", "phoenix", REFERENCE_SCENARIOS, "Node.js `ws` package"),
+        Target(
+            "tidings-redis",
+            "phoenix",
+            CLUSTER_SCENARIOS,
+            "Tidings, one node on the Redis broker (`--redis-url`)",
+            redis=True,
+        ),
+        Target(
+            "tidings-cluster",
+            "phoenix",
+            CLUSTER_SCENARIOS,
+            "Tidings, two nodes on one Redis: clients on node A, updates sent to node B",
+            redis=True,
+            nodes=2,
+        ),
     )
 }
 
@@ -152,7 +181,14 @@ class ServerHandle:
         self.cpus = cpus
         self.bench = bench
         self.proc: subprocess.Popen[bytes] | None = None
+        # A second node (cluster targets): started and stopped with this one, receives the updates.
+        self.peer: ServerHandle | None = None
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{target.name}-", suffix=".log", delete=False)
+
+    @property
+    def pub_port(self) -> int:
+        """Port that publishers and update sources use: the peer node's, if there is one."""
+        return self.peer.port if self.peer is not None else self.port
 
     @property
     def pid(self) -> int:
@@ -161,7 +197,12 @@ class ServerHandle:
         return self.proc.pid
 
     def start(self, timeout: float = 30.0) -> float:
-        """Start, pin, and wait until the port accepts; returns the wall time it became ready."""
+        """Start (peer first), pin, wait until the port accepts; returns the wall time it was ready."""
+        if self.peer is not None:
+            self.peer.start(timeout)
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> float:
         cmd = self.target.command(self.host, self.port, self.bench)
         self.proc = subprocess.Popen(
             cmd, env=self.target.env(self.extra_env), stdout=self.log, stderr=subprocess.STDOUT
@@ -183,7 +224,9 @@ class ServerHandle:
         raise RuntimeError(f"{self.target.name} did not listen within {timeout}s:\n{self.logs()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
-        """Signal the server and wait for it to exit (SIGKILL after ``timeout``)."""
+        """Signal the server (and its peer) and wait for it to exit (SIGKILL after ``timeout``)."""
+        if self.peer is not None:
+            self.peer.stop(sig, timeout)
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(sig)
@@ -196,4 +239,7 @@ class ServerHandle:
     def logs(self) -> str:
         """What the server printed."""
         self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
+        text = Path(self.log.name).read_text(errors="replace")[-4000:]
+        if self.peer is not None:
+            text += "\n-- peer node --\n" + self.peer.logs()
+        return text

@@ -30,6 +30,8 @@ __all__ = [
     "client_frame",
     "handshake_request",
     "make_dialect",
+    "pg_binding",
+    "read_record_t_n",
     "read_t_n",
 ]
 
@@ -92,6 +94,46 @@ def read_t_n(data: bytes) -> tuple[int, int] | None:
         return None
 
 
+def _int_at(data: bytes, key: bytes, start: int) -> int | None:
+    """The integer value of ``key`` (e.g. ``b'"t":'``) at or after ``start``, else ``None``."""
+    i = data.find(key, start)
+    if i < 0:
+        return None
+    i += len(key)
+    end = i
+    n = len(data)
+    while end < n and data[end] not in b",}]":
+        end += 1
+    try:
+        return int(data[i:end].strip(b' "'))
+    except ValueError:
+        return None
+
+
+def read_record_t_n(data: bytes) -> tuple[int, int] | None:
+    """``(t, n)`` of a ``postgres_changes`` push: the ``t`` and ``n`` columns of ``data.record``.
+
+    No JSON parse: the values are read after ``"record":`` (the new row; ``old_record`` holds only
+    the key with ``REPLICA IDENTITY DEFAULT``), whatever the column order.
+    """
+    i = data.find(b'"record":')
+    if i < 0:
+        return None
+    end = data.find(b"}", i)
+    if end < 0:
+        return None
+    t = _int_at(data[: end + 1], b'"t":', i)
+    n = _int_at(data[: end + 1], b'"n":', i)
+    if t is None or n is None:
+        return None
+    return t, n
+
+
+def pg_binding(table: str, order: int) -> dict[str, str]:
+    """The ``postgres_changes`` binding of a client watching row ``id = order`` of ``table``."""
+    return {"event": "UPDATE", "schema": "public", "table": table, "filter": f"id=eq.{order}"}
+
+
 class Dialect:
     """How one kind of server is spoken to (Phoenix channels or Socket.IO)."""
 
@@ -101,7 +143,9 @@ class Dialect:
         """Request target of the WebSocket upgrade."""
         raise NotImplementedError
 
-    def join(self, ref: int, topic: str, presence_key: str | None) -> bytes:
+    def join(
+        self, ref: int, topic: str, presence_key: str | None, changes: list[dict[str, str]] | None = None
+    ) -> bytes:
         """Text of a join request (``ref`` is echoed in the reply)."""
         raise NotImplementedError
 
@@ -146,12 +190,14 @@ class PhoenixDialect(Dialect):
             jr,
         )
 
-    def join(self, ref: int, topic: str, presence_key: str | None) -> bytes:
+    def join(
+        self, ref: int, topic: str, presence_key: str | None, changes: list[dict[str, str]] | None = None
+    ) -> bytes:
         """``phx_join`` with broadcast self off (publishers do not hear themselves)."""
         config: dict[str, Any] = {
             "broadcast": {"self": False, "ack": False},
             "presence": {"key": presence_key or "", "enabled": presence_key is not None},
-            "postgres_changes": [],
+            "postgres_changes": changes or [],
             "private": False,
         }
         return self._msg(ref, ref, topic, "phx_join", orjson.dumps({"config": config}))
@@ -191,7 +237,9 @@ class SocketIODialect(Dialect):
         """Engine.IO over WebSocket without the polling upgrade dance."""
         return "/socket.io/?EIO=4&transport=websocket"
 
-    def join(self, ref: int, topic: str, presence_key: str | None) -> bytes:
+    def join(
+        self, ref: int, topic: str, presence_key: str | None, changes: list[dict[str, str]] | None = None
+    ) -> bytes:
         """``join`` event with an ack id of ``ref``."""
         return b"42%d%s" % (ref, orjson.dumps(["join", topic]))
 

@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 from .client import JOINED, ClientConn
-from .wire import make_dialect
+from .wire import make_dialect, pg_binding
 
 __all__ = ["WorkerSpec", "raise_nofile", "run_loop", "worker_main"]
 
@@ -87,6 +87,9 @@ class Worker:
         self.conns: dict[int, ClientConn] = {}
         self.topics: dict[int, str] = {}
         self.presence = False
+        self.changes_table: str | None = None
+        self.pg_subscribed: set[int] = set()
+        self.pg_errors = 0
         self.attempts = 0
         self.failed = 0
         self.joined_total = 0
@@ -178,15 +181,27 @@ class Worker:
             "received": self.received,
             "closed": self.closed,
             "presence_full": len(self.presence_full),
+            "pg_subscribed": len(self.pg_subscribed),
+            "pg_errors": self.pg_errors,
         }
 
     # -- commands -----------------------------------------------------------------------------
 
     async def cmd_open(
-        self, clients: list[tuple[int, str]], rate: float, t0: float, timeout: float, presence: bool = False
+        self,
+        clients: list[tuple[int, str]],
+        rate: float,
+        t0: float,
+        timeout: float,
+        presence: bool = False,
+        changes_table: str | None = None,
     ) -> dict[str, Any]:
-        """Open ``clients`` (index, topic) at ``rate``/s from wall time ``t0``; wait for all."""
+        """Open ``clients`` (index, topic) at ``rate``/s from wall time ``t0``; wait for all.
+
+        With ``changes_table``, client ``idx`` also binds to Postgres Changes of row ``id = idx``.
+        """
         self.presence = presence
+        self.changes_table = changes_table
         self._pending = len(clients)
         self._done = self.loop.create_future()
         if not clients:
@@ -268,7 +283,8 @@ class Worker:
         """Begin one connection attempt of client ``idx``."""
         spec = self.spec
         key = f"u{idx}" if self.presence else None
-        conn = ClientConn(self, self.dialect, idx, self.topics[idx], spec.host, spec.port, key)
+        changes = [pg_binding(self.changes_table, idx)] if self.changes_table else None
+        conn = ClientConn(self, self.dialect, idx, self.topics[idx], spec.host, spec.port, key, changes)
         self.conns[idx] = conn
         self.attempts += 1
         if self.reconnect or idx in self.tries:
@@ -338,6 +354,13 @@ class Worker:
             keys.difference_update(payload.get("leaves") or ())
         if self.presence_expect and len(keys) >= self.presence_expect and conn.idx not in self.presence_full:
             self.presence_full[conn.idx] = time.time_ns()
+
+    def on_system(self, conn: ClientConn, payload: Any) -> None:
+        if isinstance(payload, dict) and payload.get("extension") == "postgres_changes":
+            if payload.get("status") == "ok":
+                self.pg_subscribed.add(conn.idx)
+            else:
+                self.pg_errors += 1
 
     def on_failed(self, conn: ClientConn, kind: str) -> None:
         if self.conns.get(conn.idx) is not conn:

@@ -1,0 +1,31 @@
+"""A throwaway redis-server for the scale-out benches: prints its URL, runs until killed.
+
+    .venv/bin/python benchmarks/throwaway_redis.py > /tmp/redis.url &
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support.redis import RedisServer  # noqa: E402
+
+
+def main() -> None:
+    server = RedisServer(persist=False).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        print(server.url, flush=True)
+        stop.wait()
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
