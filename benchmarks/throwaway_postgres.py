@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.postgres import PostgresServer  # noqa: E402
+from tests.support.postgres import PostgresServer
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """A throwaway redis-server for the scale-out benches: prints its URL, runs until killed.
 
-    .venv/bin/python benchmarks/throwaway_redis.py > /tmp/redis.url &
+.venv/bin/python benchmarks/throwaway_redis.py > /tmp/redis.url &
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.redis import RedisServer  # noqa: E402
+from tests.support.redis import RedisServer
 
 
 def main() -> None:
