@@ -117,6 +117,20 @@ class WebSocketConnection(Session, asyncio.Protocol):
 
     # -- handshake ---------------------------------------------------------------------------
 
+    def upgrade(self, request: Request, method: str = "GET", rest: bytes = b"") -> None:
+        """Start from a request the HTTP layer already parsed; ``rest`` came after its head."""
+        if method != "GET":
+            self.refuse(405, "Method Not Allowed", delay=False)
+            return
+        ws = self.ws
+        # The parser is still waiting for a request head it will never see.
+        ws.parser = Protocol.parse(ws)
+        next(ws.parser)
+        self.handshake(request)
+        self.flush_protocol()
+        if rest and not self.closed and ws.state is OPEN:
+            self.data_received(rest)
+
     def handshake(self, request: Request) -> None:
         """Route, authenticate and limit an upgrade request, then accept or refuse it."""
         node = self.node
@@ -269,6 +283,10 @@ class WebSocketConnection(Session, asyncio.Protocol):
 
 
 def _phrase(status: int) -> str:
-    return {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests"}.get(
-        status, "Service Unavailable"
-    )
+    return {
+        400: "Bad Request",
+        401: "Unauthorized",
+        404: "Not Found",
+        405: "Method Not Allowed",
+        429: "Too Many Requests",
+    }.get(status, "Service Unavailable")
