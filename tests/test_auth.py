@@ -263,3 +263,18 @@ def test_empty_secret_is_open_mode() -> None:
 def test_anonymous_never_expires() -> None:
     assert ANONYMOUS.seconds_left(time.time()) is None
     assert ANONYMOUS.role == "anon"
+
+
+def test_verified_tokens_are_remembered_but_expiry_still_applies() -> None:
+    from tidings.auth.tokens import Verifier, mint_token
+
+    verifier = Verifier("secret")
+    token = mint_token("secret", role="anon", ttl=10, now=1_000.0)
+    first = verifier.verify(token, now=1_001.0)
+    assert verifier.verify(token, now=1_002.0) is first  # no second signature check
+    try:
+        verifier.verify(token, now=1_020.0)
+    except Exception as exc:
+        assert "Token has expired 10 seconds ago" in str(exc)
+    else:
+        raise AssertionError("an expired token was accepted from the cache")

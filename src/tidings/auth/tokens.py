@@ -14,6 +14,7 @@ import jwt
 
 __all__ = ["ANONYMOUS", "AuthError", "Principal", "Verifier", "mint_token"]
 
+KNOWN_TOKENS = 4096  # verified tokens remembered
 HMAC_ALGS = ["HS256", "HS384", "HS512"]
 ASYMMETRIC_ALGS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"]
 
@@ -81,6 +82,7 @@ class Verifier:
             for jwk in jwt.PyJWKSet.from_dict(data).keys:
                 self._keys[jwk.key_id] = jwk
         self._validators = dict(claim_validators or {})
+        self._known: dict[str, Principal] = {}
 
     @property
     def enabled(self) -> bool:
@@ -88,12 +90,28 @@ class Verifier:
         return self._secret is not None or bool(self._keys)
 
     def verify(self, token: str | None, now: float | None = None) -> Principal:
-        """Verify ``token``; raises :class:`AuthError` with the spec's code and message."""
+        """Verify ``token``; raises :class:`AuthError` with the spec's code and message.
+
+        Verified tokens are remembered (many connections share one anon key): a repeat costs a
+        dict lookup and the expiry check, not a signature check.
+        """
+        now = time.time() if now is None else now
+        if token:
+            known = self._known.get(token)
+            if known is not None and (known.exp is None or known.exp > now):
+                return known
+        principal = self._verify(token, now)
+        if token:
+            if len(self._known) >= KNOWN_TOKENS:
+                self._known.clear()  # cheap bound; the hot anon key comes back on the next call
+            self._known[token] = principal
+        return principal
+
+    def _verify(self, token: str | None, now: float) -> Principal:
         if not self.enabled:
             return self._open_principal(token)
         if not token:
             raise AuthError("InvalidJWTToken", "API key is missing")
-        now = time.time() if now is None else now
         try:
             header = jwt.get_unverified_header(token)
         except jwt.exceptions.DecodeError:
