@@ -268,8 +268,9 @@ def test_anonymous_never_expires() -> None:
 def test_verified_tokens_are_remembered_but_expiry_still_applies() -> None:
     from tidings.auth.tokens import Verifier, mint_token
 
-    verifier = Verifier("secret")
-    token = mint_token("secret", role="anon", ttl=10, now=1_000.0)
+    secret = "a-test-secret-of-at-least-thirty-two-bytes"
+    verifier = Verifier(secret)
+    token = mint_token(secret, role="anon", ttl=10, now=1_000.0)
     first = verifier.verify(token, now=1_001.0)
     assert verifier.verify(token, now=1_002.0) is first  # no second signature check
     try:
