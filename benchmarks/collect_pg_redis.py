@@ -19,6 +19,10 @@ def _la(r: dict[str, Any]) -> str:
     return f"{r['load_average']['before'][0]:.2f} / {r['load_average']['after'][0]:.2f}"
 
 
+def _commit(r: dict[str, Any]) -> str:
+    return str(r.get("tidings_source", {}).get("commit") or "?")
+
+
 def pg_table(folders: list[Path]) -> list[str]:
     rows = []
     for folder in folders:
@@ -33,12 +37,12 @@ def pg_table(folders: list[Path]) -> list[str]:
                 f"| {m['rate_per_s']:,.0f} | {m['achieved_rate_per_s']:,.0f} "
                 f"| {e['p50']} | {e['p99']} | {e['max']} "
                 f"| {q['p50']} / {q['p99']} | {m['lost']} | {m['server_cpu_us_per_update']:,.0f} "
-                f"| {m['load_generator_cpu_percent']} | {_la(r)} |"
+                f"| {m['load_generator_cpu_percent']} | {_la(r)} | {r['date'][11:16]} {_commit(r)} |"
             )
     head = [
         "| offered updates/s | achieved/s | p50 ms | p99 ms | max ms | UPDATE commit p50 / p99 ms | lost "
-        "| server CPU µs/update | load gen CPU % | load avg before / after |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| server CPU µs/update | load gen CPU % | load avg before / after | time (UTC), commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     return head + rows
 
@@ -61,12 +65,12 @@ def cluster_table(folder: Path, scenario: str) -> list[str]:
         rows.append(
             f"| {name} | {lat['p50']} | {lat['p99']} | {lat['max']} "
             f"| {m['delivered']:,} | {m['lost']} | {cpu} "
-            f"| {_la(r)} |"
+            f"| {_la(r)} | {_commit(r)} |"
         )
     head = [
         f"| target | p50 ms | p99 ms | max ms | delivered | lost | node A CPU µs/{unit} "
-        "| load avg before / after |",
-        "|---|---|---|---|---|---|---|---|",
+        "| load avg before / after | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     return head + rows
 
