@@ -99,7 +99,7 @@ def redis_table(folder: Path) -> list[str]:
 def main() -> None:
     folders = [Path(a) for a in sys.argv[1:]]
     out: list[str] = []
-    if any(f.glob("pg-*/tidings.json") for f in folders):
+    if any(next(f.glob("pg-*/tidings.json"), None) for f in folders):
         out += ["#### order-status via PostgreSQL", "", *pg_table(folders), ""]
     for folder in folders:
         for scen, sub in (("fanout", "fanout"), ("order-status", "order")):
@@ -110,7 +110,7 @@ def main() -> None:
                     *cluster_table(folder / sub, scen),
                     "",
                 ]
-        if any(folder.glob("redis-*.json")):
+        if next(folder.glob("redis-*.json"), None):
             out += ["#### broadcasts through one Redis", "", *redis_table(folder), ""]
     print("\n".join(out))
 

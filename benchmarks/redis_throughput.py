@@ -141,7 +141,7 @@ def main() -> None:
         if not parent.poll(60):
             raise SystemExit("subscriber did not start")
         parent.recv()
-    t0 = time.time() + 1.0
+    t0 = time.time() + 3.0  # time for the publisher processes to start (spawn + import)
     for _, parent in subs:
         parent.send(t0 + a.duration + 5.0)
     _, cpu0 = _redis_cpu(a.redis_url)
@@ -166,7 +166,8 @@ def main() -> None:
         ack.extend(r["ack_ns"])
     lat: array[int] = array("q")
     halves: list[list[int]] = [[], []]
-    t_mid = int((t0 + a.duration / 2) * 1e9)
+    first_sent = min((min(r["sent_ns"]) for r in sres if r["sent_ns"]), default=int(t0 * 1e9))
+    t_mid = first_sent + int(a.duration / 2 * 1e9)
     for r in sres:
         lat.extend(r["lat_ns"])
         for s, x in zip(r["sent_ns"], r["lat_ns"], strict=True):
@@ -189,8 +190,9 @@ def main() -> None:
         "lost": sent * a.subscribers - len(lat),
         "ack_latency_ms": summarize_ms(ack),
         "delivery_latency_ms": summarize_ms(lat),
-        "delivery_p50_ms_first_half": first["p50"],
-        "delivery_p50_ms_second_half": second["p50"],
+        "delivery_p50_ms_first_half": first.get("p50"),
+        "delivery_p50_ms_second_half": second.get("p50"),
+        "send_s": round(send_s, 3),
         "redis_cpu_percent": round(100 * (cpu1 - cpu0) / (w1 - w0), 1),
         "loadavg": os.getloadavg(),
     }
