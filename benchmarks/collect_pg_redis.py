@@ -84,7 +84,7 @@ def redis_table(folder: Path) -> list[str]:
         rows.append(
             f"| {r['offered_broadcasts_per_s']:,.0f} | {r['achieved_broadcasts_per_s']:,.0f} "
             f"| {r['deliveries_per_s']:,.0f} | {r['lost']} "
-            f"| {a['p50']} / {a['p99']} | {d['p50']} / {d['p99']} "
+            f"| {a.get('p50')} / {a.get('p99')} | {d.get('p50')} / {d.get('p99')} "
             f"| {r['delivery_p50_ms_first_half']} → {r['delivery_p50_ms_second_half']} "
             f"| {r['redis_cpu_percent']} | {r['loadavg'][0]:.2f} |"
         )

@@ -43,11 +43,16 @@ async def _publisher(
     ack: array[int] = array("q")
     count = int(rate * duration)
     acked = 0
+    rejected = 0  # DUPLICATE or FAILED: not published
+    run = os.urandom(4).hex()  # message ids are de-duplicated by Redis: unique per run
 
     def done_for(start: int) -> Any:
         def done(result: Any) -> None:
-            nonlocal acked
-            acked += 1
+            nonlocal acked, rejected
+            if isinstance(result, int) and result > 0:
+                acked += 1
+            else:
+                rejected += 1
             ack.append(time.time_ns() - start)
 
         return done
@@ -65,18 +70,25 @@ async def _publisher(
                 "realtime:tp",
                 "bench",
                 payload,
-                f"{idx}-{k}",
+                f"{run}-{idx}-{k}",
                 done=done_for(now),
             )
             k += 1
         await asyncio.sleep(0.001)
     sent_end = loop.time() - base
     deadline = loop.time() + 15
-    while acked < count and loop.time() < deadline:
+    while acked + rejected < count and loop.time() < deadline:
         await asyncio.sleep(0.01)
     acked_end = loop.time() - base
     await broker.stop()
-    return {"sent": count, "acked": acked, "send_s": sent_end, "ack_s": acked_end, "ack_ns": ack}
+    return {
+        "sent": count,
+        "acked": acked,
+        "rejected": rejected,
+        "send_s": sent_end,
+        "ack_s": acked_end,
+        "ack_ns": ack,
+    }
 
 
 async def _subscriber(url: str, channels: int, conn: Connection, duration: float) -> dict[str, Any]:
@@ -183,6 +195,7 @@ def main() -> None:
         "duration_s": a.duration,
         "sent": sent,
         "acked": acked,
+        "rejected": sum(r["rejected"] for r in pres),
         "achieved_broadcasts_per_s": round(acked / ack_s, 1) if ack_s else None,
         "schedule_kept": send_s <= a.duration * 1.05,
         "deliveries": len(lat),
