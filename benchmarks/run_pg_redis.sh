@@ -31,7 +31,7 @@ if [[ $PARTS == *" redis "* ]]; then
   AGAINST=tidings,tidings-redis,tidings-cluster
   bench fanout -n 5000 --rate 2 --duration 15 --against $AGAINST --redis-url "$URL" --out "$OUT/fanout"
   bench order-status -n 5000 --rate 200 --duration 10 --against $AGAINST --redis-url "$URL" --out "$OUT/order"
-  for rate in ${REDIS_RATES:-5000 10000 20000 40000}; do
+  for rate in ${REDIS_RATES:-5000 10000 15000 20000 30000}; do
     "$PY" benchmarks/redis_throughput.py --redis-url "$URL" --rate "$rate" --duration 5 > "$OUT/redis-$rate.json"
   done
 fi
