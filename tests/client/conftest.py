@@ -10,6 +10,7 @@ import pytest
 
 from tidings.client import RealtimeClient
 
+from ..support.server import ServerProcess
 from .fake_server import FakeServer
 
 FAST: dict[str, Any] = {
@@ -51,3 +52,14 @@ async def make_client() -> AsyncIterator[Callable[..., RealtimeClient]]:
     yield factory
     for client in clients:
         await client.close()
+
+
+@pytest.fixture
+async def tidings() -> AsyncIterator[ServerProcess]:
+    """A real Tidings server (subprocess) for tests against the server."""
+    server = ServerProcess()
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)

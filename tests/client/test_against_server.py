@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import urllib.request
-from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -26,16 +25,6 @@ def rest_broadcast(http_url: str, sub_topic: str, payload: dict[str, int]) -> in
     )
     with urllib.request.urlopen(request, timeout=5) as response:
         return int(response.status)
-
-
-@pytest.fixture
-async def tidings() -> AsyncIterator[ServerProcess]:
-    server = ServerProcess()
-    await asyncio.to_thread(server.start)
-    try:
-        yield server
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 @pytest.mark.parametrize(("vsn", "sig"), [("1.0.0", signal.SIGTERM), ("2.0.0", signal.SIGKILL)])

@@ -17,16 +17,6 @@ from .test_against_server import rest_broadcast
 
 
 @pytest.fixture
-async def tidings() -> AsyncIterator[ServerProcess]:
-    server = ServerProcess()
-    await asyncio.to_thread(server.start)
-    try:
-        yield server
-    finally:
-        await asyncio.to_thread(server.stop)
-
-
-@pytest.fixture
 async def proxied(tidings: ServerProcess) -> AsyncIterator[TcpProxy]:
     async with TcpProxy(tidings.port) as proxy:
         yield proxy
