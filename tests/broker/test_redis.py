@@ -153,3 +153,21 @@ async def test_unsubscribed_channels_are_not_delivered(redis_server: RedisServer
 
 def test_broker_protocol() -> None:
     assert issubclass(RedisBroker, Broker)
+
+
+async def test_gap_fill_keeps_origin_and_excluded_channel(redis_server: RedisServer) -> None:
+    brokers: list[RedisBroker] = []
+    make = _factory(redis_server.url, brokers)
+    try:
+        publisher, listener = await make(), await make()
+        inbox = Inbox(listener)
+        await listener.subscribe("p:f")
+        seq = await publish(publisher, "p:f", "e", {"n": 1}, "f1", exclude=7)
+        await inbox.wait(1)
+        listener._last_seq["p:f"] = seq - 1  # as if the live message had been missed
+        await listener._fill_gap("p:f")
+        refilled = await inbox.wait(2)
+        assert (refilled[1].seq, refilled[1].origin, refilled[1].exclude) == (seq, publisher.node_id, 7)
+    finally:
+        for br in brokers:
+            await br.stop()

@@ -295,8 +295,11 @@ class RedisBroker(Broker):
 
         self._enqueue(op, finished)
 
+    def _presence_envelope(self, topic: str, diff: dict[str, Any]) -> bytes:
+        return b"0|" + orjson.dumps({"k": "p", "o": self.node_id, "t": topic, "d": diff})
+
     def publish_presence(self, key: str, topic: str, diff: dict[str, Any]) -> None:
-        envelope = b"0|" + orjson.dumps({"k": "p", "o": self.node_id, "t": topic, "d": diff})
+        envelope = self._presence_envelope(topic, diff)
         channel = self._channel(key)
         self._enqueue(lambda pipe: pipe.publish(channel, envelope))
 
@@ -458,11 +461,13 @@ class RedisBroker(Broker):
                 break
             if seq != expected:
                 break
-            payload = _decode_payload(fields[b"p"], fields[b"b"] == b"1")
+            rec = self._record((entry_id, fields))
+            # Origin and excluded channel travel with the record: a sender without `self` must
+            # not get its own message back from a gap fill either.
+            origin = fields.get(b"o", b"").decode() or None
+            exclude = int(fields[b"x"]) if fields.get(b"x") else None
             self._deliver(
-                Envelope(
-                    Envelope.BROADCAST, key, topic, fields[b"e"].decode(), payload, fields[b"i"].decode(), seq
-                )
+                Envelope(Envelope.BROADCAST, key, topic, rec.event, rec.payload, rec.id, seq, origin, exclude)
             )
             expected = seq + 1
         top = until - 1 if until is not None else int(current or 0)
@@ -582,14 +587,7 @@ class RedisBroker(Broker):
                     presence_key, meta = orjson.loads(value)
                     leaves.setdefault(presence_key, {"metas": []})["metas"].append(meta)
             if leaves and node != self.node_id:
-                envelope = b"0|" + orjson.dumps(
-                    {
-                        "k": "p",
-                        "o": self.node_id,
-                        "t": "realtime:" + key[2:],
-                        "d": {"joins": {}, "leaves": leaves},
-                    }
-                )
+                envelope = self._presence_envelope("realtime:" + key[2:], {"joins": {}, "leaves": leaves})
                 await self.redis.publish(self._channel(key), envelope)
         await self.redis.delete(nkey)
         await self.redis.zrem(f"{self.prefix}:nodes", node)
