@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.support.phx import PhxClient
-from tests.support.redis import RedisServer
+from tests.support.redis import RedisClusterServers, RedisServer
 from tests.support.server import ServerProcess
 
 from .conftest import Database, unique_slot
@@ -18,10 +18,11 @@ from .test_server_changes import ORDERS, subscribe
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 
-@pytest.fixture
-def cluster(db: Database) -> Iterator[Callable[[], ServerProcess]]:
+@pytest.fixture(params=["redis", "redis-cluster"])
+def cluster(db: Database, request: pytest.FixtureRequest) -> Iterator[Callable[[], ServerProcess]]:
     db.execute(ORDERS)
-    redis = RedisServer().start()
+    redis = RedisServer() if request.param == "redis" else RedisClusterServers(masters=3)
+    redis.start()
     slot = unique_slot()
     nodes: list[ServerProcess] = []
 

@@ -13,15 +13,17 @@ from websockets.asyncio.client import connect
 
 from tests.support.nginx import Nginx
 from tests.support.phx import PhxClient
-from tests.support.redis import RedisServer
+from tests.support.redis import RedisClusterServers, RedisServer
 from tests.support.server import ServerProcess
 
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    server = RedisServer().start()
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """One redis-server, or a 3-primary Redis Cluster (sharded pub/sub): every test runs on both."""
+    server = RedisServer() if request.param == "redis" else RedisClusterServers(masters=3)
+    server.start()
     yield server.url
     server.cleanup()
 
@@ -143,7 +145,7 @@ async def test_node_killed_behind_nginx_clients_recover_everything(redis_url: st
         b.stop()
 
 
-async def test_redis_restart_nodes_continue(redis_url: str) -> None:
+async def test_redis_restart_nodes_continue() -> None:
     redis_server = RedisServer(persist=True).start()
     a, b = node(redis_server.url), node(redis_server.url)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .server import free_port
 
-__all__ = ["RedisServer"]
+__all__ = ["RedisClusterServers", "RedisServer"]
 
 
 class RedisServer:
@@ -32,6 +32,7 @@ class RedisServer:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="tidings-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []
 
     @property
     def url(self) -> str:
@@ -56,6 +57,7 @@ class RedisServer:
             "--daemonize",
             "no",
             *save,
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -85,3 +87,56 @@ class RedisServer:
         """Stop and delete the data directory."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisClusterServers:
+    """A throwaway Redis Cluster: ``masters`` redis-servers in cluster mode, no replicas.
+
+    Slots are spread evenly by ``redis-cli --cluster create``; :attr:`url` names the first node
+    (clients discover the others from it).
+    """
+
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes = [RedisServer(persist=False) for _ in range(masters)]
+        self.cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT`` of the first node."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        """Start every node, join them into one cluster and wait until it reports ``ok``."""
+        for node in self.nodes:
+            # The bus port defaults to port + 10000, which may not exist for a high free port.
+            node.extra_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            node.extra_args += ["--cluster-port", str(free_port())]
+            node.start()
+        subprocess.run(
+            [self.cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes]]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self._state(n) == "ok" for n in self.nodes):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("redis cluster did not reach cluster_state:ok")
+
+    def _state(self, node: RedisServer) -> str:
+        out = subprocess.run(
+            [self.cli, "-p", str(node.port), "cluster", "info"], capture_output=True, text=True, timeout=5
+        ).stdout
+        for line in out.splitlines():
+            if line.startswith("cluster_state:"):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+    def cleanup(self) -> None:
+        """Stop every node and delete their directories."""
+        for node in self.nodes:
+            node.cleanup()

@@ -14,12 +14,19 @@
   sorted set; entries of a node that stopped heartbeating are removed by the survivors, who
   publish the matching leave diffs.
 * Commands are queued and sent in order, many per round trip (one pipeline per loop turn).
+* **Redis Cluster** is detected at start (``INFO cluster``). Every key and the pub/sub channel of
+  one Tidings channel share a hash tag, so they live on one slot: the publish script stays atomic
+  and uses ``SPUBLISH``; the node keeps one subscription connection per primary and subscribes
+  with ``SSUBSCRIBE`` there. A shard connection that fails, a slot that moves (Redis answers
+  ``sunsubscribe``) or a channel whose slot no known primary serves rebuilds every subscription
+  connection from a fresh slot map and fills the gaps from the streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import time
 import uuid
@@ -29,6 +36,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import (
@@ -44,8 +53,8 @@ __all__ = ["RedisBroker"]
 
 log = logging.getLogger("tidings.broker.redis")
 
-# KEYS: seq, stream, id-marker. ARGV: msg_id, event, payload, is_binary, now_us, maxlen, ttl,
-# channel, envelope-json, now_ms, origin node, excluded channel id.
+# KEYS: seq, stream, id-marker, channel start. ARGV: msg_id, event, payload, is_binary, now_us, maxlen, ttl,
+# channel, envelope-json, now_ms, origin node, excluded channel id, PUBLISH or SPUBLISH.
 # Returns the sequence number, or 0 for a duplicate id.
 PUBLISH_LUA = """
 if ARGV[1] ~= '' then
@@ -53,7 +62,7 @@ if ARGV[1] ~= '' then
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SET', KEYS[1], ARGV[5])
-  redis.call('SET', KEYS[1] .. ':start', ARGV[5], 'EX', 604800)
+  redis.call('SET', KEYS[4], ARGV[5], 'EX', 604800)
 end
 local seq = redis.call('INCR', KEYS[1])
 -- Lua 5.1 prints large numbers in exponent form: format the integer explicitly.
@@ -65,7 +74,7 @@ if tonumber(ARGV[6]) > 0 then
              'o', ARGV[11], 'x', ARGV[12])
   redis.call('EXPIRE', KEYS[2], ARGV[7])
 end
-redis.call('PUBLISH', ARGV[8], s .. '|' .. ARGV[9])
+redis.call(ARGV[13], ARGV[8], s .. '|' .. ARGV[9])
 return seq
 """
 
@@ -80,6 +89,37 @@ def _decode_payload(raw: bytes, binary: bool) -> Any:
     return base64.b64decode(raw) if binary else orjson.loads(raw)
 
 
+def _hash_tag(key: str) -> str:
+    """``{tag}`` for a channel key: every name of one channel hashes to one cluster slot.
+
+    Redis hashes what lies between the first ``{`` and the next ``}``; a key holding braces (or
+    an empty one) is replaced by a digest, and the full key follows the tag to keep names unique.
+    """
+    if key and "{" not in key and "}" not in key:
+        return "{" + key + "}"
+    return "{" + hashlib.sha1(key.encode()).hexdigest()[:16] + "}:" + key
+
+
+class _Shard:
+    """One subscription connection: the whole Redis, or one primary of a cluster."""
+
+    __slots__ = ("name", "client", "pubsub", "control", "probe_seen")
+
+    def __init__(self, name: str, client: Any, control: str) -> None:
+        self.name = name
+        self.client = client
+        self.pubsub: Any = client.pubsub()
+        self.control = control
+        self.probe_seen = time.monotonic()
+
+    async def close(self) -> None:
+        try:
+            await self.pubsub.aclose()
+        except (RedisError, OSError):
+            pass
+        await self.client.aclose()
+
+
 class RedisBroker(Broker):
     """Broker for ``--redis-url``.
 
@@ -87,7 +127,7 @@ class RedisBroker(Broker):
         url: ``redis://host:port/db``.
         history_size: messages kept per channel stream.
         history_ttl: seconds a channel's history lives after its last message.
-        prefix: key and channel prefix, so several clusters can share one Redis.
+        prefix: key and channel prefix, so several clusters can share one Redis (no braces).
         node_timeout: seconds without a heartbeat after which a node's presence is removed.
         health_interval: seconds between subscription health probes.
     """
@@ -103,6 +143,8 @@ class RedisBroker(Broker):
         node_timeout: float = 10.0,
         health_interval: float = 2.0,
     ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"redis prefix must not contain braces: {prefix!r}")
         self.url = url
         self.node_id = uuid.uuid4().hex[:12]
         self.history_size = history_size
@@ -118,11 +160,12 @@ class RedisBroker(Broker):
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
-        # The subscription connection must fail loudly instead: a silent automatic resubscribe
-        # would hide the window in which messages were missed.
-        self._sub_redis: Any = aioredis.from_url(
-            url, socket_connect_timeout=3, socket_keepalive=True, retry=Retry(NoBackoff(), 0)
-        )
+        self.cluster = False  # set by start() when Redis runs as a cluster
+        self._publish_cmd = "PUBLISH"
+        self._shards: list[_Shard] = []
+        self._rebuild = asyncio.Event()
+        self._keys_by_channel: dict[bytes, str] = {}
+        self._unsubscribing: set[bytes] = set()
         self._ops: deque[tuple[Callable[[Any], Any], Callable[[Any], None] | None]] = deque()
         self._wake = asyncio.Event()
         self._subscribed: dict[str, asyncio.Future[None]] = {}
@@ -130,24 +173,19 @@ class RedisBroker(Broker):
         # A channel's sequence number when this node subscribed: where gap filling starts if no
         # message arrived before a reconnect. Kept apart from _last_seq, which also de-duplicates.
         self._baseline: dict[str, int] = {}
-        self._pubsub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._probe_seen = time.monotonic()
         self._running = False
         self.connected = asyncio.Event()
         self.reconnects = 0
 
     # -- names -------------------------------------------------------------------------------
 
+    def _name(self, kind: str, key: str) -> str:
+        """The Redis name of one of a channel's keys (``seq``, ``hist``, ``id``, ``presence``, ``ch``)."""
+        return f"{self.prefix}:{kind}:{_hash_tag(key)}"
+
     def _channel(self, key: str) -> str:
-        return f"{self.prefix}:ch:{key}"
-
-    def _key_of(self, channel: str) -> str:
-        return channel[len(self.prefix) + 4 :]
-
-    @property
-    def _control(self) -> str:
-        return f"{self.prefix}:ctl:{self.node_id}"
+        return self._name("ch", key)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -155,6 +193,18 @@ class RedisBroker(Broker):
         """Check Redis answers, then start the writer, reader and heartbeat tasks."""
         try:
             await self.redis.ping()
+            self.cluster = (await self.redis.info("cluster")).get("cluster_enabled") == 1
+            if self.cluster:
+                await self.redis.aclose()
+                self.redis = RedisCluster.from_url(
+                    self.url,
+                    socket_connect_timeout=3,
+                    socket_keepalive=True,
+                    retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
+                )
+                await self.redis.initialize()
+                self._publish_cmd = "SPUBLISH"
+                log.info("redis at %s runs as a cluster: sharded pub/sub", self.url)
         except (RedisError, OSError) as exc:
             raise RuntimeError(f"cannot reach Redis at {self.url}: {exc}") from None
         self._running = True
@@ -181,13 +231,8 @@ class RedisBroker(Broker):
             await self.redis.zrem(f"{self.prefix}:nodes", self.node_id)
         except (RedisError, OSError):
             pass
-        if self._pubsub is not None:
-            try:
-                await self._pubsub.aclose()
-            except (RedisError, OSError):
-                pass
+        await self._close_shards()
         await self.redis.aclose()
-        await self._sub_redis.aclose()
 
     # -- command queue -----------------------------------------------------------------------
 
@@ -216,7 +261,7 @@ class RedisBroker(Broker):
                 ends = []  # an op may queue several commands; its result is its last one's
                 for op, _ in batch:
                     op(pipe)
-                    ends.append(len(pipe.command_stack) - 1)
+                    ends.append(len(pipe) - 1)
                 results = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as exc:
                 if attempt == 1:
@@ -264,7 +309,8 @@ class RedisBroker(Broker):
             }
         )
         now = time.time()
-        keys = [f"{self.prefix}:seq:{key}", f"{self.prefix}:hist:{key}", f"{self.prefix}:id:{key}:{msg_id}"]
+        seq_key = self._name("seq", key)
+        keys = [seq_key, self._name("hist", key), f"{self._name('id', key)}:{msg_id}", seq_key + ":start"]
         args = [
             msg_id,
             event,
@@ -278,6 +324,7 @@ class RedisBroker(Broker):
             int(now * 1000),
             self.node_id,
             "" if exclude is None else exclude,
+            self._publish_cmd,
         ]
 
         def op(pipe: Any) -> None:
@@ -298,20 +345,28 @@ class RedisBroker(Broker):
     def _presence_envelope(self, topic: str, diff: dict[str, Any]) -> bytes:
         return b"0|" + orjson.dumps({"k": "p", "o": self.node_id, "t": topic, "d": diff})
 
+    def _pipe_publish(self, pipe: Any, channel: str, message: bytes) -> None:
+        if self.cluster:
+            pipe.spublish(channel, message)
+        else:
+            pipe.publish(channel, message)
+
     def publish_presence(self, key: str, topic: str, diff: dict[str, Any]) -> None:
         envelope = self._presence_envelope(topic, diff)
         channel = self._channel(key)
-        self._enqueue(lambda pipe: pipe.publish(channel, envelope))
+        self._enqueue(lambda pipe: self._pipe_publish(pipe, channel, envelope))
 
     def publish_change(self, key: str, change: dict[str, Any], done: Callable[[Any], None]) -> None:
         """Send a Postgres change to every node subscribed to ``key``; ``done(result)`` after."""
         envelope = b"0|" + orjson.dumps({"k": "c", "o": self.node_id, "c": change})
         channel = self._channel(key)
-        self._enqueue(lambda pipe: pipe.publish(channel, envelope), done)
+        self._enqueue(lambda pipe: self._pipe_publish(pipe, channel, envelope), done)
 
     def after_queued(self, done: Callable[[Any], None]) -> None:
         """Call ``done(result)`` once every command queued before it was answered (in order)."""
-        self._enqueue(lambda pipe: pipe.echo(b""), done)
+        # A keyed command: a cluster pipeline refuses keyless ones such as ECHO.
+        marker = f"{self.prefix}:nodes"
+        self._enqueue(lambda pipe: pipe.exists(marker), done)
 
     # -- subscriptions -----------------------------------------------------------------------
 
@@ -320,14 +375,20 @@ class RedisBroker(Broker):
         fut = self._subscribed.get(key)
         if fut is None:
             fut = self._subscribed[key] = asyncio.get_running_loop().create_future()
-            if self._pubsub is not None and self.connected.is_set():
-                try:
-                    await self._pubsub.subscribe(self._channel(key))
-                except (RedisError, OSError):
-                    pass  # the reader's reconnect resubscribes every key, this one included
+            channel = self._channel(key)
+            self._keys_by_channel[channel.encode()] = key
+            if self.connected.is_set():
+                shard = self._shard_of(channel)
+                if shard is None:
+                    self._rebuild.set()  # a primary this node has no connection to
+                else:
+                    try:
+                        await self._subscribe_on(shard, [channel])
+                    except (RedisError, OSError):
+                        pass  # the reader's reconnect resubscribes every key, this one included
         await asyncio.wait_for(asyncio.shield(fut), 10)
         if key not in self._baseline:
-            self._baseline[key] = int(await self.redis.get(f"{self.prefix}:seq:{key}") or 0)
+            self._baseline[key] = int(await self.redis.get(self._name("seq", key)) or 0)
 
     def unsubscribe(self, key: str) -> None:
         """Stop receiving ``key`` on this node."""
@@ -336,16 +397,74 @@ class RedisBroker(Broker):
         self._baseline.pop(key, None)
         if fut is not None and not fut.done():
             fut.cancel()
-        if self._pubsub is not None and self.connected.is_set():
-            pubsub, channel = self._pubsub, self._channel(key)
+        channel = self._channel(key)
+        self._keys_by_channel.pop(channel.encode(), None)
+        shard = self._shard_of(channel) if self.connected.is_set() else None
+        if shard is not None:
+            pubsub = shard.pubsub
+            if self.cluster:
+                self._unsubscribing.add(channel.encode())
 
             async def unsubscribe() -> None:
                 try:
-                    await pubsub.unsubscribe(channel)
+                    if self.cluster:
+                        await pubsub.sunsubscribe(channel)
+                    else:
+                        await pubsub.unsubscribe(channel)
                 except (RedisError, OSError):
                     pass
 
             asyncio.get_running_loop().create_task(unsubscribe())
+
+    def _shard_of(self, channel: str) -> _Shard | None:
+        """The subscription connection serving ``channel`` (by the current slot map)."""
+        if not self.cluster:
+            return self._shards[0] if self._shards else None
+        try:
+            name = self.redis.get_node_from_key(channel).name
+        except RedisError:
+            return None
+        return next((s for s in self._shards if s.name == name), None)
+
+    async def _subscribe_on(self, shard: _Shard, channels: list[str]) -> None:
+        if not self.cluster:
+            await shard.pubsub.subscribe(*channels)
+            return
+        # SSUBSCRIBE takes the channels of one slot per command.
+        by_slot: dict[int, list[str]] = {}
+        for channel in channels:
+            by_slot.setdefault(self.redis.keyslot(channel), []).append(channel)
+        for group in by_slot.values():
+            await shard.pubsub.ssubscribe(*group)
+
+    async def _open_shards(self) -> list[_Shard]:
+        """One subscription connection per primary (or for the whole Redis), each with a probe channel."""
+        # Subscription connections fail loudly: a silent automatic resubscribe would hide the
+        # window in which messages were missed.
+        options = {"socket_connect_timeout": 3, "socket_keepalive": True, "retry": Retry(NoBackoff(), 0)}
+        if not self.cluster:
+            client = aioredis.from_url(self.url, **options)
+            return [_Shard(self.url, client, f"{self.prefix}:ctl:{self.node_id}")]
+        await self.redis.nodes_manager.initialize()  # the slot map may have changed since the last build
+        base = parse_url(self.url)
+        shards = []
+        for node in self.redis.get_primaries():
+            client = aioredis.Redis(**{**base, **options, "host": node.host, "port": node.port})
+            shards.append(_Shard(node.name, client, self._control_for(node.name)))
+        return shards
+
+    def _control_for(self, node_name: str) -> str:
+        """A probe channel of this node that hashes to a slot served by primary ``node_name``."""
+        for i in range(100_000):
+            channel = f"{self.prefix}:ctl:{self.node_id}:{{{i}}}"
+            if self.redis.get_node_from_key(channel).name == node_name:
+                return channel
+        raise RuntimeError(f"no slot of redis primary {node_name} found")
+
+    async def _close_shards(self) -> None:
+        shards, self._shards = self._shards, []
+        for shard in shards:
+            await shard.close()
 
     async def _reader(self) -> None:
         delay = 0.1
@@ -367,36 +486,76 @@ class RedisBroker(Broker):
             delay = min(delay * 2, 2.0)
 
     async def _consume(self, first: bool) -> None:
-        if self._pubsub is not None:
-            try:
-                await self._pubsub.aclose()
-            except (RedisError, OSError):
-                pass
-        pubsub = self._sub_redis.pubsub()
-        self._pubsub = pubsub
-        keys = list(self._subscribed)
-        # One command resubscribes everything: the reconnect storm is one round trip.
-        await pubsub.subscribe(self._control, *[self._channel(k) for k in keys])
-        self._probe_seen = time.monotonic()
+        """(Re)build every subscription connection, then read them until one fails."""
+        await self._close_shards()
+        self._rebuild.clear()
+        self._unsubscribing.clear()
+        self._shards = await self._open_shards()
+        loop = asyncio.get_running_loop()
+        for key, fut in self._subscribed.items():
+            # Connected again only once Redis confirmed every channel anew: the gap fills must
+            # read the streams after the live subscriptions are in place, on every shard.
+            if fut.done():
+                self._subscribed[key] = loop.create_future()
+        by_shard: dict[str, list[str]] = {s.name: [] for s in self._shards}
+        for key in self._subscribed:
+            channel = self._channel(key)
+            shard = self._shard_of(channel)
+            if shard is None:
+                raise RedisConnectionError(f"no redis primary serves the slot of {channel}")
+            by_shard[shard.name].append(channel)
+        for shard in self._shards:
+            shard.probe_seen = time.monotonic()
+            # One round trip per shard resubscribes everything: the reconnect storm stays cheap.
+            if self.cluster:
+                await shard.pubsub.ssubscribe(shard.control)
+                await self._subscribe_on(shard, by_shard[shard.name])
+            else:
+                await shard.pubsub.subscribe(shard.control, *by_shard[shard.name])
+        readers = [asyncio.ensure_future(self._read(shard, first)) for shard in self._shards]
+        rebuild = asyncio.ensure_future(self._rebuild.wait())
+        try:
+            done, _ = await asyncio.wait([*readers, rebuild], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (*readers, rebuild):
+                task.cancel()
+            await asyncio.gather(*readers, rebuild, return_exceptions=True)
+        for task in done:
+            if task is not rebuild:
+                task.result()  # raises what ended this reader
+        raise RedisConnectionError("redis cluster topology changed")
+
+    async def _read(self, shard: _Shard, first: bool) -> None:
+        pubsub, control = shard.pubsub, shard.control.encode()
         while True:
             msg = await pubsub.get_message(timeout=1.0)
             if msg is None:
                 if not self.connected.is_set() and self._confirmed_all():
                     await self._recovered(first)
-                if time.monotonic() - self._probe_seen > 3 * self.health_interval + 1:
-                    raise TimeoutError("subscription connection stopped delivering health probes")
+                if time.monotonic() - shard.probe_seen > 3 * self.health_interval + 1:
+                    raise TimeoutError(f"subscription to {shard.name} stopped delivering health probes")
                 continue
             kind = msg["type"]
-            if kind == "message":
-                self._on_message(msg["channel"], msg["data"])
-            elif kind == "subscribe":
-                channel = msg["channel"].decode()
-                if channel != self._control:
-                    fut = self._subscribed.get(self._key_of(channel))
-                    if fut is not None and not fut.done():
-                        fut.set_result(None)
+            if kind == "message" or kind == "smessage":
+                channel = msg["channel"]
+                if channel == control:
+                    shard.probe_seen = time.monotonic()
+                else:
+                    self._on_message(channel, msg["data"])
+            elif kind == "subscribe" or kind == "ssubscribe":
+                key = self._keys_by_channel.get(msg["channel"])
+                fut = self._subscribed.get(key) if key is not None else None
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
                 if not self.connected.is_set() and self._confirmed_all():
                     await self._recovered(first)
+            elif kind == "sunsubscribe":
+                channel = msg["channel"]
+                if channel in self._unsubscribing:
+                    self._unsubscribing.discard(channel)
+                elif channel in self._keys_by_channel or channel == control:
+                    # Not asked for: the slot moved to another primary.
+                    raise RedisConnectionError(f"redis moved the slot of {channel.decode()}")
 
     def _confirmed_all(self) -> bool:
         return all(f.done() for f in self._subscribed.values())
@@ -413,11 +572,8 @@ class RedisBroker(Broker):
                 await self._fill_gap(key)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        if channel.decode() == self._control:
-            self._probe_seen = time.monotonic()
-            return
-        key = self._key_of(channel.decode())
-        if key not in self._subscribed:
+        key = self._keys_by_channel.get(channel)
+        if key is None or key not in self._subscribed:
             return
         head, _, body = data.partition(b"|")
         env = orjson.loads(body)
@@ -447,8 +603,8 @@ class RedisBroker(Broker):
         if last is None:
             return
         try:
-            entries = await self.redis.xrange(f"{self.prefix}:hist:{key}", min=f"{last + 1}-0", max="+")
-            current = await self.redis.get(f"{self.prefix}:seq:{key}")
+            entries = await self.redis.xrange(self._name("hist", key), min=f"{last + 1}-0", max="+")
+            current = await self.redis.get(self._name("seq", key))
         except (RedisError, OSError) as exc:
             log.warning("cannot read history of %s (%s)", key, exc)
             self._gap(key)
@@ -482,11 +638,11 @@ class RedisBroker(Broker):
         self, key: str, since_seq: int | None, since_time: float | None, limit: int
     ) -> ReplayResult:
         """Read a channel's stream: after ``since_seq``, or the newest ``limit`` since a time."""
-        stream = f"{self.prefix}:hist:{key}"
+        stream = self._name("hist", key)
         cutoff_ms = (time.time() - self.history_ttl) * 1000
         if since_seq is not None:
             entries = await self.redis.xrange(stream, min=f"{since_seq + 1}-0", max="+", count=limit + 1)
-            seq_key = f"{self.prefix}:seq:{key}"
+            seq_key = self._name("seq", key)
             current_raw, start_raw = await self.redis.mget(seq_key, seq_key + ":start")
             current, start = int(current_raw or 0), int(start_raw or 0)
             records = [self._record(e) for e in entries]
@@ -505,7 +661,7 @@ class RedisBroker(Broker):
 
     async def last_seq(self, key: str) -> int | None:
         """The channel's current sequence number in Redis."""
-        raw = await self.redis.get(f"{self.prefix}:seq:{key}")
+        raw = await self.redis.get(self._name("seq", key))
         return None if raw is None else int(raw)
 
     @staticmethod
@@ -524,7 +680,7 @@ class RedisBroker(Broker):
     def track(self, key: str, owner: int, presence_key: str, meta: dict[str, Any]) -> None:
         field = f"{self.node_id}:{owner}"
         value = orjson.dumps([presence_key, meta])
-        pkey, nkey = f"{self.prefix}:presence:{key}", f"{self.prefix}:node-keys:{self.node_id}"
+        pkey, nkey = self._name("presence", key), f"{self.prefix}:node-keys:{self.node_id}"
 
         def op(pipe: Any) -> None:
             pipe.hset(pkey, field, value)
@@ -533,12 +689,12 @@ class RedisBroker(Broker):
         self._enqueue(op)
 
     def untrack(self, key: str, owner: int) -> None:
-        field, pkey = f"{self.node_id}:{owner}", f"{self.prefix}:presence:{key}"
+        field, pkey = f"{self.node_id}:{owner}", self._name("presence", key)
         self._enqueue(lambda pipe: pipe.hdel(pkey, field))
 
     async def presence_state(self, key: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
         """Merge every live node's entries for ``key``."""
-        entries = await self.redis.hgetall(f"{self.prefix}:presence:{key}")
+        entries = await self.redis.hgetall(self._name("presence", key))
         alive = await self._alive_nodes()
         state: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for field, value in entries.items():
@@ -559,13 +715,20 @@ class RedisBroker(Broker):
             try:
                 now = time.time()
                 await self.redis.zadd(nodes, {self.node_id: now})
-                await self.redis.publish(self._control, b"probe")
+                for shard in list(self._shards):
+                    await self._publish_now(shard.control, b"probe")
                 dead = await self.redis.zrangebyscore(nodes, "-inf", now - self.node_timeout)
                 for node in dead:
                     await self._reap_node(node.decode())
             except (RedisError, OSError) as exc:
                 log.debug("redis heartbeat failed: %s", exc)
             await asyncio.sleep(self.health_interval)
+
+    async def _publish_now(self, channel: str, message: bytes) -> None:
+        if self.cluster:
+            await self.redis.spublish(channel, message)
+        else:
+            await self.redis.publish(channel, message)
 
     async def _reap_node(self, node: str) -> None:
         """Remove a (dead or stopping) node's presence entries and publish their leaves."""
@@ -577,7 +740,7 @@ class RedisBroker(Broker):
         nkey = f"{self.prefix}:node-keys:{node}"
         for raw_key in await self.redis.smembers(nkey):
             key = raw_key.decode()
-            pkey = f"{self.prefix}:presence:{key}"
+            pkey = self._name("presence", key)
             entries = await self.redis.hgetall(pkey)
             leaves: dict[str, dict[str, list[dict[str, Any]]]] = {}
             for field, value in entries.items():
@@ -588,7 +751,7 @@ class RedisBroker(Broker):
                     leaves.setdefault(presence_key, {"metas": []})["metas"].append(meta)
             if leaves and node != self.node_id:
                 envelope = self._presence_envelope("realtime:" + key[2:], {"joins": {}, "leaves": leaves})
-                await self.redis.publish(self._channel(key), envelope)
+                await self._publish_now(self._channel(key), envelope)
         await self.redis.delete(nkey)
         await self.redis.zrem(f"{self.prefix}:nodes", node)
 
