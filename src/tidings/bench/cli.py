@@ -126,7 +126,11 @@ async def run_target(
     if target.redis and params.redis_url:
         env.update(REDIS_URL=params.redis_url)
     server = ServerHandle(target, HOST, free_port(HOST), env, params.server_cpus, bench)
-    if target.nodes > 1:
+    if target.nginx:
+        # Both nodes on the server core: after one dies, the survivor has that core to itself.
+        server.peer = ServerHandle(target, HOST, free_port(HOST), env, params.server_cpus, bench)
+        server.front_clients = params.n
+    elif target.nodes > 1:
         # The second node (where updates enter) runs beside the load generator, not on the server core.
         server.peer = ServerHandle(target, HOST, free_port(HOST), env, params.client_cpus, bench)
     try:
@@ -139,7 +143,7 @@ async def run_target(
     pool = Pool(
         params.workers,
         HOST,
-        server.port,
+        server.client_port,
         target.dialect,
         params.vsn,
         params.source_addrs,
@@ -155,7 +159,11 @@ async def run_target(
         run = Run(target, server, pool, params, progress)
         profiler = None
         if profile_dir is not None and target.name != "node-ws":
-            profiler = Profiler(server.pid, profile_dir / f"{target.name}-profile.txt")
+            # With nginx the node that takes the clients over (the survivor) is the one of interest.
+            watched = (
+                server.other.pid if server.other is not None and scenario == "node-death" else server.pid
+            )
+            profiler = Profiler(watched, profile_dir / f"{target.name}-profile.txt")
         pids = [os.getpid(), *(p.pid for p in pool.procs)]
         gen0, wall0 = sum(cpu_seconds(p) for p in pids), time.monotonic()
         try:
@@ -188,6 +196,8 @@ async def run_target(
             except Exception as exc:  # the report says so; the run itself is over
                 report.setdefault("notes", []).append(f"could not drop replication slot {slot}: {exc}")
     report["server"] = {"pid": server.pid, "cpus": sorted(params.server_cpus or []), "log": server.log.name}
+    if server.peer is not None and server.peer.proc is not None:
+        report["server"]["peer"] = {"pid": server.peer.pid, "log": server.peer.log.name}
     progress.done(report["status"] if report["status"] != "ok" else "done")
     return report, outcome
 
@@ -229,7 +239,7 @@ async def run_bench(
                 f"{params.source_addrs[0]}–{params.source_addrs[-1]}, vsn {params.vsn}"
             ),
         )
-        if report["status"] == "ok" and name == "tidings":
+        if report["status"] == "ok" and (name == "tidings" or scenario == "node-death"):
             report["targets"] = check_targets(scenario, report["metrics"], report["params"])
         paths = write_run(out_dir, report, outcome)
         if not quiet:
@@ -258,6 +268,8 @@ def _params_dict(scenario: str, p: Params) -> dict[str, Any]:
         out["source"] = p.source
     if scenario == "reconnect-storm":
         out.update(rate=p.rate, channels=p.channels, restart=p.restart, backoff_ms=p.backoff * 1000)
+    if scenario == "node-death":
+        out.update(rate=p.rate, channels=p.channels, backoff_ms=p.backoff * 1000, replay_limit=p.replay_limit)
     return out
 
 
@@ -275,9 +287,9 @@ def _parse_targets(against: str) -> list[str]:
 @click.argument("scenario", required=False, type=click.Choice(list(SCENARIOS)))
 @click.option(
     "--against",
-    default="tidings",
-    show_default=True,
-    help=f"Comma-separated targets: {', '.join(TARGETS)}, or all.",
+    default=None,
+    help=f"Comma-separated targets: {', '.join(TARGETS)}, or all "
+    "(default: tidings; tidings-nginx for node-death).",
 )
 @click.option("-n", "--connections", "n", type=int, default=None, help="Clients (scenario default if unset).")
 @click.option(
@@ -327,7 +339,14 @@ def _parse_targets(against: str) -> list[str]:
     type=float,
     default=1000,
     show_default=True,
-    help="reconnect-storm: first reconnect delay (doubles, ±25% jitter, capped at 30 s).",
+    help="reconnect-storm, node-death: first reconnect delay (doubles, ±25% jitter, capped at 30 s).",
+)
+@click.option(
+    "--replay-limit",
+    type=int,
+    default=25,
+    show_default=True,
+    help="node-death: replay.limit a rejoin asks for (the server clamps it to 25).",
 )
 @click.option(
     "--source",
@@ -346,7 +365,7 @@ def _parse_targets(against: str) -> list[str]:
     "--redis-url",
     default=None,
     metavar="URL",
-    help="Redis for the tidings-redis and tidings-cluster targets.",
+    help="Redis for the tidings-redis, tidings-cluster and tidings-nginx targets.",
 )
 @click.option("--server-env", multiple=True, metavar="KEY=VALUE", help="Extra environment for the server.")
 @click.option(
@@ -371,7 +390,7 @@ def _parse_targets(against: str) -> list[str]:
 @click.option("--list", "list_", is_flag=True, help="List scenarios and targets and exit.")
 def bench(
     scenario: str | None,
-    against: str,
+    against: str | None,
     n: int | None,
     rate: float | None,
     connect_rate: float,
@@ -384,6 +403,7 @@ def bench(
     pin: bool,
     restart: str,
     backoff_ms: float,
+    replay_limit: int,
     source: str,
     database_url: str | None,
     redis_url: str | None,
@@ -416,6 +436,8 @@ def bench(
     rate = rate if rate is not None else float(spec.defaults["rate"])
     channels = channels if channels is not None else int(spec.defaults["channels"])
     duration = duration if duration is not None else float(spec.defaults.get("duration", 10))
+    if replay_limit < 1:
+        raise click.BadParameter("--replay-limit must be at least 1")
     if n <= 0 or size < 40 or (rate <= 0 and scenario != "memory"):
         raise click.BadParameter("need -n > 0, --rate > 0 and --size >= 40")
     if n > 60_000:
@@ -454,6 +476,7 @@ def bench(
         client_cpus=client_cpus,
         backoff=backoff_ms / 1000,
         restart=restart,
+        replay_limit=replay_limit,
         source=source,
         database_url=database_url,
         db_publication=env.get("DB_PUBLICATION", "supabase_realtime"),
@@ -461,7 +484,7 @@ def bench(
     )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out_dir or Path("bench-results") / f"{stamp}-{scenario}"
-    targets = _parse_targets(against)
+    targets = _parse_targets(against or spec.against)
     if profile and not Profiler.available():
         raise click.UsageError("--profile needs py-spy (pip install py-spy)")
     run_loop(run_bench(scenario, targets, params, env, out, bench_dir, quiet, wait_quiet, profile))

@@ -22,6 +22,7 @@ from .wire import (
     client_frame,
     handshake_request,
     read_record_t_n,
+    read_seq,
     read_t_n,
 )
 
@@ -38,6 +39,9 @@ class Sink(TypingProtocol):
 
     def on_bench(self, conn: ClientConn, t: int, n: int) -> None:
         """A bench payload sent at ``t`` (ns) with counter ``n`` arrived."""
+
+    def on_seq(self, conn: ClientConn, t: int, n: int, seq: int, replayed: bool) -> None:
+        """Instead of ``on_bench`` when the connection tracks ``meta.seq`` (``-1``: none)."""
 
     def on_presence(self, conn: ClientConn, event: str, payload: Any) -> None:
         """``presence_state`` or ``presence_diff`` arrived."""
@@ -64,14 +68,17 @@ class ClientConn(asyncio.Protocol):
         "host",
         "idx",
         "join_ref",
+        "join_response",
         "port",
         "presence_key",
         "ref",
+        "replay",
         "sink",
         "state",
         "t_joined",
         "t_start",
         "topic",
+        "track_seq",
         "transport",
     )
 
@@ -85,8 +92,15 @@ class ClientConn(asyncio.Protocol):
         port: int,
         presence_key: str | None = None,
         changes: list[dict[str, str]] | None = None,
+        replay: dict[str, int] | None = None,
+        track_seq: bool = False,
     ) -> None:
         self.sink = sink
+        # Sent in the join's config.broadcast.replay (e.g. {"since_seq": 41, "limit": 25}).
+        self.replay = replay
+        # Read meta.seq of every bench broadcast and report through Sink.on_seq.
+        self.track_seq = track_seq
+        self.join_response: Any = None
         self.changes = changes
         self.dialect = dialect
         self.idx = idx
@@ -226,7 +240,9 @@ class ClientConn(asyncio.Protocol):
         """Send the join request of this connection's topic."""
         self.state = JOINING
         self.join_ref = self.next_ref()
-        self.send_text(self.dialect.join(self.join_ref, self.topic, self.presence_key, self.changes))
+        self.send_text(
+            self.dialect.join(self.join_ref, self.topic, self.presence_key, self.changes, self.replay)
+        )
 
     def joined(self) -> None:
         """The join was acknowledged."""
@@ -239,7 +255,10 @@ class ClientConn(asyncio.Protocol):
         if self.state == JOINED:
             tn = read_record_t_n(data) if self.changes else read_t_n(data)
             if tn is not None:
-                self.sink.on_bench(self, tn[0], tn[1])
+                if self.track_seq:
+                    self.sink.on_seq(self, tn[0], tn[1], read_seq(data), b'"replayed":true' in data)
+                else:
+                    self.sink.on_bench(self, tn[0], tn[1])
                 return
         if isinstance(self.dialect, PhoenixDialect):
             self.on_phoenix(data)
@@ -256,12 +275,15 @@ class ClientConn(asyncio.Protocol):
         if event == "phx_reply":
             if self.state == JOINING and ref == str(self.join_ref):
                 if isinstance(payload, dict) and payload.get("status") == "ok":
+                    self.join_response = payload.get("response")
                     self.joined()
                     if self.presence_key is not None:
                         body = b'{"i":%d}' % self.idx
                         self.send_text(self.dialect.track(self.next_ref(), self.join_ref, self.topic, body))
                 else:
-                    self.fail("join-error")
+                    resp = payload.get("response") if isinstance(payload, dict) else None
+                    reason = resp.get("reason") if isinstance(resp, dict) else None
+                    self.fail(f"join-error: {str(reason)[:60]}" if reason else "join-error")
         elif event == "presence_state" or event == "presence_diff":
             self.sink.on_presence(self, event, payload)
         elif event == "system":

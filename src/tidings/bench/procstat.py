@@ -7,7 +7,7 @@ import platform
 import sys
 from typing import Any
 
-__all__ = ["cpu_seconds", "fd_count", "loadavg", "machine_info", "rss_kb"]
+__all__ = ["cpu_seconds", "fd_count", "loadavg", "machine_info", "redis_pid", "rss_kb"]
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -42,6 +42,42 @@ def fd_count(pid: int) -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return 0
+
+
+def redis_pid(url: str, timeout: float = 2.0) -> int | None:
+    """``process_id`` from ``INFO server`` of the Redis at ``url`` (``None`` if it cannot be read).
+
+    Only meaningful for a Redis on this machine (its CPU is then read from ``/proc``).
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379), timeout=timeout) as sock:
+            if u.password:
+                user = u.username or "default"
+                auth = [b"AUTH", user.encode(), u.password.encode()]
+                sock.sendall(b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in auth))
+                sock.recv(1024)
+            sock.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+            data = b""
+            while b"process_id:" not in data or not data.endswith(b"\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > 1 << 20:
+                    break
+    except OSError:
+        return None
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith("process_id:"):
+            try:
+                return int(line.split(":", 1)[1])
+            except ValueError:
+                return None
+    return None
 
 
 def loadavg() -> tuple[float, float, float]:

@@ -69,6 +69,9 @@ class WsPublisher:
     def on_bench(self, conn: ClientConn, t: int, n: int) -> None:
         pass
 
+    def on_seq(self, conn: ClientConn, t: int, n: int, seq: int, replayed: bool) -> None:
+        pass
+
     def on_presence(self, conn: ClientConn, event: str, payload: Any) -> None:
         pass
 

@@ -50,6 +50,16 @@ KEY_METRICS: dict[str, list[tuple[str, str, str]]] = {
         ("rejoin_after_backoff_ms.max", "max after backoff ms", "lower"),
         ("lost", "lost", "lower"),
     ],
+    "node-death": [
+        ("recovered_since_kill_s.p50", "recovered 50% s", "lower"),
+        ("recovered_since_kill_s.p99", "recovered 99% s", "lower"),
+        ("recovered_since_kill_s.100%", "recovered 100% s", "lower"),
+        ("recovered_after_backoff_ms.p50", "after backoff p50 ms", "lower"),
+        ("recovered_after_backoff_ms.max", "after backoff max ms", "lower"),
+        ("recovered", "recovered", "higher"),
+        ("incomplete_replays", "incomplete replays", "lower"),
+        ("lost", "lost", "lower"),
+    ],
     "presence": [
         ("all_full_since_first_join_s", "all synced s", "lower"),
         ("all_full_since_last_join_s", "after last join s", "lower"),
@@ -117,6 +127,16 @@ def check_targets(scenario: str, metrics: dict[str, Any], params: dict[str, Any]
             2000,
             "ms",
             f"not rejoined: {metrics.get('not_rejoined')}",
+        )
+        add("zero messages lost", metrics.get("lost"), 0, "messages")
+    elif scenario == "node-death":
+        worst = get_path(metrics, "recovered_after_backoff_ms.max") if metrics.get("all_recovered") else None
+        add(
+            "all recovered within 2 s of their backoff delay after their node died",
+            worst,
+            2000,
+            "ms",
+            f"recovered {metrics.get('recovered')} of {metrics.get('clients')}",
         )
         add("zero messages lost", metrics.get("lost"), 0, "messages")
     return out

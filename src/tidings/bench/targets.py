@@ -7,6 +7,7 @@ stops one server and exposes its PID for ``/proc`` measurements.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .nginx import NginxFront
 
 __all__ = [
     "ALL_SCENARIOS",
@@ -28,6 +34,8 @@ __all__ = [
 ]
 
 ALL_SCENARIOS = frozenset({"connect", "memory", "fanout", "order-status", "reconnect-storm", "presence"})
+# Two nodes on one Redis behind a real nginx: one node is SIGKILLed (``tidings-nginx`` only).
+NGINX_SCENARIOS = frozenset({"connect", "node-death"})
 # The references have no REST API: their reconnect-storm runs without updates (no loss figures).
 REFERENCE_SCENARIOS = frozenset({"connect", "memory", "fanout", "reconnect-storm"})
 
@@ -79,11 +87,15 @@ class Target:
         doc: str,
         redis: bool = False,
         nodes: int = 1,
+        nginx: bool = False,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.rest = name.startswith("tidings")  # has POST /api/broadcast
         self.tidings = name.startswith("tidings")
         self.redis = redis  # needs --redis-url (REDIS_URL of every node)
         self.nodes = nodes  # 2: subscribers on the first node, updates sent to the second
+        self.nginx = nginx  # clients connect through nginx (deploy/nginx.conf) in front of the nodes
+        self.extra_env = extra_env or {}
         self.name = name
         self.dialect = dialect
         self.scenarios = scenarios
@@ -108,11 +120,20 @@ class Target:
         env = dict(os.environ)
         if self.tidings:
             env.update(TIDINGS_BENCH_ENV)
+        env.update(self.extra_env)
         env.update(extra)
         return env
 
     def unavailable(self, bench: Path) -> str | None:
         """Why this target cannot run here (``None`` when it can)."""
+        if self.nginx:
+            from .nginx import NginxUnavailable, deploy_conf, nginx_binary
+
+            try:
+                nginx_binary()
+                deploy_conf()
+            except NginxUnavailable as exc:
+                return str(exc)
         if self.tidings:
             return None
         if not (bench / "ceiling_server.py").is_file():
@@ -158,6 +179,18 @@ TARGETS: dict[str, Target] = {
             redis=True,
             nodes=2,
         ),
+        Target(
+            "tidings-nginx",
+            "phoenix",
+            NGINX_SCENARIOS,
+            "Tidings, two nodes on one Redis behind nginx (deploy/nginx.conf, ip_hash): clients connect "
+            "through nginx, updates go straight to the node that survives",
+            redis=True,
+            nodes=2,
+            nginx=True,
+            # Enough history per channel for everything published while a node is down.
+            extra_env={"HISTORY_SIZE": "1000"},
+        ),
     )
 }
 
@@ -184,10 +217,34 @@ class ServerHandle:
         # A second node (cluster targets): started and stopped with this one, receives the updates.
         self.peer: ServerHandle | None = None
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{target.name}-", suffix=".log", delete=False)
+        # nginx targets: the proxy, and which node it sends the bench's clients to (``routed``).
+        self.front: NginxFront | None = None
+        self.front_clients = 10000
+        self.routed: ServerHandle | None = None
+
+    @property
+    def client_port(self) -> int:
+        """Port the bench's clients connect to: nginx's, if there is one."""
+        return self.front.port if self.front is not None else self.port
+
+    @property
+    def other(self) -> ServerHandle | None:
+        """With nginx: the node the clients are not routed to (it receives the updates)."""
+        if self.front is None or self.routed is None:
+            return None
+        return self.peer if self.routed is self else self
+
+    @property
+    def measured_pid(self) -> int:
+        """The process whose CPU and memory a scenario reports: the node the clients are on."""
+        return self.routed.pid if self.routed is not None else self.pid
 
     @property
     def pub_port(self) -> int:
-        """Port that publishers and update sources use: the peer node's, if there is one."""
+        """Port that publishers and update sources use: the node without the clients, if there is one."""
+        other = self.other
+        if other is not None:
+            return other.port
         return self.peer.port if self.peer is not None else self.port
 
     @property
@@ -200,7 +257,55 @@ class ServerHandle:
         """Start (peer first), pin, wait until the port accepts; returns the wall time it was ready."""
         if self.peer is not None:
             self.peer.start(timeout)
-        return self._start(timeout)
+        ready = self._start(timeout)
+        if self.target.nginx and self.peer is not None:
+            ready = self._start_front(timeout)
+        return ready
+
+    def _start_front(self, timeout: float) -> float:
+        """Start nginx in front of this node and its peer; find the node it routes clients to."""
+        from .nginx import NginxFront
+
+        assert self.peer is not None
+        nodes = [self, self.peer]
+        self.front = NginxFront(
+            [f"{n.host}:{n.port}" for n in nodes], free_port(self.host), self.front_clients
+        )
+        self.front.start(timeout)
+        probe = self.front.open_probe()
+        try:
+            deadline = time.monotonic() + timeout
+            while self.routed is None and time.monotonic() < deadline:
+                held = [n for n in nodes if n.health().get("connections", 0) > 0]
+                if len(held) == 1:
+                    self.routed = held[0]
+                else:
+                    time.sleep(0.05)
+        finally:
+            probe.close()
+        if self.routed is None:
+            raise RuntimeError("could not tell which node nginx routes 127.0.0.x clients to")
+        return time.time()
+
+    def health(self) -> dict[str, Any]:
+        """``GET /api/health`` of this node, straight (not through nginx); ``{}`` if it fails."""
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.port}/api/health", timeout=2) as r:
+                data = json.loads(r.read())
+                return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
+        """Signal this node only (not its peer) and wait for it to exit."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
 
     def _start(self, timeout: float) -> float:
         cmd = self.target.command(self.host, self.port, self.bench)
@@ -225,6 +330,8 @@ class ServerHandle:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
         """Signal the server (and its peer) and wait for it to exit (SIGKILL after ``timeout``)."""
+        if self.front is not None:
+            self.front.stop()
         if self.peer is not None:
             self.peer.stop(sig, timeout)
         if self.proc is None or self.proc.poll() is not None:
@@ -242,4 +349,6 @@ class ServerHandle:
         text = Path(self.log.name).read_text(errors="replace")[-4000:]
         if self.peer is not None:
             text += "\n-- peer node --\n" + self.peer.logs()
+        if self.front is not None:
+            text += "\n-- nginx error log --\n" + self.front.errors()
         return text

@@ -32,6 +32,7 @@ __all__ = [
     "make_dialect",
     "pg_binding",
     "read_record_t_n",
+    "read_seq",
     "read_t_n",
 ]
 
@@ -129,6 +130,19 @@ def read_record_t_n(data: bytes) -> tuple[int, int] | None:
     return t, n
 
 
+def read_seq(data: bytes) -> int:
+    """``meta.seq`` of a broadcast push (``-1`` when it has none).
+
+    Tidings puts ``"meta":{"id":…,"seq":N}`` (``"replayed":true`` too, for replays) after the
+    user payload, so the last ``"seq":`` of the frame is the meta's, whatever the payload holds.
+    """
+    i = data.rfind(b'"seq":')
+    if i < 0:
+        return -1
+    seq = _int_at(data, b'"seq":', i)
+    return -1 if seq is None else seq
+
+
 def pg_binding(table: str, order: int) -> dict[str, str]:
     """The ``postgres_changes`` binding of a client watching row ``id = order`` of ``table``."""
     return {"event": "UPDATE", "schema": "public", "table": table, "filter": f"id=eq.{order}"}
@@ -144,7 +158,12 @@ class Dialect:
         raise NotImplementedError
 
     def join(
-        self, ref: int, topic: str, presence_key: str | None, changes: list[dict[str, str]] | None = None
+        self,
+        ref: int,
+        topic: str,
+        presence_key: str | None,
+        changes: list[dict[str, str]] | None = None,
+        replay: dict[str, int] | None = None,
     ) -> bytes:
         """Text of a join request (``ref`` is echoed in the reply)."""
         raise NotImplementedError
@@ -191,11 +210,22 @@ class PhoenixDialect(Dialect):
         )
 
     def join(
-        self, ref: int, topic: str, presence_key: str | None, changes: list[dict[str, str]] | None = None
+        self,
+        ref: int,
+        topic: str,
+        presence_key: str | None,
+        changes: list[dict[str, str]] | None = None,
+        replay: dict[str, int] | None = None,
     ) -> bytes:
-        """``phx_join`` with broadcast self off (publishers do not hear themselves)."""
+        """``phx_join`` with broadcast self off (publishers do not hear themselves).
+
+        ``replay`` (e.g. ``{"since_seq": 41, "limit": 25}``) asks for what was missed since then.
+        """
+        broadcast: dict[str, Any] = {"self": False, "ack": False}
+        if replay is not None:
+            broadcast["replay"] = replay
         config: dict[str, Any] = {
-            "broadcast": {"self": False, "ack": False},
+            "broadcast": broadcast,
             "presence": {"key": presence_key or "", "enabled": presence_key is not None},
             "postgres_changes": changes or [],
             "private": False,
@@ -238,9 +268,14 @@ class SocketIODialect(Dialect):
         return "/socket.io/?EIO=4&transport=websocket"
 
     def join(
-        self, ref: int, topic: str, presence_key: str | None, changes: list[dict[str, str]] | None = None
+        self,
+        ref: int,
+        topic: str,
+        presence_key: str | None,
+        changes: list[dict[str, str]] | None = None,
+        replay: dict[str, int] | None = None,
     ) -> bytes:
-        """``join`` event with an ack id of ``ref``."""
+        """``join`` event with an ack id of ``ref`` (no replay in Socket.IO)."""
         return b"42%d%s" % (ref, orjson.dumps(["join", topic]))
 
     def publish(self, ref: int, join_ref: int, topic: str, payload: bytes) -> bytes:

@@ -23,9 +23,12 @@ from typing import Any, TypeVar
 from .client import JOINED, ClientConn
 from .wire import make_dialect, pg_binding
 
-__all__ = ["WorkerSpec", "raise_nofile", "run_loop", "worker_main"]
+__all__ = ["RECOVERY_NOT_ASKED", "RECOVERY_NO_FLAG", "WorkerSpec", "raise_nofile", "run_loop", "worker_main"]
 
 T = TypeVar("T")
+# Join-log flags besides 0/1 (the reply's ``recovered``): no replay asked, or no flag in the reply.
+RECOVERY_NOT_ASKED = -2
+RECOVERY_NO_FLAG = -1
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 PROGRESS_EVERY = 0.25
 
@@ -112,6 +115,16 @@ class Worker:
         self.presence_expect = 0
         self.presence_keys: dict[int, set[str]] = {}
         self.presence_full: dict[int, int] = {}
+        # meta.seq tracking and replay on rejoin (node-death): per client index.
+        self.track_seq = False
+        self.replay_limit = 0
+        self.last_seq: dict[int, int] = {}
+        self.first_rx: dict[int, dict[int, int]] = {}
+        # (joined at, recovered flag, since_seq asked, seq in the reply) per join.
+        self.join_log: dict[int, list[tuple[int, int, int, int]]] = {}
+        self.retry_delays: dict[int, list[tuple[int, float]]] = {}
+        self.dups = 0
+        self.replayed = 0
         self._pending = 0
         self._done: asyncio.Future[None] | None = None
         self._src_i = 0
@@ -195,13 +208,16 @@ class Worker:
         timeout: float,
         presence: bool = False,
         changes_table: str | None = None,
+        track_seq: bool = False,
     ) -> dict[str, Any]:
         """Open ``clients`` (index, topic) at ``rate``/s from wall time ``t0``; wait for all.
 
         With ``changes_table``, client ``idx`` also binds to Postgres Changes of row ``id = idx``.
+        With ``track_seq``, clients follow ``meta.seq`` (see :meth:`on_seq`).
         """
         self.presence = presence
         self.changes_table = changes_table
+        self.track_seq = track_seq
         self._pending = len(clients)
         self._done = self.loop.create_future()
         if not clients:
@@ -232,6 +248,8 @@ class Worker:
             self.rec_sent, self.rec_lat = array("q"), array("q")
             self.per_client = Counter()
             self.received = 0
+            self.first_rx = {}
+            self.dups = self.replayed = 0
             self.track_n = track_n
             if track_n:
                 self.sessions = {
@@ -253,13 +271,24 @@ class Worker:
             "attempt_starts": self.attempt_starts,
             "tries": self.tries,
             "presence_full": self.presence_full,
+            "first_rx": {idx: (list(got), list(got.values())) for idx, got in self.first_rx.items()},
+            "join_log": self.join_log,
+            "retry_delays": self.retry_delays,
+            "dups": self.dups,
+            "replayed": self.replayed,
             "errors": dict(self.errors),
             "counters": self.counters(),
         }
 
-    async def cmd_reconnect(self, enabled: bool, base: float = 1.0, cap: float = 30.0) -> None:
-        """Reconnect closed clients with jittered exponential backoff (as the SDKs do)."""
+    async def cmd_reconnect(
+        self, enabled: bool, base: float = 1.0, cap: float = 30.0, replay_limit: int = 0
+    ) -> None:
+        """Reconnect closed clients with jittered exponential backoff (as the SDKs do).
+
+        With ``replay_limit`` > 0 a rejoin asks for ``replay: {since_seq: <last meta.seq>, limit}``.
+        """
         self.reconnect, self.backoff_base, self.backoff_cap = enabled, base, cap
+        self.replay_limit = replay_limit
 
     async def cmd_presence_expect(self, n: int) -> None:
         """Record when each member first sees ``n`` presence keys."""
@@ -284,7 +313,22 @@ class Worker:
         spec = self.spec
         key = f"u{idx}" if self.presence else None
         changes = [pg_binding(self.changes_table, idx)] if self.changes_table else None
-        conn = ClientConn(self, self.dialect, idx, self.topics[idx], spec.host, spec.port, key, changes)
+        replay = None
+        if self.replay_limit > 0 and idx in self.last_seq:
+            # A rejoin: everything after the last sequence number this client saw on its channel.
+            replay = {"since_seq": self.last_seq[idx], "limit": self.replay_limit}
+        conn = ClientConn(
+            self,
+            self.dialect,
+            idx,
+            self.topics[idx],
+            spec.host,
+            spec.port,
+            key,
+            changes,
+            replay,
+            self.track_seq,
+        )
         self.conns[idx] = conn
         self.attempts += 1
         if self.reconnect or idx in self.tries:
@@ -319,6 +363,7 @@ class Worker:
         tries = self.tries.get(idx, 0) + 1
         self.tries[idx] = tries
         delay = min(self.backoff_base * 2 ** (tries - 1), self.backoff_cap) * random.uniform(0.75, 1.25)
+        self.retry_delays.setdefault(idx, []).append((time.time_ns(), delay))
         self.loop.call_later(delay, self.start_client, idx)
 
     # -- Sink ---------------------------------------------------------------------------------
@@ -329,6 +374,21 @@ class Worker:
         self.join_start.append(conn.t_start)
         if self.track_n or self.reconnect:
             self.sessions.setdefault(conn.idx, []).append(Session(conn.t_joined))
+        if self.track_seq:
+            resp = conn.join_response if isinstance(conn.join_response, dict) else {}
+            if conn.idx not in self.last_seq:
+                # First join: the reply's seq (the channel's newest) is where this client starts.
+                seq = resp.get("seq")
+                self.last_seq[conn.idx] = seq if isinstance(seq, int) else 0
+            flag = RECOVERY_NOT_ASKED
+            if conn.replay is not None:
+                got = resp.get("recovered")
+                flag = RECOVERY_NO_FLAG if not isinstance(got, bool) else int(got)
+            since = conn.replay["since_seq"] if conn.replay is not None else -1
+            reply_seq = resp.get("seq")
+            self.join_log.setdefault(conn.idx, []).append(
+                (conn.t_joined, flag, since, reply_seq if isinstance(reply_seq, int) else -1)
+            )
         self._finish_one()
 
     def on_bench(self, conn: ClientConn, t: int, n: int) -> None:
@@ -342,6 +402,22 @@ class Worker:
                 ss = self.sessions.get(conn.idx)
                 if ss:
                     ss[-1].ns.append(n)
+
+    def on_seq(self, conn: ClientConn, t: int, n: int, seq: int, replayed: bool) -> None:
+        """A bench broadcast with ``meta.seq``: follow the channel's seq, count each ``n`` once."""
+        idx = conn.idx
+        if seq > self.last_seq.get(idx, -1):
+            self.last_seq[idx] = seq
+        if replayed:
+            self.replayed += 1
+        got = self.first_rx.get(idx)
+        if got is None:
+            got = self.first_rx[idx] = {}
+        if n in got:
+            self.dups += 1  # already had it (replayed and live, or replayed twice)
+            return
+        got[n] = time.time_ns()
+        self.on_bench(conn, t, n)
 
     def on_presence(self, conn: ClientConn, event: str, payload: Any) -> None:
         if not isinstance(payload, dict):
