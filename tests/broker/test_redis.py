@@ -171,3 +171,28 @@ async def test_gap_fill_keeps_origin_and_excluded_channel(redis_server: RedisSer
     finally:
         for br in brokers:
             await br.stop()
+
+
+async def test_reconnect_fill_reads_many_channels_and_skips_live_ones(redis_server: RedisServer) -> None:
+    brokers: list[RedisBroker] = []
+    make = _factory(redis_server.url, brokers)
+    try:
+        publisher, listener = await make(), await make()
+        keys = [f"p:many-{i}" for i in range(700)]  # more than one pipelined read
+        for key in keys:
+            await listener.subscribe(key)
+        seqs = {}
+        for key in keys:
+            seqs[key] = await publish(publisher, key, "e", {"k": key}, f"{key}-1")
+        await asyncio.sleep(0.3)  # the live deliveries are in
+        inbox = Inbox(listener)
+        # As if the subscription had dropped before these messages: all but one were missed.
+        for key in keys:
+            listener._last_seq[key] = seqs[key] - 1
+        listener._last_seq[keys[0]] = seqs[keys[0]]  # this one arrived live meanwhile
+        await listener._fill_gaps(keys)
+        assert sorted(e.key for e in inbox.envelopes) == sorted(keys[1:])
+        assert inbox.gaps == []
+    finally:
+        for br in brokers:
+            await br.stop()

@@ -566,10 +566,10 @@ class RedisBroker(Broker):
             log.info(
                 "redis subscription restored (%d channels); filling gaps from history", len(self._subscribed)
             )
-            for key in list(self._subscribed):
+            for key in self._subscribed:
                 if key not in self._last_seq and key in self._baseline:
                     self._last_seq[key] = self._baseline[key]
-                await self._fill_gap(key)
+            await self._fill_gaps(list(self._subscribed))
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         key = self._keys_by_channel.get(channel)
@@ -598,7 +598,10 @@ class RedisBroker(Broker):
         )
 
     async def _fill_gap(self, key: str, since: int | None = None, until: int | None = None) -> None:
-        """Deliver from the stream what was missed after ``since`` (default: the last seen seq)."""
+        """Deliver from the stream what was missed after ``since`` (default: the last seen seq).
+
+        With ``until`` (a live message skipped ahead), this fill owns the range between.
+        """
         last = self._last_seq.get(key) if since is None else since
         if last is None:
             return
@@ -609,12 +612,44 @@ class RedisBroker(Broker):
             log.warning("cannot read history of %s (%s)", key, exc)
             self._gap(key)
             return
+        self._apply_history(key, entries, last, until, int(current or 0))
+
+    async def _fill_gaps(self, keys: list[str], chunk: int = 500) -> None:
+        """After a reconnect: deliver what each channel missed, reading many streams per round trip."""
+        for i in range(0, len(keys), chunk):
+            since = {k: self._last_seq[k] for k in keys[i : i + chunk] if k in self._last_seq}
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for key, last in since.items():
+                    pipe.xrange(self._name("hist", key), min=f"{last + 1}-0", max="+")
+                    pipe.get(self._name("seq", key))
+                results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot read history of %d channels (%s)", len(since), exc)
+                results = [exc] * (2 * len(since))
+            for (key, last), entries, current in zip(since.items(), results[::2], results[1::2], strict=True):
+                if key not in self._subscribed:
+                    continue
+                if isinstance(entries, Exception) or isinstance(current, Exception):
+                    self._gap(key)
+                    continue
+                # Live messages that arrived meanwhile (on another shard's reader) were delivered
+                # already, or are being filled by their own gap fill: start after them.
+                start = max(last, self._last_seq.get(key, last))
+                self._apply_history(key, entries, start, None, int(current or 0))
+
+    def _apply_history(
+        self, key: str, entries: list[Any], last: int, until: int | None, current: int
+    ) -> None:
+        """Deliver the stream entries that follow ``last`` without a hole; report what is missing."""
         expected = last + 1
         topic = "realtime:" + key[2:]
         for entry_id, fields in entries:
             seq = int(entry_id.split(b"-")[0])
             if until is not None and seq >= until:
                 break
+            if seq < expected:
+                continue
             if seq != expected:
                 break
             rec = self._record((entry_id, fields))
@@ -626,7 +661,7 @@ class RedisBroker(Broker):
                 Envelope(Envelope.BROADCAST, key, topic, rec.event, rec.payload, rec.id, seq, origin, exclude)
             )
             expected = seq + 1
-        top = until - 1 if until is not None else int(current or 0)
+        top = until - 1 if until is not None else current
         if expected <= top:
             self._gap(key)
         if self._last_seq.get(key, 0) < expected - 1:
