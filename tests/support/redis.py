@@ -68,8 +68,11 @@ class RedisServer:
                     if s.recv(16).startswith(b"+PONG"):
                         return self
             except OSError:
+                if self.proc.poll() is not None:
+                    break
                 time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port} (data in {self.dir})")
 
     def stop(self) -> None:
         """SIGTERM: Redis saves its snapshot (when persisting) and exits."""
@@ -107,6 +110,13 @@ class RedisClusterServers:
 
     def start(self, timeout: float = 30.0) -> RedisClusterServers:
         """Start every node, join them into one cluster and wait until it reports ``ok``."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _start(self, timeout: float) -> RedisClusterServers:
         for node in self.nodes:
             # The bus port defaults to port + 10000, which may not exist for a high free port.
             node.extra_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
