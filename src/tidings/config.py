@@ -335,7 +335,8 @@ SETTINGS: tuple[Setting, ...] = (
         "REDIS_URL",
         _optional_str,
         None,
-        "Redis for scale-out (redis://host:port/db): nodes share channels, history and presence.",
+        "Redis for scale-out (redis://host:port/db): nodes share channels, history and presence. "
+        "A Redis Cluster node is detected and used with sharded pub/sub.",
     ),
     Setting(
         "node_timeout",

@@ -168,3 +168,12 @@ async def test_restarted_primary_is_resubscribed_and_its_losses_reported() -> No
         for br in brokers:
             await br.stop()
         cluster.cleanup()
+
+
+async def test_cluster_with_a_database_number_fails_at_start_in_one_line(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    broker = RedisBroker(redis_cluster.url + "/3")
+    with pytest.raises(RuntimeError, match="Redis at .*/3: SELECT is not allowed in cluster mode"):
+        await broker.start()
+    await broker.redis.aclose()

@@ -42,6 +42,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import (
     ConnectionError as RedisConnectionError,
+    RedisClusterException,
     RedisError,
     TimeoutError as RedisTimeoutError,
 )
@@ -205,7 +206,7 @@ class RedisBroker(Broker):
                 await self.redis.initialize()
                 self._publish_cmd = "SPUBLISH"
                 log.info("redis at %s runs as a cluster: sharded pub/sub", self.url)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise RuntimeError(f"cannot reach Redis at {self.url}: {exc}") from None
         self._running = True
         loop = asyncio.get_running_loop()
