@@ -134,6 +134,8 @@ def test_node_death_everyone_recovers_and_nothing_is_lost(tmp_path: Path, redis_
     assert m["recovered_after_backoff_ms"]["count"] == 200
     assert [t["met"] is not None for t in r["targets"]] == [True, True]
     assert r["params"]["replay_limit"] == 25
+    assert m["redis_connections_opened_during_recovery"] >= 0
+    assert all(v >= 0 for v in m["cpu_during_recovery_s"].values())
 
 
 def test_node_death_is_only_for_the_nginx_target(tmp_path: Path) -> None:

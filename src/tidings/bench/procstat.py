@@ -7,7 +7,7 @@ import platform
 import sys
 from typing import Any
 
-__all__ = ["cpu_seconds", "fd_count", "loadavg", "machine_info", "redis_pid", "rss_kb"]
+__all__ = ["cpu_seconds", "fd_count", "loadavg", "machine_info", "redis_info", "redis_pid", "rss_kb"]
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -44,15 +44,14 @@ def fd_count(pid: int) -> int:
         return 0
 
 
-def redis_pid(url: str, timeout: float = 2.0) -> int | None:
-    """``process_id`` from ``INFO server`` of the Redis at ``url`` (``None`` if it cannot be read).
-
-    Only meaningful for a Redis on this machine (its CPU is then read from ``/proc``).
-    """
+def redis_info(url: str, section: str = "server", timeout: float = 2.0) -> dict[str, str]:
+    """``INFO <section>`` of the Redis at ``url`` as a dict (``{}`` if it cannot be read)."""
     import socket
     from urllib.parse import urlparse
 
     u = urlparse(url)
+    sec = section.encode()
+    data = b""
     try:
         with socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379), timeout=timeout) as sock:
             if u.password:
@@ -60,24 +59,39 @@ def redis_pid(url: str, timeout: float = 2.0) -> int | None:
                 auth = [b"AUTH", user.encode(), u.password.encode()]
                 sock.sendall(b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in auth))
                 sock.recv(1024)
-            sock.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
-            data = b""
-            while b"process_id:" not in data or not data.endswith(b"\r\n"):
+            sock.sendall(b"*2\r\n$4\r\nINFO\r\n$%d\r\n%s\r\n" % (len(sec), sec))
+            # A bulk string: "$<len>\r\n<len bytes>\r\n".
+            while b"\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return {}
+                data += chunk
+            head, _, body = data.partition(b"\r\n")
+            if not head.startswith(b"$"):
+                return {}
+            size = int(head[1:])
+            while len(body) < size + 2:
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
-                data += chunk
-                if len(data) > 1 << 20:
-                    break
-    except OSError:
-        return None
-    for line in data.decode(errors="replace").splitlines():
-        if line.startswith("process_id:"):
-            try:
-                return int(line.split(":", 1)[1])
-            except ValueError:
-                return None
-    return None
+                body += chunk
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, str] = {}
+    for line in body[:size].decode(errors="replace").splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not key.startswith("#"):
+            out[key] = value
+    return out
+
+
+def redis_pid(url: str) -> int | None:
+    """``process_id`` of the Redis at ``url`` (``None`` if it cannot be read).
+
+    Only meaningful for a Redis on this machine (its CPU is then read from ``/proc``).
+    """
+    raw = redis_info(url).get("process_id")
+    return int(raw) if raw and raw.isdigit() else None
 
 
 def loadavg() -> tuple[float, float, float]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from .nginx import pids_of_tree
 from .pool import Pool
-from .procstat import cpu_seconds, fd_count, redis_pid, rss_kb
+from .procstat import cpu_seconds, fd_count, redis_info, redis_pid, rss_kb
 from .progress import Progress
 from .publishers import ORDERS_TABLE, SOURCES, PublishRecord, SourceOptions, UpdateSource, WsPublisher
 from .stats import percentile, summarize_ms
@@ -618,6 +618,12 @@ def _pcts_s(values: list[int], complete: bool) -> dict[str, float | None]:
     }
 
 
+def _redis_connections(url: str | None) -> int | None:
+    """Connections Redis has accepted so far (``total_connections_received``)."""
+    raw = redis_info(url, "stats").get("total_connections_received") if url else None
+    return int(raw) if raw and raw.isdigit() else None
+
+
 def _cpu_of(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
 
@@ -669,6 +675,7 @@ async def scenario_node_death(run: Run) -> Outcome:
         "redis": cpu_seconds(rpid) if rpid else 0.0,
         "load_generator": _cpu_of(gen_pids),
     }
+    redis_conns0 = _redis_connections(p.redis_url)
     base_total = run.pool.totals().get("joined_total", 0)
     run.progress.set_phase("killing")
     t_kill = time.time_ns()
@@ -685,6 +692,7 @@ async def scenario_node_death(run: Run) -> Outcome:
 
     back = await run.wait_for(all_back, p.recover_timeout, 0.05)
     t_back = time.time_ns()
+    redis_conns1 = _redis_connections(p.redis_url)
     cpu1 = {
         "survivor": cpu_seconds(survivor.pid),
         "nginx": _cpu_of(nginx_pids),
@@ -844,6 +852,9 @@ async def scenario_node_death(run: Run) -> Outcome:
         "recovery_window_s": round(window, 3),
         "cpu_during_recovery_s": cpu,
         "survivor_cpu_us_per_rejoin": round(cpu["survivor"] * 1e6 / len(rejoin), 1) if rejoin else None,
+        "redis_connections_opened_during_recovery": (
+            redis_conns1 - redis_conns0 if redis_conns0 is not None and redis_conns1 is not None else None
+        ),
         "nginx_error_log": nginx_errors,
     }
     # With anyone left behind, "max" figures are of a subset: the target check reads this.
