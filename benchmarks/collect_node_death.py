@@ -52,7 +52,7 @@ def row(r: dict[str, Any]) -> str:
 def main(folders: list[str]) -> None:
     reports = []
     for folder in folders:
-        for f in Path(folder).glob("*/tidings-nginx.json"):
+        for f in [*Path(folder).glob("tidings-nginx.json"), *Path(folder).glob("*/tidings-nginx.json")]:
             report = json.loads(f.read_text())
             if report.get("scenario") == "node-death":
                 reports.append(report)
