@@ -135,9 +135,9 @@ async def run_target(
         server.peer = ServerHandle(target, HOST, free_port(HOST), env, params.client_cpus, bench)
     try:
         await asyncio.to_thread(server.start)
-    except RuntimeError as exc:
+    except Exception as exc:  # whatever failed, stop what did start (nodes, nginx) before reporting
         await asyncio.to_thread(server.stop)
-        report["status"] = f"failed: {exc}"
+        report["status"] = f"failed: {exc}" if isinstance(exc, RuntimeError) else f"failed: {exc!r}"
         progress.done(report["status"])
         return report, None
     pool = Pool(
