@@ -196,3 +196,36 @@ async def test_reconnect_fill_reads_many_channels_and_skips_live_ones(redis_serv
     finally:
         for br in brokers:
             await br.stop()
+
+
+async def test_replay_racing_publishes_is_never_falsely_incomplete(redis_server: RedisServer) -> None:
+    brokers: list[RedisBroker] = []
+    make = _factory(redis_server.url, brokers)
+    try:
+        # History and limit far above what can be published between two reads: any incomplete
+        # answer would be false.
+        publisher, reader = await make(history_size=50_000), await make(history_size=50_000)
+        key = "p:race"
+        await publish(publisher, key, "e", {"n": 0}, "race-0")
+        stop = asyncio.Event()
+
+        async def keep_publishing() -> None:
+            n = 0
+            while not stop.is_set() and n < 20_000:
+                n += 1
+                publisher.publish(key, "realtime:race", "e", {"n": n}, f"race-{n}")
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(keep_publishing())
+        incomplete = 0
+        for _ in range(300):
+            since = await reader.last_seq(key)
+            assert since is not None
+            result = await reader.replay(key, since, None, 50_000)
+            incomplete += not result.complete
+        stop.set()
+        await task
+        assert incomplete == 0
+    finally:
+        for br in brokers:
+            await br.stop()

@@ -250,8 +250,33 @@ class RedisBroker(Broker):
                 self._ops.clear()
                 try:
                     await self._send_batch(batch)
-                except Exception:
+                except Exception as exc:
                     log.exception("redis writer failed on a batch of %d commands", len(batch))
+                    for _, done in batch:  # nobody waits forever on a reply
+                        if done is not None:
+                            try:
+                                done(exc)
+                            except Exception:
+                                log.exception("redis callback failed")
+
+    def _query(self, op: Callable[[Any], Any]) -> asyncio.Future[Any]:
+        """Queue a read with the other commands; its future gets the reply of the last command queued.
+
+        Reads share the writer's pipeline: thousands of rejoining clients' replays cost a few
+        round trips on one connection, not one pooled connection each.
+        """
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(result: Any) -> None:
+            if fut.done():
+                return
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+        self._enqueue(op, done)
+        return fut
 
     async def _send_batch(
         self, batch: list[tuple[Callable[[Any], Any], Callable[[Any], None] | None]]
@@ -389,7 +414,7 @@ class RedisBroker(Broker):
                         pass  # the reader's reconnect resubscribes every key, this one included
         await asyncio.wait_for(asyncio.shield(fut), 10)
         if key not in self._baseline:
-            self._baseline[key] = int(await self.redis.get(self._name("seq", key)) or 0)
+            self._baseline[key] = int(await self._query(lambda pipe: pipe.get(self._name("seq", key))) or 0)
 
     def unsubscribe(self, key: str) -> None:
         """Stop receiving ``key`` on this node."""
@@ -607,8 +632,11 @@ class RedisBroker(Broker):
         if last is None:
             return
         try:
-            entries = await self.redis.xrange(self._name("hist", key), min=f"{last + 1}-0", max="+")
-            current = await self.redis.get(self._name("seq", key))
+            current_reply = self._query(lambda pipe: pipe.get(self._name("seq", key)))  # first: see replay()
+            entries = await self._query(
+                lambda pipe: pipe.xrange(self._name("hist", key), min=f"{last + 1}-0", max="+")
+            )
+            current = await current_reply
         except (RedisError, OSError) as exc:
             log.warning("cannot read history of %s (%s)", key, exc)
             self._gap(key)
@@ -622,13 +650,13 @@ class RedisBroker(Broker):
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for key, last in since.items():
+                    pipe.get(self._name("seq", key))  # the counter first: see replay()
                     pipe.xrange(self._name("hist", key), min=f"{last + 1}-0", max="+")
-                    pipe.get(self._name("seq", key))
                 results = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as exc:
                 log.warning("cannot read history of %d channels (%s)", len(since), exc)
                 results = [exc] * (2 * len(since))
-            for (key, last), entries, current in zip(since.items(), results[::2], results[1::2], strict=True):
+            for (key, last), current, entries in zip(since.items(), results[::2], results[1::2], strict=True):
                 if key not in self._subscribed:
                     continue
                 if isinstance(entries, Exception) or isinstance(current, Exception):
@@ -677,9 +705,15 @@ class RedisBroker(Broker):
         stream = self._name("hist", key)
         cutoff_ms = (time.time() - self.history_ttl) * 1000
         if since_seq is not None:
-            entries = await self.redis.xrange(stream, min=f"{since_seq + 1}-0", max="+", count=limit + 1)
             seq_key = self._name("seq", key)
-            current_raw, start_raw = await self.redis.mget(seq_key, seq_key + ":start")
+            # The counter before the stream: a publish landing in between adds to the records,
+            # never to a number the records cannot reach (which would read as a false gap).
+            current_reply = self._query(lambda pipe: pipe.get(seq_key))
+            start_reply = self._query(lambda pipe: pipe.get(seq_key + ":start"))
+            entries = await self._query(
+                lambda pipe: pipe.xrange(stream, min=f"{since_seq + 1}-0", max="+", count=limit + 1)
+            )
+            current_raw, start_raw = await current_reply, await start_reply
             current, start = int(current_raw or 0), int(start_raw or 0)
             records = [self._record(e) for e in entries]
             records = [r for r in records if r.ts * 1000 >= cutoff_ms]
@@ -688,7 +722,7 @@ class RedisBroker(Broker):
             floor = max(since_seq, start)
             complete = current != 0 and first == floor + 1 and len(records) <= limit and since_seq <= current
             return ReplayResult(records[:limit], complete)
-        entries = await self.redis.xrevrange(stream, max="+", min="-", count=limit + 1)
+        entries = await self._query(lambda pipe: pipe.xrevrange(stream, max="+", min="-", count=limit + 1))
         records = [self._record(e) for e in reversed(entries)]
         since_ms = (since_time or 0) * 1000
         newer = [r for r in records if r.ts * 1000 >= max(since_ms, cutoff_ms)]
@@ -697,7 +731,7 @@ class RedisBroker(Broker):
 
     async def last_seq(self, key: str) -> int | None:
         """The channel's current sequence number in Redis."""
-        raw = await self.redis.get(self._name("seq", key))
+        raw = await self._query(lambda pipe: pipe.get(self._name("seq", key)))
         return None if raw is None else int(raw)
 
     @staticmethod
@@ -730,8 +764,11 @@ class RedisBroker(Broker):
 
     async def presence_state(self, key: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
         """Merge every live node's entries for ``key``."""
-        entries = await self.redis.hgetall(self._name("presence", key))
-        alive = await self._alive_nodes()
+        pkey, nodes = self._name("presence", key), f"{self.prefix}:nodes"
+        since = time.time() - self.node_timeout
+        entries_reply = self._query(lambda pipe: pipe.hgetall(pkey))
+        alive = {n.decode() for n in await self._query(lambda pipe: pipe.zrangebyscore(nodes, since, "+inf"))}
+        entries = await entries_reply
         state: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for field, value in entries.items():
             node = field.decode().split(":", 1)[0]
@@ -740,10 +777,6 @@ class RedisBroker(Broker):
             presence_key, meta = orjson.loads(value)
             state.setdefault(presence_key, {"metas": []})["metas"].append(meta)
         return state
-
-    async def _alive_nodes(self) -> set[str]:
-        since = time.time() - self.node_timeout
-        return {n.decode() for n in await self.redis.zrangebyscore(f"{self.prefix}:nodes", since, "+inf")}
 
     async def _heartbeat(self) -> None:
         nodes = f"{self.prefix}:nodes"
