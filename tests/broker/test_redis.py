@@ -229,3 +229,21 @@ async def test_replay_racing_publishes_is_never_falsely_incomplete(redis_server:
     finally:
         for br in brokers:
             await br.stop()
+
+
+async def test_identical_replays_in_flight_share_one_read(redis_server: RedisServer) -> None:
+    brokers: list[RedisBroker] = []
+    make = _factory(redis_server.url, brokers)
+    try:
+        broker = await make()
+        first = await publish(broker, "p:share", "e", {"n": 1}, "s1")
+        await publish(broker, "p:share", "e", {"n": 2}, "s2")
+        results = await asyncio.gather(*[broker.replay("p:share", first - 1, None, 10) for _ in range(50)])
+        assert all(r is results[0] for r in results)  # one read, fifty rejoining clients
+        assert results[0].complete and [r.payload["n"] for r in results[0].records] == [1, 2]
+        assert broker._replays == {}
+        later = await broker.replay("p:share", first, None, 10)  # not cached once done
+        assert later is not results[0] and [r.payload["n"] for r in later.records] == [2]
+    finally:
+        for br in brokers:
+            await br.stop()

@@ -174,6 +174,7 @@ class RedisBroker(Broker):
         # A channel's sequence number when this node subscribed: where gap filling starts if no
         # message arrived before a reconnect. Kept apart from _last_seq, which also de-duplicates.
         self._baseline: dict[str, int] = {}
+        self._replays: dict[tuple[str, int, int], asyncio.Future[ReplayResult]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
         self.connected = asyncio.Event()
@@ -228,10 +229,12 @@ class RedisBroker(Broker):
             except (asyncio.CancelledError, Exception):
                 pass
         try:
-            await self._reap_node(self.node_id)
-            await self.redis.zrem(f"{self.prefix}:nodes", self.node_id)
-        except (RedisError, OSError):
-            pass
+            # Bounded: a Redis that is down must not hold up a shutdown (its entries expire anyway).
+            async with asyncio.timeout(5):
+                await self._reap_node(self.node_id)
+                await self.redis.zrem(f"{self.prefix}:nodes", self.node_id)
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            log.warning("could not remove this node's presence from Redis (%s)", exc)
         await self._close_shards()
         await self.redis.aclose()
 
@@ -701,7 +704,23 @@ class RedisBroker(Broker):
     async def replay(
         self, key: str, since_seq: int | None, since_time: float | None, limit: int
     ) -> ReplayResult:
-        """Read a channel's stream: after ``since_seq``, or the newest ``limit`` since a time."""
+        """Read a channel's stream: after ``since_seq``, or the newest ``limit`` since a time.
+
+        Identical sequence replays in flight share one read: after a node dies, the clients of
+        a channel rejoin asking from the same last ``seq``.
+        """
+        if since_seq is None:
+            return await self._replay(key, None, since_time, limit)
+        flight = (key, since_seq, limit)
+        task = self._replays.get(flight)
+        if task is None:
+            task = self._replays[flight] = asyncio.ensure_future(self._replay(key, since_seq, None, limit))
+            task.add_done_callback(lambda _: self._replays.pop(flight, None))
+        return await asyncio.shield(task)
+
+    async def _replay(
+        self, key: str, since_seq: int | None, since_time: float | None, limit: int
+    ) -> ReplayResult:
         stream = self._name("hist", key)
         cutoff_ms = (time.time() - self.history_ttl) * 1000
         if since_seq is not None:
