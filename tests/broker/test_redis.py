@@ -247,3 +247,24 @@ async def test_identical_replays_in_flight_share_one_read(redis_server: RedisSer
     finally:
         for br in brokers:
             await br.stop()
+
+
+async def test_a_replay_already_sent_is_not_shared(redis_server: RedisServer) -> None:
+    # A joiner's live buffer starts before its replay's read; sharing a read sent earlier could
+    # miss a message published between that read and the joiner's buffer.
+    brokers: list[RedisBroker] = []
+    make = _factory(redis_server.url, brokers)
+    try:
+        broker = await make()
+        first = await publish(broker, "p:late", "e", {"n": 1}, "l1")
+        early = asyncio.ensure_future(broker.replay("p:late", first - 1, None, 10))
+        async with asyncio.timeout(5):
+            while not broker._replays:
+                await asyncio.sleep(0)
+            while broker._replays:  # the writer took the read
+                await asyncio.sleep(0)
+        late = await broker.replay("p:late", first - 1, None, 10)
+        assert late is not await early
+    finally:
+        for br in brokers:
+            await br.stop()

@@ -706,20 +706,33 @@ class RedisBroker(Broker):
     ) -> ReplayResult:
         """Read a channel's stream: after ``since_seq``, or the newest ``limit`` since a time.
 
-        Identical sequence replays in flight share one read: after a node dies, the clients of
-        a channel rejoin asking from the same last ``seq``.
+        Identical sequence replays share one read while it is still queued: after a node dies,
+        the clients of a channel rejoin asking from the same last ``seq``. A read already sent is
+        never shared: a joiner's live buffer must start before its replay's read, or a message
+        published in between would be in neither.
         """
         if since_seq is None:
             return await self._replay(key, None, since_time, limit)
         flight = (key, since_seq, limit)
         task = self._replays.get(flight)
         if task is None:
-            task = self._replays[flight] = asyncio.ensure_future(self._replay(key, since_seq, None, limit))
-            task.add_done_callback(lambda _: self._replays.pop(flight, None))
+
+            def sent() -> None:
+                if self._replays.get(flight) is task:
+                    del self._replays[flight]
+
+            task = asyncio.ensure_future(self._replay(key, since_seq, None, limit, sent))
+            self._replays[flight] = task
+            task.add_done_callback(lambda _: sent())
         return await asyncio.shield(task)
 
     async def _replay(
-        self, key: str, since_seq: int | None, since_time: float | None, limit: int
+        self,
+        key: str,
+        since_seq: int | None,
+        since_time: float | None,
+        limit: int,
+        sent: Callable[[], None] | None = None,
     ) -> ReplayResult:
         stream = self._name("hist", key)
         cutoff_ms = (time.time() - self.history_ttl) * 1000
@@ -727,7 +740,12 @@ class RedisBroker(Broker):
             seq_key = self._name("seq", key)
             # The counter before the stream: a publish landing in between adds to the records,
             # never to a number the records cannot reach (which would read as a false gap).
-            current_reply = self._query(lambda pipe: pipe.get(seq_key))
+            def read_counter(pipe: Any) -> None:
+                if sent is not None:
+                    sent()  # the writer is building the pipeline: too late to share this read
+                pipe.get(seq_key)
+
+            current_reply = self._query(read_counter)
             start_reply = self._query(lambda pipe: pipe.get(seq_key + ":start"))
             entries = await self._query(
                 lambda pipe: pipe.xrange(stream, min=f"{since_seq + 1}-0", max="+", count=limit + 1)
