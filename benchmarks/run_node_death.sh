@@ -2,8 +2,8 @@
 # The "(c) Node death with replay through nginx" runs of BENCHMARKS.md.
 #   bash benchmarks/run_node_death.sh
 # Starts a throwaway Redis (benchmarks/throwaway_redis.py), runs `tidings bench node-death` (two
-# nodes on it behind nginx, one SIGKILLed) for each client count, once with REDIS_URL as is and
-# once with `?max_connections=2000` (redis-py's pool size, see the findings), stops Redis.
+# nodes on it behind nginx, one SIGKILLed) for each client count in CLIENTS, with REDIS_URL as is
+# (POOLS="default 2000" also runs with `?max_connections=2000`, as the runs before 14d60c9 did).
 # Results in bench-results/node-death-<time>/; tables: benchmarks/collect_node_death.py <folder>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,8 @@ trap cleanup EXIT
 "$PY" benchmarks/throwaway_redis.py > "$OUT/redis.url" & PIDS+=($!)
 for _ in $(seq 100); do [[ -s $OUT/redis.url ]] && break; sleep 0.2; done
 URL=$(head -1 "$OUT/redis.url")
-for n in ${CLIENTS:-10000 10000 5000 3000 2000}; do
-  for pool in ${POOLS:-default 2000}; do
+for n in ${CLIENTS:-10000 5000 3000}; do
+  for pool in ${POOLS:-default}; do
     url=$URL; [[ $pool != default ]] && url="$URL?max_connections=$pool"
     dir="$OUT/n$n-pool$pool"; [[ -e $dir ]] && dir="$dir-$(date +%H%M%S)"
     "$PY" -m tidings bench node-death -n "$n" --redis-url "$url" --wait-quiet "$WAIT" --quiet --out "$dir" \
