@@ -122,13 +122,25 @@ def _run_sub(conn: Connection, url: str, channels: int, duration: float) -> None
 
 
 def _redis_cpu(url: str) -> tuple[int, float]:
+    """(first pid, CPU seconds) of the Redis at ``url``; of every node summed for a Redis Cluster."""
     import redis
 
     r = redis.Redis.from_url(url)
-    pid = int(r.info("server")["process_id"])
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return pid, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    clients = [r]
+    if r.info("cluster").get("cluster_enabled") == 1:
+        raw = r.execute_command("CLUSTER", "NODES")
+        if isinstance(raw, dict):
+            addrs = list(raw)
+        else:
+            addrs = [line.split()[1].split("@")[0] for line in raw.decode().splitlines()]
+        clients = [redis.Redis(host=a.rsplit(":", 1)[0], port=int(a.rsplit(":", 1)[1])) for a in addrs]
+    pids = [int(c.info("server")["process_id"]) for c in clients]
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return pids[0], total
 
 
 def main() -> None:
