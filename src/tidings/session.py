@@ -199,8 +199,11 @@ class Session:
         elif event == "presence":
             self.presence(channel, msg, size)
         elif event == "phx_leave":
-            self.reply(msg, "ok", _OK, topic)
-            self.write(encode_close(self.serializer, channel.join_ref, topic))
+            # Reply and phx_close in one write: realtime-py re-joins as soon as it handles the
+            # reply, and a phx_close read after that would close the new join (no join_ref check).
+            self.node.metrics.sent_reply += 1
+            reply = encode_reply(self.serializer, msg.join_ref, msg.ref, topic, "ok", _OK)
+            self.write(reply + encode_close(self.serializer, channel.join_ref, topic))
             self.leave(channel)
         elif event == "access_token":
             self.access_token(channel, msg)

@@ -127,7 +127,9 @@ def test_join_without_presence_sends_no_presence_state() -> None:
 def test_leave(serializer: Serializer) -> None:
     c = joined(pair(), serializer)
     join_ref = c.join_refs[ROOM]
+    before = len(c.session.sent)
     ref = c.leave(ROOM)
+    assert len(c.session.sent) == before + 1  # reply and phx_close in one write (see Session.dispatch)
     reply, close = c.texts()
     assert (reply.event, reply.ref, reply.payload) == ("phx_reply", ref, {"status": "ok", "response": {}})
     assert (close.event, close.ref, close.payload) == ("phx_close", join_ref, {})
