@@ -415,7 +415,8 @@ class RedisBroker(Broker):
                         await self._subscribe_on(shard, [channel])
                     except (RedisError, OSError):
                         pass  # the reader's reconnect resubscribes every key, this one included
-        await asyncio.wait_for(asyncio.shield(fut), 10)
+        if not fut.done():  # the common case on a busy node: already subscribed
+            await asyncio.wait_for(asyncio.shield(fut), 10)
         if key not in self._baseline:
             self._baseline[key] = int(await self._query(lambda pipe: pipe.get(self._name("seq", key))) or 0)
 
