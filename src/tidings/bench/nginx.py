@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 __all__ = ["NginxFront", "NginxUnavailable", "deploy_conf", "nginx_binary", "pids_of_tree", "site_config"]
 
@@ -134,7 +135,7 @@ http {{
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 15.0) -> NginxFront:
+    def start(self, timeout: float = 15.0) -> Self:
         """Start and wait until it proxies ``/api/health``; raises ``RuntimeError`` with its log."""
         test = subprocess.run(
             [self.binary, "-t", "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
