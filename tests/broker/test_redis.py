@@ -165,7 +165,7 @@ async def test_gap_fill_keeps_origin_and_excluded_channel(redis_server: RedisSer
         seq = await publish(publisher, "p:f", "e", {"n": 1}, "f1", exclude=7)
         await inbox.wait(1)
         listener._last_seq["p:f"] = seq - 1  # as if the live message had been missed
-        await listener._fill_gap("p:f")
+        await listener._fill_gaps(["p:f"])
         refilled = await inbox.wait(2)
         assert (refilled[1].seq, refilled[1].origin, refilled[1].exclude) == (seq, publisher.node_id, 7)
     finally:
@@ -265,6 +265,25 @@ async def test_a_replay_already_sent_is_not_shared(redis_server: RedisServer) ->
                 await asyncio.sleep(0)
         late = await broker.replay("p:late", first - 1, None, 10)
         assert late is not await early
+    finally:
+        for br in brokers:
+            await br.stop()
+
+
+async def test_a_live_message_skipping_ahead_fills_the_hole_from_history(redis_server: RedisServer) -> None:
+    brokers: list[RedisBroker] = []
+    make = _factory(redis_server.url, brokers)
+    try:
+        publisher, listener = await make(), await make()
+        await listener.subscribe("p:hole")
+        first = await publish(publisher, "p:hole", "e", {"n": 1}, "h1")
+        await asyncio.sleep(0.2)
+        inbox = Inbox(listener)
+        listener._last_seq["p:hole"] = first - 1  # as if message 1 had never arrived
+        second = await publish(publisher, "p:hole", "e", {"n": 2}, "h2")
+        got = await inbox.wait(2)
+        assert sorted(e.seq for e in got) == [first, second]
+        assert inbox.gaps == []
     finally:
         for br in brokers:
             await br.stop()

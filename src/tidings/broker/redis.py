@@ -627,25 +627,21 @@ class RedisBroker(Broker):
             Envelope(Envelope.BROADCAST, key, env["t"], env["e"], payload, env["i"], seq, env["o"], env["x"])
         )
 
-    async def _fill_gap(self, key: str, since: int | None = None, until: int | None = None) -> None:
-        """Deliver from the stream what was missed after ``since`` (default: the last seen seq).
+    async def _fill_gap(self, key: str, since: int, until: int) -> None:
+        """Deliver from the stream the messages between ``since`` and ``until`` (both excluded).
 
-        With ``until`` (a live message skipped ahead), this fill owns the range between.
+        A live message skipped ahead: this fill owns the range between; any of it that the
+        stream no longer holds is reported as a gap.
         """
-        last = self._last_seq.get(key) if since is None else since
-        if last is None:
-            return
         try:
-            current_reply = self._query(lambda pipe: pipe.get(self._name("seq", key)))  # first: see replay()
             entries = await self._query(
-                lambda pipe: pipe.xrange(self._name("hist", key), min=f"{last + 1}-0", max="+")
+                lambda pipe: pipe.xrange(self._name("hist", key), min=f"{since + 1}-0", max=f"{until - 1}-0")
             )
-            current = await current_reply
         except (RedisError, OSError) as exc:
             log.warning("cannot read history of %s (%s)", key, exc)
             self._gap(key)
             return
-        self._apply_history(key, entries, last, until, int(current or 0))
+        self._apply_history(key, entries, since, until - 1)
 
     async def _fill_gaps(self, keys: list[str], chunk: int = 500) -> None:
         """After a reconnect: deliver what each channel missed, reading many streams per round trip."""
@@ -669,18 +665,14 @@ class RedisBroker(Broker):
                 # Live messages that arrived meanwhile (on another shard's reader) were delivered
                 # already, or are being filled by their own gap fill: start after them.
                 start = max(last, self._last_seq.get(key, last))
-                self._apply_history(key, entries, start, None, int(current or 0))
+                self._apply_history(key, entries, start, int(current or 0))
 
-    def _apply_history(
-        self, key: str, entries: list[Any], last: int, until: int | None, current: int
-    ) -> None:
-        """Deliver the stream entries that follow ``last`` without a hole; report what is missing."""
+    def _apply_history(self, key: str, entries: list[Any], last: int, top: int) -> None:
+        """Deliver the stream entries that follow ``last`` without a hole; report a gap below ``top``."""
         expected = last + 1
         topic = "realtime:" + key[2:]
         for entry_id, fields in entries:
             seq = int(entry_id.split(b"-")[0])
-            if until is not None and seq >= until:
-                break
             if seq < expected:
                 continue
             if seq != expected:
@@ -694,7 +686,6 @@ class RedisBroker(Broker):
                 Envelope(Envelope.BROADCAST, key, topic, rec.event, rec.payload, rec.id, seq, origin, exclude)
             )
             expected = seq + 1
-        top = until - 1 if until is not None else current
         if expected <= top:
             self._gap(key)
         if self._last_seq.get(key, 0) < expected - 1:
