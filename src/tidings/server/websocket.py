@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Generator
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,6 +21,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN, Protocol
 from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 
 from ..auth.tokens import AuthError
 from ..node import Node
@@ -34,6 +36,22 @@ log = logging.getLogger("tidings.websocket")
 
 WEBSOCKET_PATHS = frozenset({"/realtime/v1/websocket", "/socket/websocket", "/websocket"})
 CLOSE_GRACE = 5.0  # seconds a closing connection may take to flush before it is aborted
+
+
+_AT_EOF = StreamReader.at_eof.__code__
+
+
+def _at_frame_boundary(parser: Generator[None]) -> bool:
+    """True when ``parser`` waits for the first byte of a frame (inside ``reader.at_eof()``).
+
+    websockets' parse loop asks ``at_eof()`` only between frames, and ``at_eof()`` suspends
+    only on an empty buffer; anywhere else the parser sits in ``Frame.parse`` / ``read_exact``.
+    """
+    gen: Any = parser
+    while (gen := getattr(gen, "gi_yieldfrom", None)) is not None:
+        if gen.gi_code is _AT_EOF:
+            return True
+    return False
 
 
 def _discard(frame: bytes) -> None:
@@ -180,11 +198,13 @@ class WebSocketConnection(Session, asyncio.Protocol):
 
     def _restart_parser(self) -> None:
         # The parser generator keeps its last locals alive between messages: the upgrade
-        # request after the handshake (~1.6 KB) and then the last frame (~0.2 KB), for as long
-        # as a connection idles. Between frames (nothing buffered; fragmentation state lives on
-        # the protocol, not in the generator) a fresh frame parser holds nothing.
+        # request after the handshake (~1.6 KB) and then the last frame (up to MAX_FRAME_SIZE),
+        # for as long as a connection idles. At a frame boundary a fresh frame parser holds
+        # nothing (fragmentation state lives on the protocol, not in the generator). An empty
+        # buffer alone is no boundary: mid-frame, the header, length or mask key already read
+        # live only in the suspended generator.
         ws = self.ws
-        if not ws.reader.buffer:
+        if _at_frame_boundary(ws.parser):
             ws.parser = Protocol.parse(ws)
             next(ws.parser)
 
