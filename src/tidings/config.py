@@ -200,6 +200,21 @@ SETTINGS: tuple[Setting, ...] = (
         "Largest broadcast/presence payload in KB (broadcast dropped, REST 422).",
     ),
     Setting(
+        "max_topic_length",
+        "MAX_TOPIC_LENGTH",
+        _positive_int,
+        255,
+        "Longest channel name (topic after `realtime:`) in bytes; a longer join gets the join error "
+        "TopicNameTooLong.",
+    ),
+    Setting(
+        "max_event_length",
+        "MAX_EVENT_LENGTH",
+        _positive_int,
+        255,
+        "Longest broadcast event name in bytes; a broadcast with a longer one is dropped as malformed.",
+    ),
+    Setting(
         "max_frame_size",
         "MAX_FRAME_SIZE",
         _positive_int,
@@ -207,11 +222,34 @@ SETTINGS: tuple[Setting, ...] = (
         "Largest WebSocket message in bytes; a bigger one closes the connection with 1009.",
     ),
     Setting(
+        "fragment_timeout",
+        "FRAGMENT_TIMEOUT",
+        _positive_duration,
+        10.0,
+        "A fragmented WebSocket message must end within this time, or the connection is closed (1008).",
+    ),
+    Setting(
+        "max_fragment_buffer_bytes",
+        "MAX_FRAGMENT_BUFFER_BYTES",
+        _positive_int,
+        67_108_864,
+        "Bytes of unfinished fragmented messages buffered by the whole process; the connection whose "
+        "fragment would exceed it is closed (1009).",
+    ),
+    Setting(
         "max_unsent_bytes",
         "MAX_UNSENT_BYTES",
         _positive_int,
         1_048_576,
         "Unsent bytes per connection before it is closed as a slow consumer (1013).",
+    ),
+    Setting(
+        "slow_consumer_timeout",
+        "SLOW_CONSUMER_TIMEOUT",
+        _positive_duration,
+        30.0,
+        "A connection still holding a join's catch-up (replay, presence_state) beyond MAX_UNSENT_BYTES "
+        "that reads none of it for this long is closed (1013).",
     ),
     Setting(
         "heartbeat_interval",
@@ -234,6 +272,14 @@ SETTINGS: tuple[Setting, ...] = (
         _non_negative_duration,
         5.0,
         "Delay before a join error reply is sent (both clients retry joins).",
+    ),
+    Setting(
+        "max_pending_join_errors",
+        "MAX_PENDING_JOIN_ERRORS",
+        _non_negative_int,
+        16,
+        "Join error replies one connection may have waiting out CHANNEL_ERROR_BACKOFF_MS; "
+        "further ones are sent at once.",
     ),
     Setting(
         "drain_window",
@@ -262,6 +308,20 @@ SETTINGS: tuple[Setting, ...] = (
         _json_object,
         None,
         'Claims that must match, as JSON, e.g. {"iss":"supabase"}.',
+    ),
+    Setting(
+        "max_token_bytes",
+        "MAX_TOKEN_BYTES",
+        _positive_int,
+        16_384,
+        "Longest accepted JWT (apikey, access_token) in bytes; longer ones are refused (401, join error).",
+    ),
+    Setting(
+        "token_cache_bytes",
+        "TOKEN_CACHE_BYTES",
+        _non_negative_int,
+        8_388_608,
+        "Bytes of verified tokens and their claims remembered to skip repeated signature checks.",
     ),
     Setting(
         "history_size",
@@ -396,6 +456,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("log_level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info", "Log level."),
     Setting("log_format", "LOG_FORMAT", _choice("plain", "json"), "plain", "Log line format."),
+    Setting(
+        "log_rate_limit",
+        "LOG_RATE_LIMIT",
+        _non_negative_int,
+        20,
+        "Lines of one kind (logger, level and message template) written per 10 s (0 = unlimited); "
+        "the rest are counted and summarised in one line.",
+    ),
 )
 
 _BY_FIELD = {s.field: s for s in SETTINGS}
@@ -414,15 +482,23 @@ class Config:
     max_messages_per_second: int = 100
     max_node_messages_per_second: int = 50_000
     max_payload_size_kb: int = 1_000
+    max_topic_length: int = 255
+    max_event_length: int = 255
     max_frame_size: int = 1_048_576
+    fragment_timeout: float = 10.0
+    max_fragment_buffer_bytes: int = 67_108_864
     max_unsent_bytes: int = 1_048_576
+    slow_consumer_timeout: float = 30.0
     heartbeat_interval: float = 30.0
     connect_error_backoff: float = 2.0
     channel_error_backoff: float = 5.0
+    max_pending_join_errors: int = 16
     drain_window: float = 10.0
     jwt_secret: str | None = None
     jwt_jwks: dict[str, Any] | None = None
     jwt_claim_validators: dict[str, Any] | None = None
+    max_token_bytes: int = 16_384
+    token_cache_bytes: int = 8_388_608
     history_size: int = 100
     history_ttl: float = 300.0
     replay_max: int = 100
@@ -444,6 +520,7 @@ class Config:
     alert_webhook_url: str | None = None
     log_level: str = "info"
     log_format: str = "plain"
+    log_rate_limit: int = 20
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (already-typed values)."""
