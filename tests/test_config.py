@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from tidings.auth.tokens import Verifier
 from tidings.cli import main
-from tidings.config import SETTINGS, Config, ConfigError, load_config
+from tidings.config import SETTINGS, Config, ConfigError, format_duration, load_config
 
 BY_ENV = {s.env: s for s in SETTINGS}
 
@@ -112,6 +112,125 @@ def test_durations(raw: str, seconds: float) -> None:
     assert load_config({}, environ={"HEARTBEAT_INTERVAL": raw}).heartbeat_interval == pytest.approx(seconds)
 
 
+@pytest.mark.parametrize(
+    ("env", "raw", "seconds"),
+    [
+        ("HEARTBEAT_INTERVAL", "30000", 30.0),  # the guide's form: bare milliseconds
+        ("HEARTBEAT_INTERVAL", "30ms", 0.03),  # a unit says it is meant
+        ("HEARTBEAT_INTERVAL", "0.5s", 0.5),
+        ("ALERT_P95_LATENCY", "250", 0.25),
+        ("ALERT_P95_LATENCY", "0.5ms", 0.0005),
+        ("ALERT_P95_LATENCY", "0.5s", 0.5),
+        ("HISTORY_TTL", "300000", 300.0),
+        ("NODE_TIMEOUT", "2m", 120.0),
+        ("DRAIN_WINDOW", "0", 0.0),
+        ("DB_RESUME_GRACE", "0", 0.0),
+        ("CONNECT_ERROR_BACKOFF_MS", "5", 0.005),  # named _MS: bare milliseconds are plausible
+    ],
+)
+def test_plausible_durations(env: str, raw: str, seconds: float) -> None:
+    field = BY_ENV[env].field
+    assert getattr(load_config({}, environ={env: raw}), field) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("env", "raw"),
+    [
+        ("HEARTBEAT_INTERVAL", "30"),
+        ("HEARTBEAT_INTERVAL", "999"),
+        ("ALERT_P95_LATENCY", "0.5"),
+        ("HISTORY_TTL", "300"),
+        ("NODE_TIMEOUT", "10"),
+        ("ALERT_WINDOW", "60"),
+        ("DRAIN_WINDOW", "10"),
+        ("DB_RESUME_GRACE", "5"),
+    ],
+)
+def test_implausible_bare_durations_are_refused_in_one_line(env: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config({}, environ={env: raw})
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(f"invalid {env} (environment): {raw!r}: a bare number is milliseconds")
+    assert f"write {raw}s, or {raw}ms if you mean it" in text
+
+
+def test_implausible_bare_duration_in_toml_is_refused(tmp_path: Path) -> None:
+    toml = write_toml(tmp_path, "heartbeat_interval = 30\n")
+    with pytest.raises(ConfigError, match="HEARTBEAT_INTERVAL.*write 30s"):
+        load_config({}, environ={}, toml_path=toml)
+    assert load_config({}, environ={}, toml_path=write_toml(tmp_path, "heartbeat_interval = 30000\n")) == (
+        load_config({}, environ={"HEARTBEAT_INTERVAL": "30s"})
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (30.0, "30s"),
+        (0.5, "500ms"),
+        (0.0, "0s"),
+        (300.0, "5m"),
+        (1.5, "1.5s"),
+        (3600.0, "1h"),
+        (0.0005, "0.5ms"),
+    ],
+)
+def test_format_duration(seconds: float, shown: str) -> None:
+    assert format_duration(seconds) == shown
+    if seconds:  # what is shown parses back to the same value
+        assert load_config({}, environ={"ALERT_P95_LATENCY": shown}).alert_p95_latency == pytest.approx(
+            seconds
+        )
+
+
+def test_defaults_are_shown_with_their_unit() -> None:
+    by_env = {s.env: s for s in SETTINGS}
+    assert by_env["HEARTBEAT_INTERVAL"].show(by_env["HEARTBEAT_INTERVAL"].default) == "30s"
+    assert by_env["ALERT_P95_LATENCY"].show(by_env["ALERT_P95_LATENCY"].default) == "500ms"
+    rows = {env: value for env, value, _ in Config().describe()}
+    assert rows["HEARTBEAT_INTERVAL"] == "30s" and rows["ALERT_P95_LATENCY"] == "500ms"
+    assert rows["HISTORY_TTL"] == "5m" and rows["DATABASE_URL"] == "(unset)"
+
+
+@pytest.mark.parametrize(
+    ("env", "raw", "message"),
+    [
+        ("PORT", "abc", "'abc': expected a port number 0-65535"),
+        ("MAX_CONNECTIONS", "lots", "'lots': expected an integer"),
+        ("JWT_JWKS", "notjson", "'notjson': expected a JSON Web Key Set ({\"keys\": [...]}) as JSON text"),
+        ("JWT_JWKS", "[1]", 'expected a JSON Web Key Set ({"keys": [...]}), got JSON list'),
+        ("JWT_CLAIM_VALIDATORS", "{bad", "expected a JSON object as JSON text, got invalid JSON"),
+        (
+            "DATABASE_URL",
+            "mysql://x",
+            "expected a PostgreSQL URL: postgresql://user:password@host:5432/database",
+        ),
+        ("DATABASE_URL", "localhost", "expected a PostgreSQL URL"),
+        ("ALERT_RECONNECT_RATE", "often", "expected a fraction such as 0.1 or 10%"),
+    ],
+)
+def test_bad_values_say_what_is_expected(env: str, raw: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config({}, environ={env: raw})
+    assert str(info.value).startswith(f"invalid {env} (environment): ")
+    assert message in str(info.value)
+    assert "invalid literal" not in str(info.value) and "Expecting value" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:p@db:5432/app",
+        "postgres://u@db/app",
+        "postgresql:///app?host=/var/run/postgresql",
+        "host=db dbname=app user=u",
+    ],
+)
+def test_database_urls_accepted(url: str) -> None:
+    assert load_config({}, environ={"DATABASE_URL": url}).database_url == url
+
+
 def test_zero_backoffs_are_allowed() -> None:
     cfg = load_config({}, environ={"CHANNEL_ERROR_BACKOFF_MS": "0", "CONNECT_ERROR_BACKOFF_MS": "0"})
     assert (cfg.channel_error_backoff, cfg.connect_error_backoff) == (0.0, 0.0)
@@ -192,7 +311,23 @@ def test_unknown_toml_key(tmp_path: Path) -> None:
     toml = write_toml(tmp_path, "max_conections = 5\n")
     with pytest.raises(ConfigError) as info:
         load_config({}, environ={}, toml_path=toml)
-    assert str(info.value) == f"unknown setting 'max_conections' in {toml}"
+    assert str(info.value) == f"unknown setting 'max_conections' in {toml} (did you mean 'max_connections'?)"
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("HEARTBEAT_INTERVAL", " (did you mean 'heartbeat_interval'?)"),
+        ("heartbeat-interval", " (did you mean 'heartbeat_interval'?)"),
+        ("redis_uri", " (did you mean 'redis_url'?)"),
+        ("colour", ""),
+    ],
+)
+def test_unknown_toml_key_suggests_the_closest_setting(tmp_path: Path, key: str, hint: str) -> None:
+    toml = write_toml(tmp_path, f'{key} = "5s"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config({}, environ={}, toml_path=toml)
+    assert str(info.value) == f"unknown setting {key!r} in {toml}{hint}"
 
 
 @pytest.mark.parametrize("text", ["port = = 1", "[tidings\n"])

@@ -7,6 +7,7 @@ A bad value fails at start with one line naming the setting (:class:`ConfigError
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -14,24 +15,72 @@ import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "load_config"]
+__all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "format_duration", "load_config"]
 
 
 class ConfigError(ValueError):
     """A setting with a bad value; ``str()`` is the one line to print."""
 
 
-def _duration(value: str) -> float:
-    """Seconds from ``"30s"``, ``"250ms"``, ``"2m"``; a bare number is milliseconds (the guide's unit)."""
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration_and_unit(value: str) -> tuple[float, str | None]:
+    """Seconds from ``"30s"``, ``"250ms"``, ``"2m"``, and the unit written (``None`` when bare)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
     if not m:
         raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 250ms, or milliseconds)")
-    number, unit = float(m.group(1)), m.group(2) or "ms"
-    return number * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+    return float(m.group(1)) * _UNITS[m.group(2) or "ms"], m.group(2)
+
+
+def _duration(value: str) -> float:
+    """Seconds from ``"30s"``, ``"250ms"``, ``"2m"``; a bare number is milliseconds (the guide's unit)."""
+    return _duration_and_unit(value)[0]
+
+
+def format_duration(seconds: float) -> str:
+    """``30.0`` -> ``"30s"``, ``0.5`` -> ``"500ms"``, ``300.0`` -> ``"5m"``: how durations are shown."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{round(seconds * 1000, 3):g}ms"
+    if seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{round(seconds, 3):g}s"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Duration:
+    """Parser of a duration setting.
+
+    A bare number is milliseconds (the guide's ``HEARTBEAT_INTERVAL: 30000``). A bare number that
+    is not 0 and below ``bare_min`` seconds is refused: ``HEARTBEAT_INTERVAL=30`` almost surely
+    means 30 s, not 30 ms. Written with a unit, any value is taken as meant.
+    """
+
+    allow_zero: bool
+    bare_min: float = 0.0
+
+    def __call__(self, value: str) -> float:
+        seconds, unit = _duration_and_unit(value)
+        if seconds < 0 or (seconds == 0 and not self.allow_zero):
+            raise ValueError("must be > 0" if not self.allow_zero else "must be >= 0")
+        if unit is None and 0 < seconds < self.bare_min:
+            number = value.strip()
+            raise ValueError(
+                f"a bare number is milliseconds, and {number} ms is implausible here (under "
+                f"{format_duration(self.bare_min)}): write {number}s, or {number}ms if you mean it"
+            )
+        return seconds
 
 
 def _int(value: str) -> int:
-    return int(value.replace("_", ""))
+    try:
+        return int(value.replace("_", ""))
+    except ValueError:
+        raise ValueError("expected an integer") from None
 
 
 def _non_negative_int(value: str) -> int:
@@ -48,22 +97,15 @@ def _positive_int(value: str) -> int:
     return n
 
 
-def _positive_duration(value: str) -> float:
-    d = _duration(value)
-    if d <= 0:
-        raise ValueError("must be > 0")
-    return d
-
-
-def _non_negative_duration(value: str) -> float:
-    d = _duration(value)
-    if d < 0:
-        raise ValueError("must be >= 0")
-    return d
+_positive_duration = _Duration(allow_zero=False)
+_non_negative_duration = _Duration(allow_zero=True)
 
 
 def _port(value: str) -> int:
-    n = _int(value)
+    try:
+        n = _int(value)
+    except ValueError:
+        raise ValueError("expected a port number 0-65535") from None
     if not 0 <= n <= 65535:
         raise ValueError("must be a port number 0-65535")
     return n
@@ -85,7 +127,10 @@ def _str(value: str) -> str:
 def _fraction(value: str) -> float:
     """A rate: ``0.05`` or ``5%``."""
     text = value.strip()
-    f = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    try:
+        f = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError("expected a fraction such as 0.1 or 10%") from None
     if not 0.0 <= f <= 1.0:
         raise ValueError("must be between 0 and 1 (or 0% and 100%)")
     return f
@@ -95,34 +140,81 @@ def _optional_str(value: str) -> str | None:
     return value or None
 
 
-def _choice(*options: str) -> Callable[[str], str]:
-    def parse(value: str) -> str:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Choice:
+    """Parser of a setting with a fixed set of (lower-case) values."""
+
+    options: tuple[str, ...]
+
+    def __call__(self, value: str) -> str:
         low = value.strip().lower()
-        if low not in options:
-            raise ValueError(f"must be one of {', '.join(options)}")
+        if low not in self.options:
+            raise ValueError(f"must be one of {', '.join(self.options)}")
         return low
 
-    return parse
+
+def _choice(*options: str) -> Callable[[str], str]:
+    return _Choice(options)
 
 
-def _json_object(value: str) -> dict[str, Any] | None:
+def _json_object(value: str, what: str = "a JSON object") -> dict[str, Any] | None:
     if not value:
         return None
-    obj = json.loads(value)
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"expected {what} as JSON text, got invalid JSON (at character {exc.pos + 1})"
+        ) from None
     if not isinstance(obj, dict):
-        raise ValueError("must be a JSON object")
+        raise ValueError(f"expected {what}, got JSON {type(obj).__name__}")
     return obj
 
 
+def _database_url(value: str) -> str | None:
+    """A PostgreSQL URL (``postgresql://`` or ``postgres://``) or a libpq ``key=value`` string."""
+    text = value.strip()
+    if not text:
+        return None
+    scheme = text.split("://", 1)[0].lower() if "://" in text else None
+    if scheme in ("postgresql", "postgres") or (scheme is None and re.match(r"\w+\s*=", text)):
+        return text
+    raise ValueError("expected a PostgreSQL URL: postgresql://user:password@host:5432/database")
+
+
+def _address_list(value: str) -> str:
+    """Comma-separated IP addresses and networks (``10.0.0.0/8``), normalised; empty is none."""
+    import ipaddress
+
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"not an IP address or network: {item!r}") from None
+    return ",".join(items)
+
+
+def _origin_list(value: str) -> str:
+    """``*`` or comma-separated origins (``https://app.example.com``, ``https://*.example.com``)."""
+    items = [item.strip().rstrip("/").lower() for item in value.split(",") if item.strip()]
+    if not items:
+        raise ValueError("must be * or a list of origins")
+    for item in items:
+        if item != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", item):
+            raise ValueError(f"not an origin (scheme://host[:port]): {item!r}")
+    return "*" if "*" in items else ",".join(items)
+
+
 def _jwks(value: str) -> dict[str, Any] | None:
-    obj = _json_object(value)
+    obj = _json_object(value, 'a JSON Web Key Set ({"keys": [...]})')
     if obj is not None:
         import jwt
 
         try:  # a set PyJWT cannot use must fail here, not as a traceback at startup
             jwt.PyJWKSet.from_dict(obj)
         except jwt.exceptions.PyJWTError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(f"not a usable JSON Web Key Set: {exc}") from None
     return obj
 
 
@@ -146,9 +238,52 @@ class Setting:
         """The key in the TOML file (top level or under ``[tidings]``)."""
         return self.field
 
+    @property
+    def is_duration(self) -> bool:
+        """True for durations: values in seconds, written with units (``30s``), bare = milliseconds."""
+        return isinstance(self.parse, _Duration)
+
+    @property
+    def metavar(self) -> str:
+        """What the value is, for ``--help``: ``INTEGER``, ``DURATION``, ``[plain|json]``, ..."""
+        if isinstance(self.parse, _Duration):
+            return "DURATION"
+        if isinstance(self.parse, _Choice):
+            return "[" + "|".join(self.parse.options) + "]"
+        known = _METAVARS.get(self.parse)
+        if known:
+            return known
+        if self.field.endswith("_url"):
+            return "URL"
+        if isinstance(self.default, bool):
+            return "BOOLEAN"
+        if isinstance(self.default, int):
+            return "INTEGER"
+        if isinstance(self.default, float):
+            return "NUMBER"
+        return "TEXT"
+
+    def show(self, value: Any) -> str:
+        """``value`` as the docs, ``--help`` and ``check-config`` show it (durations with their unit)."""
+        if value is None:
+            return "(unset)"
+        if self.is_duration:
+            return format_duration(float(value))
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, dict):
+            return json.dumps(value)
+        return str(value)
+
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("host", "HOST", _str, "0.0.0.0", "Address to listen on."),
+    Setting(
+        "host",
+        "HOST",
+        _str,
+        "0.0.0.0",
+        "Address to listen on. In open mode (no JWT_SECRET or JWT_JWKS) 127.0.0.1 unless set.",
+    ),
     Setting("port", "PORT", _port, 4000, "TCP port for WebSocket and HTTP."),
     Setting(
         "max_connections",
@@ -163,6 +298,29 @@ SETTINGS: tuple[Setting, ...] = (
         _non_negative_int,
         100,
         "Connections per JWT `sub` (0 = unlimited); beyond it the upgrade gets 429.",
+    ),
+    Setting(
+        "max_connections_per_ip",
+        "MAX_CONNECTIONS_PER_IP",
+        _non_negative_int,
+        1_000,
+        "Open TCP connections (HTTP and WebSocket) per client address (0 = unlimited); beyond it 429.",
+    ),
+    Setting(
+        "max_anonymous_connections_per_ip",
+        "MAX_ANONYMOUS_CONNECTIONS_PER_IP",
+        _non_negative_int,
+        100,
+        "WebSocket connections per client address whose token has no `sub` (anon key; 0 = unlimited); "
+        "beyond it the upgrade gets 429.",
+    ),
+    Setting(
+        "trusted_proxies",
+        "TRUSTED_PROXIES",
+        _address_list,
+        "127.0.0.1,::1",
+        "Proxies (IPs or networks, comma-separated) whose X-Forwarded-For names the client: their own "
+        "connections are not capped per address, their WebSocket upgrades count for the forwarded client.",
     ),
     Setting(
         "max_channels_per_client",
@@ -244,6 +402,44 @@ SETTINGS: tuple[Setting, ...] = (
         "Unsent bytes per connection before it is closed as a slow consumer (1013).",
     ),
     Setting(
+        "max_request_head",
+        "MAX_REQUEST_HEAD",
+        _positive_int,
+        32_768,
+        "Largest HTTP request head in bytes (request line and headers, also of WebSocket upgrades); "
+        "beyond it 431.",
+    ),
+    Setting(
+        "max_request_url",
+        "MAX_REQUEST_URL",
+        _positive_int,
+        8_192,
+        "Longest request URL (path and query) in bytes; beyond it 414.",
+    ),
+    Setting(
+        "max_request_body",
+        "MAX_REQUEST_BODY",
+        _positive_int,
+        2_097_152,
+        "Largest HTTP request body in bytes (Content-Length or chunked); beyond it 413. At least "
+        "MAX_PAYLOAD_SIZE_KB + 64 KB, so that the largest REST broadcast fits.",
+    ),
+    Setting(
+        "request_head_timeout",
+        "REQUEST_HEAD_TIMEOUT",
+        _positive_duration,
+        10.0,
+        "Time a client has for each request head (every request of a keep-alive connection, and the "
+        "WebSocket upgrade) once the server waits for it; then the connection is closed.",
+    ),
+    Setting(
+        "request_body_timeout",
+        "REQUEST_BODY_TIMEOUT",
+        _positive_duration,
+        30.0,
+        "Time from the end of a request head to the end of its body; then 408 and the connection is closed.",
+    ),
+    Setting(
         "slow_consumer_timeout",
         "SLOW_CONSUMER_TIMEOUT",
         _positive_duration,
@@ -254,7 +450,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "heartbeat_interval",
         "HEARTBEAT_INTERVAL",
-        _positive_duration,
+        _Duration(allow_zero=False, bare_min=1.0),
         30.0,
         "Expected client heartbeat interval; a connection silent for 2x this is closed. "
         "Bare numbers are milliseconds (30000), or use units (30s).",
@@ -284,7 +480,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "drain_window",
         "DRAIN_WINDOW",
-        _non_negative_duration,
+        _Duration(allow_zero=True, bare_min=0.1),
         10.0,
         "On SIGTERM, connections are closed (1012) in batches spread over this window.",
     ),
@@ -310,6 +506,22 @@ SETTINGS: tuple[Setting, ...] = (
         'Claims that must match, as JSON, e.g. {"iss":"supabase"}.',
     ),
     Setting(
+        "allowed_origins",
+        "ALLOWED_ORIGINS",
+        _origin_list,
+        "*",
+        "Browser origins allowed for WebSocket upgrades (others get 403) and REST CORS: * or a comma "
+        "list such as https://app.example.com,https://*.example.com.",
+    ),
+    Setting(
+        "metrics_jwt_secret",
+        "METRICS_JWT_SECRET",
+        _optional_str,
+        None,
+        "When set, /metrics, /api/metrics and the dashboard need a bearer JWT signed with it (HS256); "
+        "unset, they are open but never name private channels.",
+    ),
+    Setting(
         "max_token_bytes",
         "MAX_TOKEN_BYTES",
         _positive_int,
@@ -333,7 +545,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "history_ttl",
         "HISTORY_TTL",
-        _positive_duration,
+        _Duration(allow_zero=False, bare_min=1.0),
         300.0,
         "How long broadcasts stay in a channel's history.",
     ),
@@ -347,7 +559,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "database_url",
         "DATABASE_URL",
-        _optional_str,
+        _database_url,
         None,
         "PostgreSQL for Postgres Changes (postgresql://user:pass@host/db); needs wal_level=logical.",
     ),
@@ -378,7 +590,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "db_resume_grace",
         "DB_RESUME_GRACE",
-        _non_negative_duration,
+        _Duration(allow_zero=True, bare_min=0.1),
         5.0,
         "After a start, clients get this long to rejoin before the slot replays what they missed.",
     ),
@@ -401,7 +613,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "node_timeout",
         "NODE_TIMEOUT",
-        _positive_duration,
+        _Duration(allow_zero=False, bare_min=1.0),
         10.0,
         "With REDIS_URL: a node silent this long is dead and its presence is removed (e.g. 10s).",
     ),
@@ -415,7 +627,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "alert_p95_latency",
         "ALERT_P95_LATENCY",
-        _positive_duration,
+        _Duration(allow_zero=False, bare_min=0.001),
         0.5,
         "Alert when p95 heartbeat RTT or delivery latency exceeds this (bare numbers are ms).",
     ),
@@ -443,7 +655,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "alert_window",
         "ALERT_WINDOW",
-        _positive_duration,
+        _Duration(allow_zero=False, bare_min=1.0),
         60.0,
         "Sliding window of the alert figures and of /api/metrics percentiles and rates.",
     ),
@@ -467,6 +679,18 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _BY_FIELD = {s.field: s for s in SETTINGS}
+_BY_ENV = {s.env: s for s in SETTINGS}
+_METAVARS: dict[Callable[[str], Any], str] = {
+    _int: "INTEGER",
+    _non_negative_int: "INTEGER",
+    _positive_int: "INTEGER",
+    _port: "INTEGER",
+    _bool: "BOOLEAN",
+    _fraction: "FRACTION",
+    _json_object: "JSON",
+    _jwks: "JSON",
+    _database_url: "URL",
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -477,6 +701,9 @@ class Config:
     port: int = 4000
     max_connections: int = 10_000
     max_connections_per_user: int = 100
+    max_connections_per_ip: int = 1_000
+    max_anonymous_connections_per_ip: int = 100
+    trusted_proxies: str = "127.0.0.1,::1"
     max_channels_per_client: int = 100
     max_joins_per_second: int = 1_000
     max_messages_per_second: int = 100
@@ -488,6 +715,11 @@ class Config:
     fragment_timeout: float = 10.0
     max_fragment_buffer_bytes: int = 67_108_864
     max_unsent_bytes: int = 1_048_576
+    max_request_head: int = 32_768
+    max_request_url: int = 8_192
+    max_request_body: int = 2_097_152
+    request_head_timeout: float = 10.0
+    request_body_timeout: float = 30.0
     slow_consumer_timeout: float = 30.0
     heartbeat_interval: float = 30.0
     connect_error_backoff: float = 2.0
@@ -497,6 +729,8 @@ class Config:
     jwt_secret: str | None = None
     jwt_jwks: dict[str, Any] | None = None
     jwt_claim_validators: dict[str, Any] | None = None
+    allowed_origins: str = "*"
+    metrics_jwt_secret: str | None = None
     max_token_bytes: int = 16_384
     token_cache_bytes: int = 8_388_608
     history_size: int = 100
@@ -531,14 +765,12 @@ class Config:
         rows = []
         for s in SETTINGS:
             value = getattr(self, s.field)
-            if s.field in ("jwt_secret", "alert_webhook_url") and value:
+            if s.field in ("jwt_secret", "metrics_jwt_secret", "alert_webhook_url") and value:
                 shown = "(set)"
             elif s.field in ("database_url", "redis_url") and value:
                 shown = _mask_password(str(value))
-            elif isinstance(value, dict):
-                shown = json.dumps(value)
             else:
-                shown = str(value)
+                shown = s.show(value)
             rows.append((s.env, shown, s.doc))
         return rows
 
@@ -561,6 +793,15 @@ def _parse(setting: Setting, raw: Any, source: str) -> Any:
         raise ConfigError(f"invalid {setting.env} ({source}): {raw!r}: {exc}") from None
 
 
+def _did_you_mean(key: str) -> str:
+    """`` (did you mean 'max_connections'?)`` for a TOML key that is close to a setting's, else ``""``."""
+    by_env = _BY_ENV.get(key.upper())
+    if by_env is not None:  # the environment variable's name used as a key
+        return f" (did you mean {by_env.toml_key!r}?)"
+    close = difflib.get_close_matches(key.lower().replace("-", "_"), list(_BY_FIELD), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def load_config(
     cli: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -580,7 +821,7 @@ def load_config(
         for key, raw in table.items():
             setting = _BY_FIELD.get(key)
             if setting is None:
-                raise ConfigError(f"unknown setting {key!r} in {toml_path}")
+                raise ConfigError(f"unknown setting {key!r} in {toml_path}{_did_you_mean(key)}")
             values[key] = _parse(setting, raw, toml_path)
     for s in SETTINGS:
         if s.env in environ:
@@ -588,7 +829,15 @@ def load_config(
     for key, raw in (cli or {}).items():
         if raw is not None:
             values[key] = _parse(_BY_FIELD[key], raw, _BY_FIELD[key].flag)
+    if "host" not in values and not values.get("jwt_secret") and not values.get("jwt_jwks"):
+        values["host"] = "127.0.0.1"  # open mode: only this machine, unless a host is given
     config = Config(**values)
+    body_floor = config.max_payload_size_kb * 1024 + 65_536
+    if config.max_request_body < body_floor:
+        raise ConfigError(
+            f"invalid MAX_REQUEST_BODY: {config.max_request_body} is below MAX_PAYLOAD_SIZE_KB + 64 KB "
+            f"({body_floor}); the largest REST broadcast would not fit"
+        )
     if config.workers > 1 and not config.redis_url:
         raise ConfigError(f"invalid WORKERS: {config.workers} workers need REDIS_URL to share channels")
     if config.redis_url and not config.redis_url.startswith(("redis://", "rediss://", "unix://")):
