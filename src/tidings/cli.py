@@ -1,4 +1,4 @@
-"""``tidings serve | check-config | token``."""
+"""``tidings serve | check-config | token | bench``."""
 
 from __future__ import annotations
 
@@ -7,16 +7,22 @@ from typing import Any
 
 import click
 
-from .config import SETTINGS, ConfigError, load_config
+from . import __version__
+from .config import SETTINGS, ConfigError, Setting, load_config
 
 __all__ = ["main"]
 
 
+def _option_help(s: Setting) -> str:
+    units = "; e.g. 30s, 500ms, 2m (bare = ms)" if s.is_duration else ""
+    return f"{s.doc} [env {s.env}; default {s.show(s.default)}{units}]"
+
+
 def _setting_options(func: Any) -> Any:
+    # Values stay strings here: the settings table parses them, so a bad one is the same one line
+    # whichever source it came from. The metavar shows the type (--port INTEGER, DURATION, ...).
     for s in reversed(SETTINGS):
-        func = click.option(
-            s.flag, s.field, default=None, help=f"{s.doc} [env {s.env}; default {s.default}]"
-        )(func)
+        func = click.option(s.flag, s.field, default=None, metavar=s.metavar, help=_option_help(s))(func)
     return click.option(
         "--config",
         "config_file",
@@ -35,6 +41,7 @@ def _load(config_file: str | None, options: dict[str, Any]) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="tidings", message="%(prog)s %(version)s")
 def main() -> None:
     """Tidings: a real-time server speaking the Supabase Realtime protocol."""
 
@@ -68,8 +75,13 @@ def check_config(config_file: str | None, **options: Any) -> None:
 @click.option("--ttl", default=3600, show_default=True, type=int, help="Seconds until `exp`.")
 def token(secret: str, role: str, sub: str | None, ttl: int) -> None:
     """Mint a development JWT signed with JWT_SECRET."""
+    from .auth.keys import quiet_pyjwt_key_length_warning, short_secret_warning
     from .auth.tokens import mint_token
 
+    warning = short_secret_warning(secret, "the secret")
+    if warning:
+        click.echo(f"tidings: warning: {warning}", err=True)
+    quiet_pyjwt_key_length_warning()
     click.echo(mint_token(secret, role=role, sub=sub, ttl=ttl))
 
 

@@ -421,13 +421,17 @@ def bench(
         setup_references(bench_dir)
         return
     if list_ or scenario is None:
+        # One width for both tables, so every description starts in the same column.
+        width = max(len(name) for name in (*SCENARIOS, *TARGETS)) + 2
+        click.echo("Scenarios:")
         for s in SCENARIOS.values():
-            click.echo(f"{s.name:<16} {s.doc}")
+            click.echo(f"  {s.name:<{width}}{s.doc}")
         click.echo("")
+        click.echo("Targets:")
         for t in TARGETS.values():
             why = t.unavailable(bench_dir)
             scen = ", ".join(sorted(t.scenarios))
-            click.echo(f"{t.name:<11} {t.doc} [{scen}]" + (f" — {why}" if why else ""))
+            click.echo(f"  {t.name:<{width}}{t.doc} [{scen}]" + (f" — {why}" if why else ""))
         if scenario is None and not list_:
             raise click.UsageError("give a SCENARIO (or --list / --setup)")
         return

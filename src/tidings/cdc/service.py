@@ -163,6 +163,8 @@ class PostgresChanges:
         self._columns_cache: dict[tuple[str, str, str | None], tuple[float, list[ColumnInfo]]] = {}
         self._timezone: str | None = None
         self._stopped = False
+        self.created_slot = False
+        """True when this instance created the slot (so a start cut short can drop it again)."""
         self.delivered = 0
         """Changes handed to ``deliver`` (with at least one subscriber)."""
         self.forwarder: Forwarder | None = None
@@ -198,9 +200,37 @@ class PostgresChanges:
         try:
             await self._db(catalog.check_server)
             await self._db(catalog.ensure_publication, self.publication)
-            await self._db(catalog.ensure_slot, self.slot)
+            # Last: a slot keeps WAL from now on, so nothing that can still fail comes after it.
+            if await self._db(catalog.ensure_slot, self.slot):
+                self.created_slot = True
         except psycopg2.Error as exc:
             raise PostgresChangesError(f"PostgreSQL at {self._where}: {_first_line(exc)}") from None
+
+    async def drop_slot(self) -> None:
+        """Drop the slot unless something streams from it (a start cut short created it).
+
+        Failures are logged, not raised: this runs while a start is being abandoned.
+        """
+
+        def drop() -> None:
+            conn = catalog.connect(self._dsn)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                        "WHERE slot_name = %s AND NOT active",
+                        (self.slot,),
+                    )
+            finally:
+                conn.close()
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, drop)
+        except psycopg2.Error as exc:
+            log.warning("could not drop replication slot %s: %s", self.slot, _first_line(exc))
+            return
+        self.created_slot = False
+        log.info("dropped replication slot %s: the start that created it did not finish", self.slot)
 
     async def start(self, *, timeout: float = 30.0) -> None:
         """Check the server, create publication and slot if needed, and start streaming.

@@ -1,32 +1,76 @@
-"""Process lifecycle: build the node and the ASGI app, run uvicorn with the lean WebSocket class."""
+"""Process lifecycle: build the node and the ASGI app, run uvicorn with the lean WebSocket class.
+
+Start-up order (one process): the optional extras a setting needs, the listening socket, the
+broker (Redis), Postgres Changes, then uvicorn on the bound socket. Whatever fails stops the process
+with one logged line and a non-zero status (:class:`StartupError`), never a traceback, and the
+replication slot is created last, once nothing else can fail (and dropped again if this start
+created it and is cut short). A SIGINT/SIGTERM after start drains and exits with status 0.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import importlib.util
 import json
 import logging
 import os
 import resource
+import signal
+import socket
 from collections.abc import AsyncIterator
+from types import FrameType
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 
+from ..auth.keys import quiet_pyjwt_key_length_warning, short_secret_warning
 from ..broker.base import Broker
 from ..config import Config
+from ..logs import redact
 from ..node import Node
-from .http_api import build_routes, cors_middleware
+from .http_api import build_routes, cors_middleware, quiet_disconnects
 from .http_protocol import DeadlineHttpProtocol
 from .websocket import WebSocketConnection
 
-__all__ = ["app_from_env", "build_app", "make_broker", "raise_open_files_limit", "run", "uvicorn_config"]
+__all__ = [
+    "StartupError",
+    "app_from_env",
+    "build_app",
+    "check_extras",
+    "make_broker",
+    "raise_open_files_limit",
+    "run",
+    "start_node",
+    "stop_node",
+    "uvicorn_config",
+]
 
 CONFIG_ENV = "TIDINGS_CONFIG_JSON"
 
 log = logging.getLogger("tidings.server")
+
+
+class StartupError(Exception):
+    """Start-up cannot go on: ``str()`` is the one line to log, ``code`` the exit status."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: Optional extras: the module a setting needs, and the extra that installs it.
+EXTRAS = (("redis_url", "REDIS_URL", "redis", "redis"),)
+
+
+def check_extras(config: Config) -> None:
+    """Fail in one line when a configured feature's optional dependency is not installed."""
+    for field, env, module, extra in EXTRAS:
+        if getattr(config, field) and importlib.util.find_spec(module) is None:
+            raise StartupError(f"{env} needs the {extra} extra: pip install 'tidings[{extra}]'")
 
 
 def raise_open_files_limit() -> int:
@@ -38,28 +82,67 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def build_app(config: Config) -> Starlette:
-    """The ASGI app; its lifespan creates the :class:`Node` that WebSocket connections share."""
+def build_app(config: Config, node: Node | None = None) -> Starlette:
+    """The ASGI app; its lifespan hands WebSocket connections the :class:`Node` they share.
+
+    Given a started ``node``, the lifespan only hands it over (whoever started it stops it);
+    without one (worker processes), the lifespan starts a node and stops it at shutdown.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        node = Node(config, make_broker(config))
-        await node.start()
-        if config.database_url:
-            await start_changes(node, config)
-        app.state.node = node
-        try:
+        if node is not None:
+            app.state.node = node
             yield {"node": node}
+            return
+        try:
+            own = await start_node(config)
+        except StartupError as exc:
+            log.error("%s", exc)
+            raise
+        app.state.node = own
+        try:
+            yield {"node": own}
         finally:
-            await node.stop()
-            if node.cdc is not None:
-                await node.cdc.stop()
+            await stop_node(own)
 
-    return Starlette(routes=build_routes(), middleware=[cors_middleware()], lifespan=lifespan)
+    redact(config.metrics_jwt_secret)
+    middleware = [cors_middleware(config.allowed_origins), quiet_disconnects()]
+    return Starlette(routes=build_routes(), middleware=middleware, lifespan=lifespan)
+
+
+async def start_node(config: Config) -> Node:
+    """Build the node and connect its broker, then Postgres Changes (whose slot comes last).
+
+    Raises:
+        StartupError: Redis cannot be reached, or the database refuses (one line each).
+    """
+    node = Node(config, make_broker(config))
+    try:
+        await node.start()
+    except RuntimeError as exc:  # the Redis broker cannot reach Redis (nothing started yet)
+        raise StartupError(f"REDIS_URL: {exc}") from None
+    if config.database_url:
+        try:
+            await start_changes(node, config)
+        except BaseException:  # a refusal, or a signal during the checks
+            await stop_node(node, drop_new_slot=True)
+            raise
+    return node
+
+
+async def stop_node(node: Node, *, drop_new_slot: bool = False) -> None:
+    """Stop the node and Postgres Changes; ``drop_new_slot`` drops a slot this start created."""
+    await node.stop()
+    cdc = node.cdc
+    if cdc is not None:
+        await cdc.stop()
+        if drop_new_slot and cdc.created_slot:
+            await cdc.drop_slot()
 
 
 async def start_changes(node: Node, config: Config) -> None:
-    """Connect Postgres Changes; a bad database set-up stops the server with one line.
+    """Connect Postgres Changes; a bad database set-up raises :class:`StartupError` (one line).
 
     Streaming starts ``DB_RESUME_GRACE`` later: changes committed while Tidings was down are
     replayed by the slot as soon as it streams, and only subscriptions made by then see them,
@@ -68,26 +151,28 @@ async def start_changes(node: Node, config: Config) -> None:
     from ..cdc.service import PostgresChanges, PostgresChangesError
 
     assert config.database_url is not None
-    cdc = PostgresChanges(
-        config.database_url,
-        publication=config.db_publication,
-        slot=config.db_slot,
-        pool_size=config.db_pool_size,
-        ssl=config.db_ssl,
-        deliver=node.deliver_change,
-        rls=config.db_rls,
-    )
+    try:
+        cdc = PostgresChanges(
+            config.database_url,
+            publication=config.db_publication,
+            slot=config.db_slot,
+            pool_size=config.db_pool_size,
+            ssl=config.db_ssl,
+            deliver=node.deliver_change,
+            rls=config.db_rls,
+        )
+    except PostgresChangesError as exc:
+        raise StartupError(f"DATABASE_URL: {exc}", code=3) from None
     if config.db_rls and not (config.jwt_secret or config.jwt_jwks):
         log.warning(
             "DB_RLS is on but tokens are not verified (no JWT_SECRET or JWT_JWKS): any client can claim "
             "any role and sub, so row level security protects nothing"
         )
+    node.cdc = cdc  # from here on stop_node() closes its connections
     try:
         await cdc.check()
     except PostgresChangesError as exc:
-        log.error("DATABASE_URL: %s", exc)
-        raise SystemExit(3) from None
-    node.cdc = cdc
+        raise StartupError(f"DATABASE_URL: {exc}", code=3) from None
     lag = await cdc.slot_lag_bytes()
     node.replication_lag_bytes = lag
     log.info(
@@ -98,12 +183,12 @@ async def start_changes(node: Node, config: Config) -> None:
         config.db_resume_grace,
     )
 
-    from ..broker.redis import RedisBroker
-
-    if isinstance(node.broker, RedisBroker):
-        # A cluster: one node holds the lease and streams; every node delivers.
+    if config.redis_url:  # imports redis only when it is configured (it is an extra)
+        from ..broker.redis import RedisBroker
         from ..cdc.cluster import ChangeFeedLeader
 
+        # A cluster: one node holds the lease and streams; every node delivers.
+        assert isinstance(node.broker, RedisBroker)
         node.background(ChangeFeedLeader(cdc, node.broker, first_delay=config.db_resume_grace).run())
         return
 
@@ -143,7 +228,7 @@ def app_from_env() -> Starlette:
     return build_app(config)
 
 
-def uvicorn_config(config: Config) -> uvicorn.Config:
+def uvicorn_config(config: Config, node: Node | None = None) -> uvicorn.Config:
     """uvicorn settings: uvloop, httptools, our WebSocket class, a drain-aware shutdown timeout."""
     try:
         import uvloop  # noqa: F401
@@ -152,7 +237,7 @@ def uvicorn_config(config: Config) -> uvicorn.Config:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         loop = "asyncio"
     return uvicorn.Config(
-        build_app(config),
+        build_app(config, node),
         host=config.host,
         port=config.port,
         loop=loop,
@@ -167,8 +252,100 @@ def uvicorn_config(config: Config) -> uvicorn.Config:
     )
 
 
+def listen(config: Config) -> socket.socket:
+    """The listening socket, bound before anything else starts (a busy port fails first, alone)."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        hint = " (another server is using it: stop it, or set PORT)" if exc.errno == errno.EADDRINUSE else ""
+        raise StartupError(f"cannot listen on {config.host}:{config.port}: {reason}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def describe_start(config: Config, port: int) -> str:
+    """The start line: where it listens, the broker, the auth mode, whether Postgres Changes are on."""
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    broker = f"redis ({config.redis_url})" if config.redis_url else "memory (this process only)"
+    auth = []
+    if config.jwt_secret:
+        auth.append("JWT_SECRET (HS256/384/512)")
+    if config.jwt_jwks:
+        auth.append(f"JWT_JWKS ({len(config.jwt_jwks.get('keys') or [])} keys)")
+    changes = (
+        f"on (publication {config.db_publication!r}, slot {config.db_slot!r})"
+        if config.database_url
+        else "off (no DATABASE_URL)"
+    )
+    return (
+        f"Tidings listening on ws://{host}:{port}/realtime/v1/websocket; broker: {broker}; "
+        f"auth: {' + '.join(auth) or 'open (no JWT_SECRET or JWT_JWKS)'}; Postgres Changes: {changes}"
+    )
+
+
+class _StartSignals:
+    """SIGINT/SIGTERM outside uvicorn's own handling.
+
+    During start-up a signal cancels the start (whose clean-up drops a slot it just created).
+    uvicorn handles signals while it serves, and re-raises the one that stopped it once it has
+    drained: that one is ignored, so the process ends with status 0 (``make run`` then prints no
+    ``*** Interrupt`` / ``*** Terminated``).
+    """
+
+    def __init__(self) -> None:
+        self.starting: asyncio.Task[Any] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.starting is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.starting.cancel)
+
+
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return None
+
+
+async def _serve(config: Config, sock: socket.socket, signals: _StartSignals) -> None:
+    signals.loop = asyncio.get_running_loop()
+    signals.starting = asyncio.current_task()
+    try:
+        node = await start_node(config)
+    except asyncio.CancelledError:
+        log.info("stopped during start-up")
+        return
+    finally:
+        signals.starting = None
+    server = uvicorn.Server(uvicorn_config(config, node))
+    log.info("%s", describe_start(config, sock.getsockname()[1]))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await stop_node(node, drop_new_slot=not server.started)
+
+
 def run(config: Config) -> None:
-    """Serve until SIGINT/SIGTERM, then drain."""
+    """Serve until SIGINT/SIGTERM, then drain; a start-up failure exits with one logged line."""
+    try:
+        _run(config)
+    except StartupError as exc:
+        log.error("%s", exc)
+        raise SystemExit(exc.code) from None
+
+
+def _run(config: Config) -> None:
+    check_extras(config)
+    sock = listen(config)
     limit = raise_open_files_limit()
     log.info("open files limit: %d", limit)
     if not config.jwt_secret and not config.jwt_jwks:
@@ -176,26 +353,52 @@ def run(config: Config) -> None:
             "\n*** JWT_SECRET is not set: Tidings is running OPEN. Anyone can connect, join, "
             "broadcast and track presence. Set JWT_SECRET (or JWT_JWKS) in production. ***"
         )
-    log.info("Tidings listening on ws://%s:%d/realtime/v1/websocket", config.host, config.port)
-    if config.workers > 1:
-        # Worker processes share the listening socket; each is a node of the Redis cluster.
-        os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
-        base = uvicorn_config(config)
-        uvicorn.run(
-            "tidings.server.app:app_from_env",
-            factory=True,
-            workers=config.workers,
-            host=config.host,
-            port=config.port,
-            loop=base.loop,
-            http=DeadlineHttpProtocol,
-            ws=WebSocketConnection,
-            lifespan="on",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=base.timeout_graceful_shutdown,
-            backlog=4096,
-            server_header=False,
-        )
+        if config.host in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "open mode: listening on %s only (this machine); give --host or HOST to listen elsewhere",
+                config.host,
+            )
+    short = short_secret_warning(config.jwt_secret)
+    if short:
+        log.warning("%s", short)
+    quiet_pyjwt_key_length_warning()  # warned once above, not on every token
+    if config.workers == 1:
+        signals = _StartSignals()
+        previous = {sig: signal.signal(sig, signals) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runner.run(_serve(config, sock, signals))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return
-    uvicorn.Server(uvicorn_config(config)).run()
+    # Worker processes: uvicorn binds the port again in this process and shares it. Check once
+    # here that Redis and the database accept us, so a refusal is one line, not one per worker.
+    port = sock.getsockname()[1]
+    sock.close()
+    asyncio.run(_preflight(config))
+    log.info("%s (%d workers)", describe_start(config, port), config.workers)
+    # Worker processes share the listening socket; each is a node of the Redis cluster.
+    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
+    base = uvicorn_config(config)
+    uvicorn.run(
+        "tidings.server.app:app_from_env",
+        factory=True,
+        workers=config.workers,
+        host=config.host,
+        port=config.port,
+        loop=base.loop,
+        http=DeadlineHttpProtocol,
+        ws=WebSocketConnection,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=base.timeout_graceful_shutdown,
+        backlog=4096,
+        server_header=False,
+    )
+
+
+async def _preflight(config: Config) -> None:
+    """Start a node and stop it again: Redis answers, the database accepts (slot kept)."""
+    await stop_node(await start_node(config))
