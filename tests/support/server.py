@@ -36,14 +36,20 @@ class ServerProcess:
         env: settings as environment variables (added to :data:`DEFAULT_ENV`).
         args: extra CLI arguments.
         port: fixed port; a free one by default. Kept across :meth:`restart`.
+        python: the interpreter to run it with (another venv's); this one by default.
     """
 
     def __init__(
-        self, env: dict[str, str] | None = None, args: list[str] | None = None, port: int | None = None
+        self,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        port: int | None = None,
+        python: str | None = None,
     ):
         self.env = {**DEFAULT_ENV, **(env or {})}
         self.args = list(args or [])
         self.port = port or free_port()
+        self.python = python or sys.executable
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="tidings-server-", suffix=".log", delete=False)
         self.log_path = Path(self._log.name)
@@ -62,7 +68,7 @@ class ServerProcess:
         """Start and wait until ``/api/health`` answers."""
         env = {**os.environ, **self.env}
         cmd = [
-            sys.executable,
+            self.python,
             "-m",
             "tidings",
             "serve",
