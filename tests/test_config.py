@@ -50,7 +50,11 @@ def test_guide_names_are_kept() -> None:
 
 
 def test_defaults() -> None:
-    assert load_config({}, environ={}) == Config()
+    secret = "s" * 40
+    assert load_config({}, environ={"JWT_SECRET": secret}) == Config(jwt_secret=secret)
+    # Open mode (no JWT secret) listens on 127.0.0.1 unless a host is given.
+    assert load_config({}, environ={}) == Config(host="127.0.0.1")
+    assert load_config({}, environ={"HOST": "0.0.0.0"}) == Config()
 
 
 # -- precedence --------------------------------------------------------------------------------

@@ -443,7 +443,7 @@ SETTINGS: tuple[Setting, ...] = (
         "slow_consumer_timeout",
         "SLOW_CONSUMER_TIMEOUT",
         _positive_duration,
-        30.0,
+        15.0,
         "A connection still holding a join's catch-up (replay, presence_state) beyond MAX_UNSENT_BYTES "
         "that reads none of it for this long is closed (1013).",
     ),
@@ -548,6 +548,23 @@ SETTINGS: tuple[Setting, ...] = (
         _Duration(allow_zero=False, bare_min=1.0),
         300.0,
         "How long broadcasts stay in a channel's history.",
+    ),
+    Setting(
+        "history_max_channels",
+        "HISTORY_MAX_CHANNELS",
+        _positive_int,
+        100_000,
+        "Channels with history in one process (memory broker). Beyond it, a sender holding over a "
+        "tenth of them loses its own least recently active ones, else the least recently active "
+        "channel without subscribers goes; its rejoins then get recovered: false.",
+    ),
+    Setting(
+        "history_max_bytes",
+        "HISTORY_MAX_BYTES",
+        _positive_int,
+        67_108_864,
+        "Estimated bytes of channel history in one process (memory broker), evicted like "
+        "HISTORY_MAX_CHANNELS (a channel holding over a tenth of it first trims its own oldest).",
     ),
     Setting(
         "replay_max",
@@ -720,7 +737,7 @@ class Config:
     max_request_body: int = 2_097_152
     request_head_timeout: float = 10.0
     request_body_timeout: float = 30.0
-    slow_consumer_timeout: float = 30.0
+    slow_consumer_timeout: float = 15.0
     heartbeat_interval: float = 30.0
     connect_error_backoff: float = 2.0
     channel_error_backoff: float = 5.0
@@ -735,6 +752,8 @@ class Config:
     token_cache_bytes: int = 8_388_608
     history_size: int = 100
     history_ttl: float = 300.0
+    history_max_channels: int = 100_000
+    history_max_bytes: int = 67_108_864
     replay_max: int = 100
     database_url: str | None = None
     db_pool_size: int = 5

@@ -17,8 +17,15 @@ Measures that need explaining:
   second and times the pong. A connection is pinged at most once per heartbeat timeout, and only
   when it was active in the last two seconds, so pongs never keep a silent client alive.
 * **Reconnects**: a new connection from an identity (JWT ``sub``, else the peer address) that had
-  a connection close in the last :data:`RECONNECT_WINDOW` seconds; each close pairs with at most
-  one later connection.
+  a connection end without a goodbye in the last :data:`RECONNECT_WINDOW` seconds; each such end
+  pairs with at most one later connection. A goodbye is a close the client started itself with
+  1000, 1001 or no code (``disconnect()``, a page unloading, a script ending), except the
+  ``heartbeat timeout`` close after which realtime-js reconnects. So clients that share one
+  address (localhost, a NAT) and come and go on purpose are not reconnects; connections that
+  drop, time out or are closed by the server are.
+* **Reconnect rate**: reconnects in the alert window over the connections that existed during it
+  (open at its start, or opened in it): a share between 0 and 1, 0 without connections, the same
+  figure in ``/api/metrics``, on the dashboard and in the alert (:func:`tidings.alerts.reconnect_share`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .alerts import Alerts, AlertStats
+from .alerts import Alerts, AlertStats, reconnect_share
 
 if TYPE_CHECKING:
     from .node import Node
@@ -52,14 +59,29 @@ COUNTERS = (
     "broadcasts",
     "bytes_in",
     "bytes_out",
+    "catchup_allowances",
     "connections_closed",
+    "connections_near_fd_limit",
     "connections_refused",
     "connections_total",
     "dropped_payload_too_large",
+    "fragment_buffer_full",
+    "fragment_timeouts",
     "heartbeat_timeouts",
+    "http_refused_anonymous_per_ip",
+    "http_refused_body_timeout",
+    "http_refused_body_too_large",
+    "http_refused_head_timeout",
+    "http_refused_head_too_large",
+    "http_refused_metrics_token",
+    "http_refused_origin",
+    "http_refused_per_ip",
+    "http_refused_url_too_long",
+    "join_errors_undelayed",
     "joins",
     "joins_refused",
     "malformed",
+    "names_too_long",
     "presence_events",
     "published",
     "rate_limited",
@@ -104,6 +126,7 @@ DELIVERY_BUCKETS = (
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 RECONNECT_WINDOW = 60.0  # a connection closed this long ago may still be "reconnected"
+GOODBYE_CODES = frozenset((1000, 1001, 1005))  # client closes that mean "I am leaving"
 PUBLISH_FORGET = 30.0  # a publish not back from the broker after this long is forgotten
 PING_FORGET = 10.0  # a ping unanswered after this long is forgotten
 PING_CANDIDATES = 32  # connections looked at per second for an RTT ping
@@ -174,14 +197,29 @@ class NodeMetrics:
     broadcasts: int
     bytes_in: int
     bytes_out: int
+    catchup_allowances: int
     connections_closed: int
+    connections_near_fd_limit: int
     connections_refused: int
     connections_total: int
     dropped_payload_too_large: int
+    fragment_buffer_full: int
+    fragment_timeouts: int
     heartbeat_timeouts: int
+    http_refused_anonymous_per_ip: int
+    http_refused_body_timeout: int
+    http_refused_body_too_large: int
+    http_refused_head_timeout: int
+    http_refused_head_too_large: int
+    http_refused_metrics_token: int
+    http_refused_origin: int
+    http_refused_per_ip: int
+    http_refused_url_too_long: int
+    join_errors_undelayed: int
     joins: int
     joins_refused: int
     malformed: int
+    names_too_long: int
     presence_events: int
     published: int
     rate_limited: int
@@ -265,10 +303,11 @@ class NodeMetrics:
             self.reconnects += 1
 
     def connection_closed(self, session: Session, user: str | None) -> None:
-        """Remember the close, so the identity's next connection counts as a reconnect."""
+        """Remember the close, so the identity's next connection counts as a reconnect (unless
+        the client said goodbye: see the module doc)."""
         self.connections_closed += 1
         ident = user or _peer(session)
-        if ident:
+        if ident and not _said_goodbye(session):
             closes = self.recent_closes.get(ident)
             if closes is None:
                 closes = self.recent_closes[ident] = collections.deque()
@@ -277,6 +316,14 @@ class NodeMetrics:
     def as_dict(self) -> dict[str, int]:
         """Every counter by name."""
         return {name: getattr(self, name) for name in COUNTERS}
+
+
+def _said_goodbye(session: Session) -> bool:
+    """The client closed the connection itself, on purpose (see the module doc)."""
+    close = getattr(getattr(session, "ws", None), "close_rcvd", None)
+    if close is None:
+        return False  # dropped, timed out, or closed by this server (before any reply)
+    return int(close.code) in GOODBYE_CODES and close.reason != "heartbeat timeout"
 
 
 def _peer(session: Session) -> str | None:
@@ -303,6 +350,7 @@ class Sample:
         "failed",
         "messages_in",
         "messages_out",
+        "opened",
         "published",
         "queue",
         "reconnects",
@@ -322,6 +370,7 @@ class Sample:
         self.published = m.published
         self.failed = m.failed
         self.reconnects = m.reconnects
+        self.opened = m.connections_total
         self.bytes_in = m.bytes_in
         self.bytes_out = m.bytes_out
         self.queue = queue
@@ -448,15 +497,17 @@ class Monitor:
         rtt = m.heartbeat_rtt.quantile(0.95, _diff(new.rtt, old.rtt))
         delivery = m.delivery_latency.quantile(0.95, _diff(new.delivery, old.delivery))
         reconnects = new.reconnects - old.reconnects
+        # Every connection that existed during the window: open at its start, or opened in it.
+        connections = old.connections + new.opened - old.opened
         failed = new.failed - old.failed
         attempts = failed + new.published - old.published
         return AlertStats(
             rtt_p95=rtt,
             delivery_p95=delivery,
-            reconnect_rate=reconnects / max(new.connections, 1),
+            reconnect_rate=reconnect_share(reconnects, connections),
             failure_rate=failed / attempts if attempts else 0.0,
             reconnects=reconnects,
-            connections=new.connections,
+            connections=connections,
             failed=failed,
             attempts=attempts,
             queue=new.queue,
@@ -531,6 +582,8 @@ class Monitor:
             "messageQueueSize": queue,
             # Details.
             "channels": len(node.hub.groups),
+            # reconnectRate = reconnects / connections (those that existed during the window).
+            "reconnects": {"count": stats.reconnects, "connections": stats.connections},
             "failureRate": round(stats.failure_rate, 4),
             "heartbeatRtt": {"avg": _ms(rtt_avg), **rtt_q},
             "deliveryLatency": {"avg": _ms(delivery_avg), **delivery_q},

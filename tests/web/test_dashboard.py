@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jwt
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
@@ -124,3 +125,23 @@ def test_dashboard_shows_a_firing_alert_and_the_webhook_gets_it(
     assert (fired["name"], fired["state"]) == ("failure_rate", "firing")
     assert fired["value"] > fired["threshold"] == 0.01
     assert url not in srv.logs()  # the webhook URL carries a token: never logged
+
+
+def test_dashboard_behind_a_metrics_token_works_when_opened_with_it(
+    tidings: Callable[..., ServerProcess], browser: BrowserContext
+) -> None:
+    secret = "dashboard-metrics-secret-long-enough-for-hs256"
+    srv = tidings(METRICS_JWT_SECRET=secret)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    response = page.goto(srv.http_url + "/")
+    assert response is not None and response.status == 401
+    expect(page.locator("body")).to_contain_text("requires a metrics token")
+    token = jwt.encode({"role": "metrics"}, secret, algorithm="HS256")
+    page.goto(f"{srv.http_url}/?token={token}")
+    expect(page).to_have_title("Tidings dashboard")
+    expect(page.get_by_test_id("feed")).to_have_text("live", timeout=WAIT_MS)  # /api/metrics answered
+    with ws_connect(srv):
+        expect(page.get_by_test_id("stat-connections")).to_have_text("1", timeout=WAIT_MS)
+    assert not errors, errors

@@ -46,6 +46,9 @@ CLUSTER_SCENARIOS = frozenset({"connect", "memory", "fanout", "order-status"})
 TIDINGS_BENCH_ENV = {
     "MAX_CONNECTIONS": "20000",
     "MAX_CONNECTIONS_PER_USER": "0",
+    # Thousands of connections per source address (127.0.0.2...): per-address caps off.
+    "MAX_CONNECTIONS_PER_IP": "0",
+    "MAX_ANONYMOUS_CONNECTIONS_PER_IP": "0",
     "MAX_JOINS_PER_SECOND": "100000",
     "MAX_MESSAGES_PER_SECOND": "100000",
     "MAX_NODE_MESSAGES_PER_SECOND": "10000000",

@@ -13,17 +13,20 @@ from urllib.parse import unquote
 import orjson
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..auth.tokens import AuthError, Principal
+from ..broker.base import sender_scope
 from ..history import HistoryRecord, ReplayResult
 from ..node import Node, group_key
+from .edge import origin_policy
 from .metrics_http import render_prometheus
-from .web import web_routes
+from .web import metrics_refusal, web_routes
 
-__all__ = ["build_routes", "cors_middleware"]
+__all__ = ["QuietDisconnects", "build_routes", "cors_middleware", "quiet_disconnects"]
 
 PREFIXES = ("/api", "/realtime/v1/api")
 MAX_BATCH = 1000
@@ -39,12 +42,16 @@ def _authenticate(request: Request) -> Principal | Response:
     auth = request.headers.get("authorization", "")
     token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
     token = token or request.headers.get("apikey") or request.query_params.get("apikey")
-    if not node.verifier.enabled:
-        return node.verifier.verify(token)
-    try:
+    try:  # open mode too: a token over MAX_TOKEN_BYTES is refused there as well
         return node.verifier.verify(token)
     except AuthError:
         return JSONResponse({"message": "Unauthorized"}, status_code=401)
+
+
+def _sender(request: Request, principal: Principal) -> str:
+    """Who a REST publisher is, for de-duplication and history accounting (``sender_scope``)."""
+    host = "" if principal.sub or request.client is None else request.client.host
+    return sender_scope(principal.role, principal.sub, host)
 
 
 def _rate_limited(node: Node, count: int) -> Response | None:
@@ -96,11 +103,14 @@ async def broadcast_batch(request: Request) -> Response:
     limited = _rate_limited(node, len(messages))
     if limited is not None:
         return limited
+    sender = _sender(request, principal)
     for m in messages:
         private = m.get("private") is True or str(m.get("private")).lower() == "true"
         if not _may_write(node, principal, private):
             continue  # unauthorised topics are skipped silently (still 202)
-        node.publish_broadcast(private, m["topic"], m["event"], m["payload"], m.get("id") or None)
+        node.publish_broadcast(
+            private, m["topic"], m["event"], m["payload"], m.get("id") or None, sender=sender
+        )
     return Response(status_code=202)
 
 
@@ -143,7 +153,7 @@ async def broadcast_single(request: Request) -> Response:
     limited = _rate_limited(node, 1)
     if limited is not None:
         return limited
-    node.publish_broadcast(private, sub_topic, event, payload)
+    node.publish_broadcast(private, sub_topic, event, payload, sender=_sender(request, principal))
     return Response(status_code=202)
 
 
@@ -173,11 +183,12 @@ def _history_json(records: list[HistoryRecord]) -> list[dict[str, Any]]:
 
 
 async def channel_messages(request: Request) -> Response:
-    """``GET /api/channels/{subtopic}/messages?since_seq=N&limit=M&timeout=S[&private=true]``.
+    """``GET /api/channels/{subtopic}/messages?since_seq=N&epoch=E&limit=M&timeout=S[&private=true]``.
 
     Channel history for polling clients, authorized like a join. With ``timeout`` and nothing
     newer than ``since_seq``, waits up to ``timeout`` seconds (max 30) for the next message.
-    ``complete`` is false when messages after ``since_seq`` are no longer in history.
+    ``complete`` is true only when history provably holds every message after ``since_seq``: of
+    the channel's current ``epoch`` (returned; pass it back as ``epoch``), nothing trimmed.
     """
     node = _node(request)
     principal = _authenticate(request)
@@ -200,10 +211,11 @@ async def channel_messages(request: Request) -> Response:
     key = group_key(private, sub_topic)
     if since_seq is None and since_ms is None:
         since_seq = 0
+    epoch = request.query_params.get("epoch") or None
 
     async def read() -> ReplayResult:
         since_time = None if since_ms is None else since_ms / 1000.0
-        return await node.broker.replay(key, since_seq, since_time, limit)
+        return await node.broker.replay(key, since_seq, since_time, limit, epoch)
 
     result = await read()
     if not result.records and timeout > 0:
@@ -211,7 +223,12 @@ async def channel_messages(request: Request) -> Response:
         result = await read()
     last = result.records[-1].seq if result.records else since_seq
     return JSONResponse(
-        {"messages": _history_json(result.records), "complete": result.complete, "last_seq": last}
+        {
+            "messages": _history_json(result.records),
+            "complete": result.complete,
+            "last_seq": last,
+            "epoch": result.epoch,
+        }
     )
 
 
@@ -230,7 +247,10 @@ async def health(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """``GET /metrics`` in the Prometheus text format."""
+    """``GET /metrics`` in the Prometheus text format (behind ``METRICS_JWT_SECRET`` when set)."""
+    refusal = metrics_refusal(request)
+    if refusal is not None:
+        return refusal
     return Response(render_prometheus(_node(request)), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -251,11 +271,36 @@ def build_routes() -> list[Route]:
     return routes + web_routes(PREFIXES)  # dashboard, demo, /api/metrics, /api/config
 
 
-def cors_middleware() -> Middleware:
-    """CORS as Supabase answers it: any origin, the clients' headers."""
+def cors_middleware(allowed_origins: str = "*") -> Middleware:
+    """CORS as Supabase answers it (the clients' headers) for ``ALLOWED_ORIGINS`` (default any).
+
+    A request from another origin gets no CORS headers (the browser keeps the answer from the
+    page); a preflight from one gets 400.
+    """
+    policy = origin_policy(allowed_origins)
     return Middleware(
         CORSMiddleware,
-        allow_origins=["*"],
+        allow_origins=["*"] if policy.any else sorted(policy.exact),
+        allow_origin_regex=None if policy.any else policy.regex,
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["apikey", "authorization", "content-type", "x-client-info", "x-api-key"],
     )
+
+
+class QuietDisconnects:
+    """A client that went away (or was cut at a limit or deadline) while its body was read is
+    no error: nothing can be answered, and uvicorn would log a traceback for each."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except ClientDisconnect:
+            return
+
+
+def quiet_disconnects() -> Middleware:
+    """:class:`QuietDisconnects` for ``Starlette(middleware=[...])``."""
+    return Middleware(QuietDisconnects)

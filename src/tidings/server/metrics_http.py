@@ -8,6 +8,7 @@ in ``_total``, one name per measure with labels for its kinds. The list with exp
 from __future__ import annotations
 
 from ..alerts import ALERT_NAMES
+from ..logs import suppressed_lines
 from ..metrics import RECEIVED_KINDS, Histogram
 from ..node import Node
 
@@ -49,6 +50,36 @@ _COUNTERS = (
         "Connections closed for missing heartbeats.",
         "heartbeat_timeouts",
     ),
+    (
+        "tidings_connections_near_fd_limit_total",
+        "Connections accepted while the open connections were near the open files limit.",
+        "connections_near_fd_limit",
+    ),
+    (
+        "tidings_names_too_long_total",
+        "Joins refused (topic, presence key) and broadcasts dropped (event) for a name over its cap.",
+        "names_too_long",
+    ),
+    (
+        "tidings_join_errors_undelayed_total",
+        "Join error replies sent without CHANNEL_ERROR_BACKOFF_MS (too big, or too many waiting).",
+        "join_errors_undelayed",
+    ),
+    (
+        "tidings_fragment_timeouts_total",
+        "Connections closed because a fragmented message did not end within FRAGMENT_TIMEOUT (1008).",
+        "fragment_timeouts",
+    ),
+    (
+        "tidings_fragment_buffer_full_total",
+        "Connections closed because fragments would pass MAX_FRAGMENT_BUFFER_BYTES (1009).",
+        "fragment_buffer_full",
+    ),
+    (
+        "tidings_catchup_allowances_total",
+        "Joins whose catch-up (replay, presence_state) left more than MAX_UNSENT_BYTES unsent.",
+        "catchup_allowances",
+    ),
 )
 
 _SENT = (
@@ -58,6 +89,18 @@ _SENT = (
     ("reply", "sent_reply"),
 )
 _DROPPED = (("malformed", "malformed"), ("payload_too_large", "dropped_payload_too_large"))
+#: ``reason`` label of tidings_http_refused_total -> attribute ``http_refused_<reason>``.
+_HTTP_REFUSED = (
+    "head_too_large",
+    "url_too_long",
+    "body_too_large",
+    "head_timeout",
+    "body_timeout",
+    "per_ip",
+    "anonymous_per_ip",
+    "origin",
+    "metrics_token",
+)
 
 
 def _metric(lines: list[str], name: str, kind: str, doc: str, samples: list[tuple[str, float]]) -> None:
@@ -84,6 +127,41 @@ def _histogram(lines: list[str], name: str, doc: str, hist: Histogram) -> None:
     lines.append(f'{name}_bucket{{le="+Inf"}} {cumulative}')
     lines.append(f"{name}_sum {_num(hist.sum)}")
     lines.append(f"{name}_count {cumulative}")
+
+
+def _history(lines: list[str], stats: dict[str, int]) -> None:
+    """Channel history: scoped message ids (every broker); rings and bytes (memory broker)."""
+    _metric(
+        lines,
+        "tidings_broadcast_ids_scoped_total",
+        "counter",
+        "Broadcasts published under a scoped id (<id>~<tag>) because another sender held their id.",
+        [("", stats.get("scoped_ids", 0))],
+    )
+    if "bytes" not in stats:
+        return
+    _metric(
+        lines,
+        "tidings_history_dropped_total",
+        "counter",
+        "Channel history rings dropped: evicted (HISTORY_MAX_CHANNELS, HISTORY_MAX_BYTES) or "
+        "expired (nothing kept, no subscriber, idle for HISTORY_TTL).",
+        [('{reason="evicted"}', stats["evicted"]), ('{reason="expired"}', stats["expired"])],
+    )
+    _metric(
+        lines,
+        "tidings_history_bytes",
+        "gauge",
+        "Estimated bytes of channel history held (cap HISTORY_MAX_BYTES).",
+        [("", stats["bytes"])],
+    )
+    _metric(
+        lines,
+        "tidings_history_channels",
+        "gauge",
+        "Channels with a history ring (cap HISTORY_MAX_CHANNELS).",
+        [("", stats["channels"])],
+    )
 
 
 def render_prometheus(node: Node) -> str:
@@ -116,13 +194,45 @@ def render_prometheus(node: Node) -> str:
     )
     _metric(
         lines,
+        "tidings_http_refused_total",
+        "counter",
+        "HTTP requests, connections and WebSocket upgrades refused at the HTTP edge, by reason.",
+        [(f'{{reason="{k}"}}', getattr(m, f"http_refused_{k}")) for k in _HTTP_REFUSED],
+    )
+    _metric(
+        lines,
         "tidings_alerts_fired_total",
         "counter",
         "Alerts that started firing.",
         [("", monitor.alerts.fired_total)],
     )
+    _metric(
+        lines,
+        "tidings_tokens_too_large_total",
+        "counter",
+        "Tokens refused for MAX_TOKEN_BYTES.",
+        [("", node.verifier.too_large)],
+    )
+    _metric(
+        lines,
+        "tidings_log_lines_suppressed_total",
+        "counter",
+        "Log lines dropped by LOG_RATE_LIMIT (each kind's summary line says how many).",
+        [("", suppressed_lines())],
+    )
+    _history(lines, node.broker.history_stats())
     gauges: list[tuple[str, str, float]] = [
         ("tidings_connections", "Open WebSocket connections.", len(node.sessions)),
+        (
+            "tidings_fragment_buffer_bytes",
+            "Bytes of unfinished fragmented WebSocket messages (cap MAX_FRAGMENT_BUFFER_BYTES).",
+            node.fragment_bytes,
+        ),
+        (
+            "tidings_token_cache_bytes",
+            "Estimated bytes of remembered tokens and claims (cap TOKEN_CACHE_BYTES).",
+            node.verifier.cached_bytes,
+        ),
         ("tidings_channels", "Channel groups with subscribers on this node.", len(node.hub.groups)),
         ("tidings_draining", "1 while the node drains connections.", int(node.draining)),
         ("tidings_start_time_seconds", "Start time of the node (Unix seconds).", node.started_at),

@@ -2,6 +2,11 @@
 JSON they read: ``/api/metrics`` (the guide's metrics and the dashboard's series) and
 ``/api/config`` (what the server offers a browser, e.g. whether Postgres Changes are available).
 
+With ``METRICS_JWT_SECRET`` set, the dashboard page and ``/api/metrics`` (like ``/metrics``) need
+a JWT signed with it, as ``Authorization: Bearer <jwt>`` or ``?token=<jwt>``; the page passes its
+own ``?token=`` on to ``/api/metrics``. Without the secret they are open, and ``/api/metrics``
+never names a private channel: private channels are summed up in one row.
+
 Assets are package data under ``server/static/``; nothing is fetched from a CDN. The demo's
 bundle (``orders.bundle.js``, supabase-js inside) is built from ``web/`` by ``make web`` and
 committed, so a fresh clone serves it without npm.
@@ -12,14 +17,16 @@ from __future__ import annotations
 import mimetypes
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ..node import Node
+from .edge import bearer_token, metrics_token_valid
 
-__all__ = ["STATIC_DIR", "api_config", "api_metrics", "static_file", "web_routes"]
+__all__ = ["STATIC_DIR", "api_config", "api_metrics", "metrics_refusal", "static_file", "web_routes"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 PAGES = {"/": "dashboard.html", "/dashboard": "dashboard.html", "/demo/orders": "orders.html"}
@@ -51,9 +58,59 @@ def _version() -> str:
         return "0"
 
 
+_TOKEN_PAGE = (
+    "<!doctype html><title>Tidings dashboard</title><p>This server requires a metrics token: open "
+    "this page with <code>?token=&lt;JWT signed with METRICS_JWT_SECRET&gt;</code>.</p>"
+)
+
+
+def metrics_refusal(request: Request, html: bool = False) -> Response | None:
+    """``None`` when the caller may read the metrics, else the 401 to answer.
+
+    Anyone may while ``METRICS_JWT_SECRET`` is unset; then only a JWT signed with it, sent as
+    ``Authorization: Bearer <jwt>`` or ``?token=<jwt>``.
+    """
+    node = _node(request)
+    secret = node.config.metrics_jwt_secret
+    if not secret:
+        return None
+    token = bearer_token(request.headers.get("authorization")) or request.query_params.get("token")
+    if metrics_token_valid(secret, token):
+        return None
+    node.metrics.http_refused_metrics_token += 1
+    headers = {"WWW-Authenticate": "Bearer", **_NO_STORE}
+    if html:
+        return Response(_TOKEN_PAGE, status_code=401, media_type="text/html", headers=headers)
+    message = "Unauthorized: a bearer token signed with METRICS_JWT_SECRET is required"
+    return JSONResponse({"error": message}, status_code=401, headers=headers)
+
+
+def _hide_private(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The busiest channels without the names of private ones: those are summed up in one row."""
+    hidden = [r for r in rows if r.get("private")]
+    if not hidden:
+        return rows
+    shown = [r for r in rows if not r.get("private")]
+    rate = sum(float(r.get("messagesPerSecond") or 0) for r in hidden)
+    shown.append(
+        {
+            "channel": f"{len(hidden)} private channel{'s' if len(hidden) > 1 else ''}",
+            "private": True,
+            "hidden": True,
+            "subscribers": sum(int(r.get("subscribers") or 0) for r in hidden),
+            "messagesPerSecond": round(rate, 2),
+        }
+    )
+    return shown
+
+
 async def page(request: Request) -> Response:
-    """An HTML page (``no-cache``, so an upgrade shows at once)."""
+    """An HTML page (``no-cache``, so an upgrade shows at once); the dashboard may need a token."""
     name = PAGES[request.url.path.rstrip("/") or "/"]
+    if name == "dashboard.html":
+        refusal = metrics_refusal(request, html=True)
+        if refusal is not None:
+            return refusal
     return FileResponse(STATIC_DIR / name, media_type="text/html", headers={"Cache-Control": "no-cache"})
 
 
@@ -67,12 +124,21 @@ async def static_file(request: Request) -> Response:
 
 
 async def api_metrics(request: Request) -> Response:
-    """``GET /api/metrics[?history=N]``: the guide's metrics as JSON, plus the dashboard's series."""
+    """``GET /api/metrics[?history=N]``: the guide's metrics as JSON, plus the dashboard's series.
+
+    Private channel names are shown only to the holder of a metrics token.
+    """
+    refusal = metrics_refusal(request)
+    if refusal is not None:
+        return refusal
     try:
         points = int(request.query_params.get("history", "60"))
     except ValueError:
         return JSONResponse({"errors": {"history": ["must be a number"]}}, status_code=422)
-    snapshot = _node(request).monitor.snapshot(history=max(0, min(points, 600)))
+    node = _node(request)
+    snapshot = node.monitor.snapshot(history=max(0, min(points, 600)))
+    if not node.config.metrics_jwt_secret:
+        snapshot["topChannels"] = _hide_private(snapshot["topChannels"])
     return JSONResponse(snapshot, headers=_NO_STORE)
 
 

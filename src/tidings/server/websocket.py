@@ -24,11 +24,12 @@ from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
 from ..auth.tokens import AuthError
-from ..node import Node
+from ..node import SWEEP_INTERVAL, Node
 from ..protocol import errors
 from ..protocol.codec import parse_vsn
 from ..protocol.frames import close_frame
 from ..session import Session
+from .edge import ANONYMOUS_KEY_PREFIX, CONNECTIONS_PER_ADDRESS, origin_policy, trusted_proxies
 
 __all__ = ["WEBSOCKET_PATHS", "WebSocketConnection"]
 
@@ -36,6 +37,10 @@ log = logging.getLogger("tidings.websocket")
 
 WEBSOCKET_PATHS = frozenset({"/realtime/v1/websocket", "/socket/websocket", "/websocket"})
 CLOSE_GRACE = 5.0  # seconds a closing connection may take to flush before it is aborted
+UNBOUNDED_MARK = 2**31 - 1  # the highest write-buffer mark uvloop takes (a C int)
+ORIGIN_NOT_ALLOWED = "Origin not allowed"
+TOO_MANY_FROM_ADDRESS = "Too many connections from this address"
+TOO_MANY_ANONYMOUS = "Too many anonymous connections from this address"
 
 
 _AT_EOF = StreamReader.at_eof.__code__
@@ -58,10 +63,22 @@ def _discard(frame: bytes) -> None:
     """Writer of a closed connection."""
 
 
+class _Fragments:
+    """An unfinished fragmented message: exists only between its first and its last frame."""
+
+    __slots__ = ("opcode", "parts", "size", "started")
+
+    def __init__(self, opcode: Opcode, first: bytes, tick: int) -> None:
+        self.opcode = opcode
+        self.parts = [first]
+        self.size = 0  # bytes counted in node.fragment_bytes
+        self.started = tick  # the node's sweeper tick at the first frame
+
+
 class WebSocketConnection(Session, asyncio.Protocol):
     """One client connection, from the upgrade request to ``connection_lost``."""
 
-    __slots__ = ("_frag", "_frag_op", "_server_state", "transport", "ws")
+    __slots__ = ("_address", "_frag", "_server_state", "transport", "ws")
 
     def __init__(
         self,
@@ -77,8 +94,8 @@ class WebSocketConnection(Session, asyncio.Protocol):
         self._server_state = server_state
         self.transport: asyncio.Transport | None = None
         self.ws = ServerProtocol(max_size=node.config.max_frame_size)
-        self._frag: list[bytes] | None = None
-        self._frag_op = Opcode.TEXT
+        self._frag: _Fragments | None = None
+        self._address: str | None = None  # counted in CONNECTIONS_PER_ADDRESS until connection_lost
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -112,14 +129,94 @@ class WebSocketConnection(Session, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._server_state is not None:
             self._server_state.connections.discard(self)
+        if self._address is not None:
+            CONNECTIONS_PER_ADDRESS.release(self._address)
+            self._address = None
         self.finish()
 
     def pause_writing(self) -> None:
-        """Unsent bytes passed ``MAX_UNSENT_BYTES``: close the slow consumer (1013)."""
+        """Unsent bytes passed ``MAX_UNSENT_BYTES`` (beyond what is left of a join's catch-up):
+        close the slow consumer (1013)."""
         if not self.closed:
             self.node.metrics.slow_consumer_closes += 1
             log.info("closing slow consumer")
             self.node.loop.call_soon(self.close, 1013, "slow consumer")
+
+    # -- a join's catch-up: counted apart from MAX_UNSENT_BYTES ------------------------------
+    #
+    # A join may write far more than MAX_UNSENT_BYTES at once (a replay of REPLAY_MAX messages
+    # of MAX_PAYLOAD_SIZE_KB, a large presence_state). The high-water mark is lifted while it
+    # is written, then set to what it left unsent plus MAX_UNSENT_BYTES, and lowered by the
+    # sweeper as the client reads: live messages may still queue MAX_UNSENT_BYTES on top of
+    # the catch-up, no more. A client that reads none of it for SLOW_CONSUMER_TIMEOUT is closed.
+
+    def begin_catchup(self) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            limit = self.node.config.max_unsent_bytes
+            transport.set_write_buffer_limits(high=UNBOUNDED_MARK, low=limit // 4)
+
+    def end_catchup(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        node = self.node
+        limit = node.config.max_unsent_bytes
+        unsent = transport.get_write_buffer_size()
+        if unsent <= limit:
+            transport.set_write_buffer_limits(high=limit, low=limit // 4)
+            node.catchups.pop(self, None)
+            return
+        node.metrics.catchup_allowances += 1
+        transport.set_write_buffer_limits(high=min(unsent + limit, UNBOUNDED_MARK), low=limit // 4)
+        # Another join does not restart the clock of one still unread: only reading does.
+        earlier = node.catchups.get(self)
+        node.catchups[self] = (unsent, node.tick if earlier is None else earlier[1])
+        node.watched.add(self)
+
+    def _watch_catchup(self, tick: int) -> bool:
+        """One sweeper tick of a catch-up; True while it goes on."""
+        node = self.node
+        transport = self.transport
+        least, since = node.catchups[self]
+        if self.closed or transport is None:
+            del node.catchups[self]
+            return False
+        limit = node.config.max_unsent_bytes
+        unsent = transport.get_write_buffer_size()
+        if unsent <= limit:
+            transport.set_write_buffer_limits(high=limit, low=limit // 4)
+            del node.catchups[self]
+            return False
+        if unsent < least:  # the client reads: the allowance shrinks to what is left
+            transport.set_write_buffer_limits(high=min(unsent + limit, UNBOUNDED_MARK), low=limit // 4)
+            node.catchups[self] = (unsent, tick)
+            return True
+        if (tick - since) * SWEEP_INTERVAL >= node.config.slow_consumer_timeout:
+            del node.catchups[self]
+            node.metrics.slow_consumer_closes += 1
+            log.info("closing slow consumer: %d bytes of a join's catch-up unread", unsent)
+            self.close(1013, "slow consumer")
+            return False
+        return True
+
+    def watch(self, tick: int) -> bool:
+        """The sweeper's tick: a fragmented message's deadline, a join's catch-up."""
+        watching = False
+        frag = self._frag
+        if frag is not None:
+            if self.closed:
+                self._drop_fragments()
+            elif (tick - frag.started) * SWEEP_INTERVAL > self.node.config.fragment_timeout:
+                self.node.metrics.fragment_timeouts += 1
+                log.info("closing connection: a fragmented message did not end in time")
+                self._drop_fragments()
+                self.close(1008, "fragmented message timeout")
+            else:
+                watching = True
+        if self in self.node.catchups:
+            watching = self._watch_catchup(tick) or watching
+        return watching
 
     def resume_writing(self) -> None:
         pass
@@ -135,8 +232,15 @@ class WebSocketConnection(Session, asyncio.Protocol):
 
     # -- handshake ---------------------------------------------------------------------------
 
-    def upgrade(self, request: Request, method: str = "GET", rest: bytes = b"") -> None:
-        """Start from a request the HTTP layer already parsed; ``rest`` came after its head."""
+    def upgrade(
+        self, request: Request, method: str = "GET", rest: bytes = b"", address: str | None = None
+    ) -> None:
+        """Start from a request the HTTP layer already parsed; ``rest`` came after its head.
+
+        ``address``: the client address the HTTP layer counted this connection for (released
+        when the connection is lost).
+        """
+        self._address = address
         if method != "GET":
             self.refuse(405, "Method Not Allowed", delay=False)
             return
@@ -164,10 +268,26 @@ class WebSocketConnection(Session, asyncio.Protocol):
         if node.draining:
             self.refuse(503, "Server is restarting", delay=False)
             return
-        if len(node.sessions) >= node.config.max_connections:
-            log.warning("refusing connection: MAX_CONNECTIONS (%d) reached", node.config.max_connections)
+        config = node.config
+        if len(node.sessions) >= config.max_connections:
+            log.warning("refusing connection: MAX_CONNECTIONS (%d) reached", config.max_connections)
             self.refuse(503, "Too many connections", delay=False)
             return
+        origin = request.headers.get("origin")
+        if origin is not None and not origin_policy(config.allowed_origins).allows(origin):
+            node.metrics.http_refused_origin += 1
+            self.refuse(403, ORIGIN_NOT_ALLOWED)
+            return
+        client, forwarded = self._client_address(request)
+        per_ip = config.max_connections_per_ip
+        if forwarded and client is not None and per_ip and self._address is None:
+            # Behind a trusted proxy: count the client the proxy names, not the proxy.
+            CONNECTIONS_PER_ADDRESS.add(client)
+            self._address = client
+            if CONNECTIONS_PER_ADDRESS.count(client) > per_ip:
+                node.metrics.http_refused_per_ip += 1
+                self.refuse(429, TOO_MANY_FROM_ADDRESS)
+                return
         token = request.headers.get("x-api-key") or query.get("apikey", [None])[0]
         if node.verifier.enabled and not token:
             self.refuse(401, errors.HTTP_API_KEY_MISSING)
@@ -178,10 +298,18 @@ class WebSocketConnection(Session, asyncio.Protocol):
             self.refuse(401, exc.http_message)
             return
         user = principal.sub
-        per_user = node.config.max_connections_per_user
+        per_user = config.max_connections_per_user
         if user is not None and per_user and node.users[user] >= per_user:
             self.refuse(429, errors.HTTP_TOO_MANY_CONNECTED)
             return
+        anonymous_per_ip = config.max_anonymous_connections_per_ip
+        if user is None and client is not None and anonymous_per_ip:
+            # No `sub` (the anon key): such connections count per client address instead.
+            user = ANONYMOUS_KEY_PREFIX + client
+            if node.users[user] >= anonymous_per_ip:
+                node.metrics.http_refused_anonymous_per_ip += 1
+                self.refuse(429, TOO_MANY_ANONYMOUS)
+                return
         response = self.ws.accept(request)
         if response.status_code != 101:
             self.ws.send_response(response)
@@ -195,6 +323,21 @@ class WebSocketConnection(Session, asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=node.config.max_unsent_bytes)
         self.flush_protocol()
         self.write = self.transport.write
+
+    def _client_address(self, request: Request) -> tuple[str | None, bool]:
+        """The client's address, and whether a trusted proxy's ``X-Forwarded-For`` named it."""
+        if self._address is not None:
+            return self._address, False  # the peer, counted by the HTTP layer
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        proxies = trusted_proxies(self.node.config.trusted_proxies)
+        if host is None or host not in proxies:
+            return host, False
+        forwarded_for = request.headers.get_all("x-forwarded-for")
+        if not forwarded_for:
+            return None, False  # a trusted proxy that names no client: nothing to count by
+        return proxies.forwarded_client(",".join(forwarded_for)), True
 
     def _restart_parser(self) -> None:
         # The parser generator keeps its last locals alive between messages: the upgrade
@@ -232,21 +375,55 @@ class WebSocketConnection(Session, asyncio.Protocol):
     # -- frames ------------------------------------------------------------------------------
 
     def receive_frame(self, frame: Frame) -> None:
-        """Assemble messages from data frames (control frames are handled by ``ws``)."""
+        """Assemble messages from data frames (control frames are handled by ``ws``).
+
+        ``ws`` bounds one message, all its fragments together, by ``MAX_FRAME_SIZE`` (1009).
+        Unfinished fragmented messages also count against ``MAX_FRAGMENT_BUFFER_BYTES`` for the
+        whole process, and must end within ``FRAGMENT_TIMEOUT`` (checked by the sweeper).
+        """
         opcode = frame.opcode
         data = cast(bytes, frame.data)
+        if self.closed:
+            return
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if frame.fin:
                 self.receive_message(opcode, data)
             else:
-                self._frag, self._frag_op = [data], opcode
+                self._frag = _Fragments(opcode, data, self.node.tick)
+                if self._hold_fragment(len(data)):
+                    self.node.watched.add(self)
         elif opcode is Opcode.CONT and self._frag is not None:
-            self._frag.append(data)
+            frag = self._frag
+            frag.parts.append(data)
             if frame.fin:
-                whole, self._frag = b"".join(self._frag), None
-                self.receive_message(self._frag_op, whole)
+                self._drop_fragments()
+                self.receive_message(frag.opcode, b"".join(frag.parts))
+            else:
+                self._hold_fragment(len(data))
         elif opcode is Opcode.PONG:
             self.node.metrics.pong(data)  # times the monitor's RTT pings (metrics.Monitor.ping)
+
+    def _hold_fragment(self, size: int) -> bool:
+        """Count ``size`` more buffered fragment bytes; over the process cap, close (1009)."""
+        node = self.node
+        frag = self._frag
+        assert frag is not None
+        if node.fragment_bytes + size > node.config.max_fragment_buffer_bytes:
+            node.metrics.fragment_buffer_full += 1
+            log.info("closing connection: MAX_FRAGMENT_BUFFER_BYTES reached by fragmented messages")
+            self._drop_fragments()
+            self.close(1009, "fragment buffer full")
+            return False
+        node.fragment_bytes += size
+        frag.size += size
+        return True
+
+    def _drop_fragments(self) -> None:
+        """Forget the unfinished fragmented message and its bytes in the process count."""
+        frag = self._frag
+        if frag is not None:
+            self.node.fragment_bytes -= frag.size
+            self._frag = None
 
     def receive_message(self, opcode: Opcode, data: bytes) -> None:
         """One complete WebSocket message."""
@@ -306,6 +483,7 @@ def _phrase(status: int) -> str:
     return {
         400: "Bad Request",
         401: "Unauthorized",
+        403: "Forbidden",
         404: "Not Found",
         405: "Method Not Allowed",
         429: "Too Many Requests",

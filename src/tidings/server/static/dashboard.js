@@ -5,6 +5,9 @@
 
   var WINDOW_S = 120; // seconds shown on every chart
   var POLL_MS = 1000;
+  // With METRICS_JWT_SECRET set the page is opened as /?token=<jwt>: the token goes on to /api/metrics.
+  var TOKEN = new URLSearchParams(location.search).get("token");
+  var METRICS_HEADERS = TOKEN ? { Authorization: "Bearer " + TOKEN } : {};
   var SVG_NS = "http://www.w3.org/2000/svg";
   var H = 180;
   var PAD = { l: 46, r: 10, t: 10, b: 20 };
@@ -200,7 +203,9 @@
     }
     rows.forEach(function (r) {
       var tr = document.createElement("tr");
-      [r.channel + (r.private ? " (private)" : ""), String(r.subscribers), fmt(r.messagesPerSecond, 1)].forEach(
+      // A "hidden" row sums up the private channels whose names a caller without a token may not see.
+      var name = r.hidden ? r.channel + " (names hidden)" : r.channel + (r.private ? " (private)" : "");
+      [name, String(r.subscribers), fmt(r.messagesPerSecond, 1)].forEach(
         function (text, i) {
           var td = document.createElement("td");
           if (i) td.className = "num";
@@ -244,8 +249,9 @@
   }
 
   function poll() {
-    fetch("/api/metrics?history=" + WINDOW_S, { cache: "no-store" })
+    fetch("/api/metrics?history=" + WINDOW_S, { cache: "no-store", headers: METRICS_HEADERS })
       .then(function (r) {
+        if (r.status === 401) throw new Error("HTTP 401: open this page with ?token=<metrics JWT>");
         if (!r.ok) throw new Error("HTTP " + r.status);
         return r.json();
       })
