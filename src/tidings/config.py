@@ -13,7 +13,10 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tidings.auth.policy import ChannelPolicy
 
 __all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "format_duration", "load_config"]
 
@@ -169,6 +172,15 @@ def _json_object(value: str, what: str = "a JSON object") -> dict[str, Any] | No
     if not isinstance(obj, dict):
         raise ValueError(f"expected {what}, got JSON {type(obj).__name__}")
     return obj
+
+
+def _channel_policy(value: str) -> ChannelPolicy | None:
+    """The declarative policy of private channels (:func:`tidings.auth.policy.parse_channel_policy`)."""
+    from tidings.auth.policy import parse_channel_policy
+
+    if not value.strip():
+        return None
+    return parse_channel_policy(value)
 
 
 def _database_url(value: str) -> str | None:
@@ -506,6 +518,15 @@ SETTINGS: tuple[Setting, ...] = (
         'Claims that must match, as JSON, e.g. {"iss":"supabase"}.',
     ),
     Setting(
+        "channel_policy",
+        "CHANNEL_POLICY",
+        _channel_policy,
+        None,
+        "Without DATABASE_URL: who may join private channels, as JSON rules of topic patterns bound to "
+        'claims, e.g. [{"topic":"user:{sub}","read":true,"write":true}] (docs/authorization.md). '
+        "Unset: private channels are denied to every role but service_role.",
+    ),
+    Setting(
         "allowed_origins",
         "ALLOWED_ORIGINS",
         _origin_list,
@@ -705,6 +726,7 @@ _METAVARS: dict[Callable[[str], Any], str] = {
     _bool: "BOOLEAN",
     _fraction: "FRACTION",
     _json_object: "JSON",
+    _channel_policy: "JSON",
     _jwks: "JSON",
     _database_url: "URL",
 }
@@ -746,6 +768,7 @@ class Config:
     jwt_secret: str | None = None
     jwt_jwks: dict[str, Any] | None = None
     jwt_claim_validators: dict[str, Any] | None = None
+    channel_policy: ChannelPolicy | None = None
     allowed_origins: str = "*"
     metrics_jwt_secret: str | None = None
     max_token_bytes: int = 16_384
@@ -804,7 +827,11 @@ def _parse(setting: Setting, raw: Any, source: str) -> Any:
     if raw is None:
         return None
     text = (
-        json.dumps(raw) if isinstance(raw, dict) else str(raw).lower() if isinstance(raw, bool) else str(raw)
+        json.dumps(raw)
+        if isinstance(raw, dict | list)
+        else str(raw).lower()
+        if isinstance(raw, bool)
+        else str(raw)
     )
     try:
         return setting.parse(text)

@@ -6,9 +6,12 @@ __all__ = [
     "CHANNEL_RATE_LIMIT",
     "CLIENT_JOIN_RATE_LIMIT",
     "CONNECTION_RATE_LIMIT",
+    "DATABASE_UNAVAILABLE",
+    "DATABASE_UNAVAILABLE_MESSAGE",
     "HTTP_API_KEY_MISSING",
     "HTTP_TOO_MANY_CONNECTED",
     "HTTP_TOO_MANY_JOINS",
+    "MISSING_PARTITION",
     "PAYLOAD_TOO_LARGE",
     "POSTGRES_CHANGES_UNAVAILABLE",
     "PRESENCE_PAYLOAD_NOT_MAP",
@@ -19,7 +22,12 @@ __all__ = [
     "TRACK_SIZE_EXCEEDED",
     "UNMATCHED_TOPIC",
     "UNKNOWN_ERROR",
+    "presence_key_too_long",
+    "read_permission_revoked_message",
     "token_expired_message",
+    "token_too_large_message",
+    "topic_name_too_long",
+    "unauthorized_read_reason",
 ]
 
 TOPIC_NAME_REQUIRED = "TopicNameRequired: You must provide a topic name"
@@ -44,6 +52,38 @@ TRACK_SIZE_EXCEEDED = "Track message size exceeded"
 HTTP_API_KEY_MISSING = "API key is missing"
 HTTP_TOO_MANY_CONNECTED = "Too many connected users"
 HTTP_TOO_MANY_JOINS = "Too many joins per second"
+
+# Realtime Authorization (private channels; lib/realtime_web/channels/realtime_channel.ex).
+DATABASE_UNAVAILABLE = "UnableToConnectToProject: Realtime was unable to connect to the project database"
+DATABASE_UNAVAILABLE_MESSAGE = "Realtime was unable to connect to the project database"
+"""In-channel shutdown message when permissions cannot be evaluated again (``access_token``)."""
+MISSING_PARTITION = "MissingPartition: Realtime was unable to find the expected messages partition"
+
+
+def unauthorized_read_reason(sub_topic: str) -> str:
+    """The join error when a private channel's policies allow neither broadcast nor presence read."""
+    return f"Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}"
+
+
+def read_permission_revoked_message(sub_topic: str) -> str:
+    """The shutdown message when a new ``access_token`` turns a read permission from allowed to denied."""
+    return f"You no longer have permission to read from this Channel topic: {sub_topic}"
+
+
+def topic_name_too_long(limit: int) -> str:
+    """The join error for a channel name over ``MAX_TOPIC_LENGTH`` (Supabase has no such limit;
+    the code follows its ``TopicNameRequired``)."""
+    return f"TopicNameTooLong: Topic names are limited to {limit} bytes"
+
+
+def presence_key_too_long(limit: int) -> str:
+    """The join error for a ``config.presence.key`` over ``MAX_EVENT_LENGTH``."""
+    return f"InvalidJoinPayload: Presence keys are limited to {limit} bytes"
+
+
+def token_too_large_message(limit: int) -> str:
+    """The message for a token over ``MAX_TOKEN_BYTES`` (HTTP body, join error, system push)."""
+    return f"Token is larger than {limit} bytes"
 
 
 def token_expired_message(seconds_ago: int) -> str:
