@@ -28,6 +28,10 @@ OUTPUT = ROOT / "docs" / "client-api.md"
 
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Client and channels", ["RealtimeClient", "RealtimeChannel", "EVENTS"]),
+    (
+        "Connection and transports",
+        ["Connection", "Transport", "TransportSocket", "WebSocketTransport", "MemoryTransport", "MemoryPeer"],
+    ),
     ("Settings", ["ClientSettings", "AlertThresholds"]),
     (
         "What callbacks receive",
@@ -63,6 +67,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
         "Building blocks",
         [
             "Backoff",
+            "Callbacks",
             "SendQueue",
             "OutboundMessage",
             "QualityMonitor",
@@ -233,7 +238,8 @@ def render(name: str) -> list[str]:
             else "class"
         )
         lines += [f"### {kind} `{name}`", ""]
-        if kind == "class" and not dataclasses.is_dataclass(obj):
+        # A Protocol has no constructor worth showing: it is implemented, not instantiated.
+        if kind == "class" and not dataclasses.is_dataclass(obj) and not getattr(obj, "_is_protocol", False):
             lines += ["```python", signature(name, obj), "```", ""]
         lines += [doc(obj), ""]
         if issubclass(obj, enum.Enum):

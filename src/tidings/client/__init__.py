@@ -10,13 +10,18 @@ Quick start::
         await room.send_broadcast("chat", {"text": "hello"})
 
 Imports only :mod:`tidings.protocol`, the standard library, orjson and ``websockets.asyncio.client``.
+
+The socket underneath is pluggable, as in httpx: ``RealtimeClient(url, key, transport=...)`` takes
+any :class:`Transport`; :class:`MemoryTransport` runs the client against an in-process peer in tests.
 """
 
 from __future__ import annotations
 
 from .backoff import Backoff
+from .callbacks import Callbacks
 from .channel import RealtimeChannel
 from .client import EVENTS, RealtimeClient
+from .connection import Connection
 from .dedup import LRUSet
 from .errors import (
     ChannelError,
@@ -46,6 +51,7 @@ from .presence import PresenceView
 from .quality import Quality, QualityMonitor
 from .sendqueue import OutboundMessage, SendQueue
 from .settings import AlertThresholds, ClientSettings
+from .transport import MemoryPeer, MemoryTransport, Transport, TransportSocket, WebSocketTransport
 
 __all__ = [
     "EVENTS",
@@ -54,16 +60,20 @@ __all__ = [
     "AlertThresholds",
     "Backoff",
     "Broadcast",
+    "Callbacks",
     "ChannelError",
     "ChannelState",
     "ClientClosed",
     "ClientSettings",
+    "Connection",
     "ConnectionState",
     "HistoryClient",
     "HistoryError",
     "HistoryPage",
     "JoinRejected",
     "LRUSet",
+    "MemoryPeer",
+    "MemoryTransport",
     "Metrics",
     "MetricsReporter",
     "MetricsSnapshot",
@@ -85,6 +95,9 @@ __all__ = [
     "SendReceipt",
     "SendStatus",
     "SystemMessage",
+    "Transport",
+    "TransportSocket",
+    "WebSocketTransport",
     "build_socket_url",
     "check_alerts",
     "derive_http_base",

@@ -36,13 +36,11 @@ from .events import (
     PresenceEvent,
     RecoveryGap,
     SendReceipt,
-    SendStatus,
     SystemMessage,
 )
 from .ordering import OrderBuffer
 from .presence import PresenceView
 from .sendqueue import OutboundMessage
-from .wire import encode_broadcast_push
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -96,6 +94,11 @@ class RealtimeChannel:
 
     Register callbacks first (each ``on_*`` returns the channel, so calls chain), then
     :meth:`subscribe` (or ``async with channel:``, which subscribes and unsubscribes).
+
+    It sends through ``client.connection`` (a :class:`Connection`) and reports through
+    ``client.callbacks``; the client's connection manager drives it with :meth:`rejoin`,
+    :meth:`message_received`, :meth:`connection_lost`, :meth:`poll_history`, :meth:`cancel_tasks`
+    and :meth:`fail_waiters`.
     """
 
     def __init__(
@@ -147,6 +150,9 @@ class RealtimeChannel:
         self._rejoin_attempts = 0
         self._incomplete_reported_at: int | None = None
         self._rebase = False
+        # The channel epoch our sequence numbers belong to (the join reply's), passed back on
+        # rejoin and history fetches so the server can tell a lost history from a current one.
+        self._epoch: str | None = None
         self._join_ws: object = None
 
     def __repr__(self) -> str:
@@ -221,6 +227,15 @@ class RealtimeChannel:
         return self.state is ChannelState.JOINED and self.client.connected
 
     @property
+    def wanted(self) -> bool:
+        """True from :meth:`subscribe` until :meth:`unsubscribe`: the client keeps (re)joining it.
+
+        It turns False early when the server refuses the first join or closes the channel, or
+        when rejoins give up.
+        """
+        return self._wanted
+
+    @property
     def last_seq(self) -> int | None:
         """The sequence number of the last broadcast delivered in order (``None`` before any)."""
         return self._order.last_released
@@ -243,10 +258,10 @@ class RealtimeChannel:
             return self
         self._wanted = True
         self._rejoin_attempts = 0
-        self.client._register(self)
+        self.client.connection.add(self)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._join_waiters.append(waiter)
-        self.client._ensure_started()
+        self.client.start()
         if self.client.connected and self.state is not ChannelState.JOINING:
             self._start_join()
         try:
@@ -268,12 +283,12 @@ class RealtimeChannel:
         if self.joined:
             self.state = ChannelState.LEAVING
             try:
-                await self.client._push(self.topic, "phx_leave", {}, join_ref=self.join_ref)
+                await self.client.connection.push(self.topic, "phx_leave", {}, join_ref=self.join_ref)
             except RealtimeError as exc:
                 logger.info("leave of %s not confirmed: %s", self.topic, exc)
         self.state = ChannelState.CLOSED
         self._resolve_waiters(ClientClosed(f"{self.topic} was unsubscribed"))
-        self.client._unregister(self)
+        self.client.connection.remove(self)
 
     async def __aenter__(self) -> RealtimeChannel:
         return await self.subscribe()
@@ -316,14 +331,7 @@ class RealtimeChannel:
             payload=payload,
             queued_at=self.client.settings.clock(),
         )
-        client = self.client
-        client.metrics.record_sent()
-        client._own_ids.seen(message.id)
-        if self.joined and not client._queue_blocks(self.topic):
-            status = await self._send_now(message)
-        else:
-            client._enqueue(message)
-            status = SendStatus.QUEUED
+        status = await self.client.connection.send_broadcast(self, message)
         return SendReceipt(message.id, status)
 
     async def track(self, state: dict[str, Any]) -> None:
@@ -364,6 +372,8 @@ class RealtimeChannel:
         }
         if since_seq is not None:
             broadcast["replay"] = {"since_seq": since_seq, "limit": settings.replay_limit}
+            if self._epoch is not None:
+                broadcast["replay"]["epoch"] = self._epoch
         presence_enabled = (
             bool(self._presence_handlers) or self._tracked is not None or bool(self.presence_key)
         )
@@ -380,17 +390,17 @@ class RealtimeChannel:
     def _start_join(self) -> None:
         task = self._join_task
         if task is not None and not task.done():
-            if self._join_ws is self.client._ws:
+            if self._join_ws is self.client.connection.socket:
                 return  # already joining on this connection
             task.cancel()  # a join left over from a lost connection
-        self._join_ws = self.client._ws
+        self._join_ws = self.client.connection.socket
         self._join_task = asyncio.get_running_loop().create_task(self._join(), name=f"join {self.topic}")
 
     async def _join(self) -> None:
         client = self.client
         if not client.connected or not self._wanted:
             return
-        ref = client._next_ref()
+        ref = client.connection.next_ref()
         self.join_ref = ref
         self.state = ChannelState.JOINING
         since = self._order.last_released if client.settings.recovery and self._ever_joined else None
@@ -402,7 +412,7 @@ class RealtimeChannel:
                 self._on_join_ok(response, since)
 
         try:
-            status, response = await client._push(
+            status, response = await client.connection.push(
                 self.topic, "phx_join", payload, join_ref=ref, ref=ref, on_reply=on_reply
             )
         except NotConnected:
@@ -422,7 +432,7 @@ class RealtimeChannel:
                     await self._push_presence("track", self._tracked)
                 except RealtimeError as exc:
                     logger.warning("re-tracking presence on %s failed: %s", self.topic, exc)
-            client._schedule_flush()
+            client.connection.schedule_flush()
             return
         error = JoinRejected(self.topic, response if status != "ok" else {"reason": self._mismatch})
         if not self._ever_joined:
@@ -430,11 +440,11 @@ class RealtimeChannel:
             self._wanted = False
             self.state = ChannelState.CLOSED
             self._resolve_waiters(error)
-            client._unregister(self)
+            client.connection.remove(self)
             return
         logger.warning("rejoin of %s refused: %s", self.topic, error.reason)
         self.state = ChannelState.ERRORED
-        client._emit("channel_error", self, error)
+        client.callbacks.emit("channel_error", self, error)
         self._schedule_rejoin()
 
     _mismatch = "mismatch between server and client bindings for postgres changes"
@@ -456,6 +466,8 @@ class RealtimeChannel:
         self.state = ChannelState.JOINED
         self._ever_joined = True
         self.presence.reset()
+        epoch = response.get("epoch")
+        self._epoch = epoch if isinstance(epoch, str) else None
         if not self.client.settings.recovery:
             return
         if since is not None and response.get("recovered") is False:
@@ -485,7 +497,7 @@ class RealtimeChannel:
             self._wanted = False
             self.state = ChannelState.CLOSED
             self._resolve_waiters(ClientClosed(f"{self.topic}: gave up rejoining"))
-            self.client._emit("channel_closed", self)
+            self.client.callbacks.emit("channel_closed", self)
             return
         delay = self._rejoin_backoff.delay(self._rejoin_attempts)
         self._rejoin_task = asyncio.get_running_loop().create_task(self._rejoin_later(delay))
@@ -505,65 +517,54 @@ class RealtimeChannel:
             else:
                 waiter.set_exception(error)
 
-    def _connection_lost(self) -> None:
+    # ------------------------------------------------------------------ driven by the client
+
+    def rejoin(self) -> asyncio.Task[None] | None:
+        """(Re)join on the current connection if :attr:`wanted`; returns the join task, if any.
+
+        The client calls it after every (re)connect and awaits the tasks before flushing the queue.
+        """
+        if not self._wanted:
+            return None
+        self._start_join()
+        return self._join_task
+
+    def connection_lost(self) -> None:
+        """The client lost its connection: a joined channel is ``errored`` (rejoined later) or ``closed``."""
         if self.state in (ChannelState.JOINED, ChannelState.JOINING, ChannelState.LEAVING):
             self.state = ChannelState.ERRORED if self._wanted else ChannelState.CLOSED
 
+    def cancel_tasks(self) -> None:
+        """Stop the join, the rejoin timer and the gap filling (the client is closing)."""
+        for task in (self._rejoin_task, self._gap_task, self._join_task):
+            if task is not None:
+                task.cancel()
+
+    def fail_waiters(self, error: BaseException) -> None:
+        """Make every :meth:`subscribe` still waiting raise ``error`` (the client closed or gave up)."""
+        self._resolve_waiters(error)
+
+    async def poll_history(self) -> None:
+        """One fallback poll: fetch what this channel may have missed since its last message."""
+        since = self._order.last_released
+        if since is None or not self._wanted:
+            return
+        await self._fetch_history(since)
+
     # ------------------------------------------------------------------ internals: sending
-
-    async def _write_broadcast(
-        self, message: OutboundMessage
-    ) -> tuple[str, asyncio.Future[tuple[str, dict[str, Any]]]] | None:
-        """Write ``message``; returns ``(ref, ack future)`` when an acknowledgement is expected.
-
-        Raises:
-            NotConnected: nothing was written.
-        """
-        client = self.client
-        ref = client._next_ref()
-        if client.serializer is Serializer.V2:
-            data: str | bytes = encode_broadcast_push(
-                self.join_ref, ref, self.topic, message.event, message.payload, {"id": message.id}
-            )
-        else:
-            data = client._encode(
-                self.join_ref,
-                ref,
-                self.topic,
-                "broadcast",
-                {"type": "broadcast", "event": message.event, "payload": message.payload, "id": message.id},
-            )
-        future = client._expect_reply(ref) if self.broadcast_ack else None
-        try:
-            await client._send_raw(data)
-        except NotConnected:
-            client._forget_reply(ref)
-            raise
-        message.attempts += 1
-        return None if future is None else (ref, future)
-
-    async def _send_now(self, message: OutboundMessage) -> SendStatus:
-        client = self.client
-        started = client.loop_time()
-        try:
-            pending = await self._write_broadcast(message)
-        except NotConnected:
-            client._enqueue(message)
-            return SendStatus.QUEUED
-        if pending is None:
-            message.finish(SendStatus.SENT)
-            return SendStatus.SENT
-        return await client._await_ack(message, pending, started)
 
     async def _push_presence(self, event: str, payload: dict[str, Any]) -> None:
         wire: dict[str, Any] = {"type": "presence", "event": event, "payload": payload}
-        status, response = await self.client._push(self.topic, "presence", wire, join_ref=self.join_ref)
+        status, response = await self.client.connection.push(
+            self.topic, "presence", wire, join_ref=self.join_ref
+        )
         if status != "ok":
             raise PushRejected(self.topic, response)
 
     # ------------------------------------------------------------------ internals: receiving
 
-    async def _handle(self, message: Message) -> None:
+    async def message_received(self, message: Message) -> None:
+        """Handle one server message for this channel's topic (the client's reader calls it)."""
         event, payload = message.event, message.payload
         if event == "broadcast":
             await self._ingest(payload, "websocket")
@@ -596,8 +597,8 @@ class RealtimeChannel:
                 self._wanted = False
                 self.state = ChannelState.CLOSED
                 self._resolve_waiters(ClientClosed(f"{self.topic} was closed by the server"))
-                self.client._unregister(self)
-                self.client._emit("channel_closed", self)
+                self.client.connection.remove(self)
+                self.client.callbacks.emit("channel_closed", self)
 
     async def _dispatch_presence(self, presence_event: PresenceEvent) -> None:
         for name, callback in list(self._presence_handlers):
@@ -663,8 +664,8 @@ class RealtimeChannel:
         client = self.client
         message_id = broadcast.id
         if message_id is not None:
-            own = message_id in client._own_ids
-            if client._dedup.seen((self.topic, message_id)):
+            own = message_id in client.connection.sent_ids
+            if client.dedup.seen((self.topic, message_id)):
                 client.metrics.record_duplicate()
                 return
             if own and client.settings.recovery and not self.broadcast_self:
@@ -688,10 +689,10 @@ class RealtimeChannel:
             try:
                 result = callback(gap)
                 if inspect.isawaitable(result):
-                    self.client._spawn(result)
+                    self.client.callbacks.spawn(result)
             except Exception:
                 logger.exception("recovery_incomplete callback failed")
-        self.client._emit("recovery_incomplete", gap)
+        self.client.callbacks.emit("recovery_incomplete", gap)
 
     def _ensure_gap_task(self) -> None:
         if self._order.gap() is None or (self._gap_task is not None and not self._gap_task.done()):
@@ -738,12 +739,16 @@ class RealtimeChannel:
         history = self.client.history
         complete = True
         for _ in range(settings.history_max_pages):
-            page = await history.fetch(self.name, since_seq, settings.history_page_limit, self.private)
+            page = await history.fetch(
+                self.name, since_seq, settings.history_page_limit, self.private, self._epoch
+            )
             complete = complete and page.complete
             seqs: list[int] = []
             if not page.complete:
                 seqs = [s for s in (self._seq_of(m) for m in page.messages) if s is not None]
                 await self._handle_incomplete_page(min(seqs) if seqs else None)
+            if page.epoch is not None:
+                self._epoch = page.epoch  # a new epoch's messages are what the stream goes on with
             before = since_seq
             for entry in page.messages:
                 meta = entry.get("meta")
@@ -784,10 +789,3 @@ class RealtimeChannel:
                 # Nothing older exists any more: continue from the oldest message history still has.
                 for item in self._order.reset(first_available):
                     await self._deliver(item)
-
-    async def _poll_history(self) -> None:
-        """One fallback poll: fetch what this channel may have missed since its last message."""
-        since = self._order.last_released
-        if since is None or not self._wanted:
-            return
-        await self._fetch_history(since)

@@ -14,28 +14,25 @@ the quality monitor calls hopeless ends the session, which starts a reconnect.
 from __future__ import annotations
 
 import asyncio
-import inspect
-import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 from tidings.protocol.codec import MalformedMessage, Message
 
 from .backoff import Backoff
+from .callbacks import Callbacks
 from .channel import RealtimeChannel
+from .connection import Connection
 from .dedup import LRUSet
 from .errors import ClientClosed, HistoryError, NotConnected, PushTimeout
-from .events import ConnectionState, SendStatus
+from .events import ConnectionState
 from .http import HistoryClient, build_socket_url, derive_http_base
 from .metrics import Alert, AlertMonitor, Metrics, MetricsReporter, MetricsSnapshot
 from .quality import Quality, QualityMonitor
-from .sendqueue import OutboundMessage, SendQueue
 from .settings import ClientSettings
-from .wire import decode_frame, encode_message, serializer_for
+from .transport import Transport, TransportSocket
+from .wire import decode_frame, serializer_for
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -58,18 +55,6 @@ EVENTS = (
 )
 """Names accepted by :meth:`RealtimeClient.on`."""
 
-Reply = tuple[str, dict[str, Any]]
-
-
-class _Pending:
-    __slots__ = ("future", "on_reply")
-
-    def __init__(
-        self, future: asyncio.Future[Reply], on_reply: Callable[[str, dict[str, Any]], None] | None
-    ) -> None:
-        self.future = future
-        self.on_reply = on_reply
-
 
 class RealtimeClient:
     """A resilient Supabase Realtime / Tidings client.
@@ -79,6 +64,8 @@ class RealtimeClient:
             ``/websocket?apikey=...&vsn=...`` is appended).
         token: the API key (a JWT with ``role`` and ``exp`` for Tidings and Supabase).
         settings: a base :class:`ClientSettings`.
+        transport: what opens the connection (default: a :class:`WebSocketTransport`; tests can
+            pass a :class:`MemoryTransport`).
         **overrides: any :class:`ClientSettings` field, e.g. ``vsn="1.0.0"``, ``heartbeat_interval=15``.
 
     Raises:
@@ -90,7 +77,13 @@ class RealtimeClient:
     """
 
     def __init__(
-        self, url: str, token: str, *, settings: ClientSettings | None = None, **overrides: Any
+        self,
+        url: str,
+        token: str,
+        *,
+        settings: ClientSettings | None = None,
+        transport: Transport | None = None,
+        **overrides: Any,
     ) -> None:
         base = settings or ClientSettings()
         self.settings = base.replace(**overrides) if overrides else base
@@ -115,25 +108,26 @@ class RealtimeClient:
         )
         self.metrics = Metrics(s.latency_window, s.health_window)
         self.state = ConnectionState.DISCONNECTED
-        self._handlers: dict[str, list[Callable[..., object]]] = {name: [] for name in EVENTS}
-        self._alerts = AlertMonitor(s.alert_thresholds, lambda alert: self._emit("alert", alert))
-        self._queue = SendQueue(s.send_queue_size, self._on_queue_drop)
-        self._dedup = LRUSet(s.dedup_size)
-        self._own_ids = LRUSet(s.dedup_size)
-        self._channels: dict[str, RealtimeChannel] = {}
-        self._pending: dict[str, _Pending] = {}
-        self._refs = itertools.count(1)
-        self._ws: ClientConnection | None = None
+        self.callbacks = Callbacks(EVENTS)
+        """The application callbacks (:meth:`on` adds to them; channels report through them too)."""
+        self._alerts = AlertMonitor(s.alert_thresholds, lambda alert: self.callbacks.emit("alert", alert))
+        self.dedup = LRUSet(s.dedup_size)
+        """``(topic, message id)`` of the broadcasts delivered, so a second copy is dropped."""
+        self.connection: Connection[RealtimeChannel] = Connection(
+            self.settings,
+            self.metrics,
+            self.callbacks,
+            transport=transport,
+            on_queue_change=self._check_alerts,
+            on_channel_removed=self._update_fallback,
+        )
+        """The outbound pipeline shared with the channels: the channels, refs, replies, the send queue."""
         self._run_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._drop = asyncio.Event()
         self._state_waiters: list[tuple[frozenset[ConnectionState], asyncio.Future[ConnectionState]]] = []
-        self._flush_lock = asyncio.Lock()
-        self._flushing = False
-        self._flush_task: asyncio.Task[None] | None = None
         self._fallback_task: asyncio.Task[None] | None = None
         self._last_quality = Quality.DISCONNECTED
-        self._spawned: set[asyncio.Future[Any]] = set()
         self._reporter: MetricsReporter | None = None
         if s.metrics_report_url:
             self._reporter = MetricsReporter(
@@ -152,7 +146,7 @@ class RealtimeClient:
     @property
     def connected(self) -> bool:
         """True while the WebSocket is open."""
-        return self._ws is not None and self.state is ConnectionState.CONNECTED
+        return self.connection.connected and self.state is ConnectionState.CONNECTED
 
     @property
     def connection_quality(self) -> Quality:
@@ -167,12 +161,12 @@ class RealtimeClient:
     @property
     def channels(self) -> list[RealtimeChannel]:
         """The channels created and not removed."""
-        return list(self._channels.values())
+        return self.connection.channels
 
     @property
     def queue_size(self) -> int:
         """Broadcasts waiting in the send queue."""
-        return len(self._queue)
+        return len(self.connection.queue)
 
     def channel(
         self,
@@ -194,7 +188,7 @@ class RealtimeClient:
         """
         name = name.removeprefix("realtime:")
         topic = f"realtime:{name}"
-        existing = self._channels.get(topic)
+        existing = self.connection.get(topic)
         if existing is not None:
             return existing
         channel = RealtimeChannel(
@@ -205,7 +199,7 @@ class RealtimeClient:
             broadcast_self=broadcast_self,
             broadcast_ack=broadcast_ack,
         )
-        self._channels[topic] = channel
+        self.connection.add(channel)
         return channel
 
     async def remove_channel(self, channel: RealtimeChannel) -> None:
@@ -223,7 +217,7 @@ class RealtimeClient:
             ClientClosed: every attempt failed, or :meth:`close` was called meanwhile.
             TimeoutError: ``timeout`` expired first.
         """
-        self._ensure_started()
+        self.start()
         state = await self.wait_for_state(
             ConnectionState.CONNECTED, ConnectionState.FAILED, ConnectionState.DISCONNECTED, timeout=timeout
         )
@@ -237,10 +231,8 @@ class RealtimeClient:
         await self._stop_fallback()
         if self._reporter is not None:
             await self._reporter.stop()
-        for channel in list(self._channels.values()):
-            for task in (channel._rejoin_task, channel._gap_task, channel._join_task):
-                if task is not None:
-                    task.cancel()
+        for channel in self.connection.channels:
+            channel.cancel_tasks()
         task, self._run_task = self._run_task, None
         if task is not None:
             try:
@@ -249,13 +241,12 @@ class RealtimeClient:
             except TimeoutError:
                 task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        for leftover in (self._flush_task, *self._spawned):
-            if leftover is not None:
-                leftover.cancel()
+        self.connection.stop_flush()
+        self.callbacks.cancel()
         self._set_state(ConnectionState.DISCONNECTED)
-        for channel in list(self._channels.values()):
-            channel._connection_lost()
-            channel._resolve_waiters(ClientClosed("the client was closed"))
+        for channel in self.connection.channels:
+            channel.connection_lost()
+            channel.fail_waiters(ClientClosed("the client was closed"))
 
     async def __aenter__(self) -> RealtimeClient:
         await self.connect()
@@ -269,7 +260,7 @@ class RealtimeClient:
     async def reconnect(self) -> None:
         """Drop the current connection and reconnect (also restarts a ``failed`` client)."""
         if self.state is ConnectionState.FAILED or self._run_task is None or self._run_task.done():
-            self._ensure_started()
+            self.start()
         else:
             self._drop.set()
 
@@ -281,17 +272,14 @@ class RealtimeClient:
         """
         self.access_token = token or self.apikey
         self.history.access_token = token
-        for channel in list(self._channels.values()):
+        for channel in self.connection.channels:
             if channel.joined:
                 try:
-                    await self._send_raw(
-                        self._encode(
-                            channel.join_ref,
-                            self._next_ref(),
-                            channel.topic,
-                            "access_token",
-                            {"access_token": self.access_token},
-                        )
+                    await self.connection.send_message(
+                        channel.topic,
+                        "access_token",
+                        {"access_token": self.access_token},
+                        join_ref=channel.join_ref,
                     )
                 except NotConnected:
                     return  # the rejoin will carry the token
@@ -306,7 +294,7 @@ class RealtimeClient:
         loop = asyncio.get_running_loop()
         started = loop.time()
         timeout = timeout or self.settings.heartbeat_timeout or self.settings.heartbeat_interval
-        status, _ = await self._push("phoenix", "heartbeat", {}, join_ref=None, timeout=timeout)
+        status, _ = await self.connection.push("phoenix", "heartbeat", {}, join_ref=None, timeout=timeout)
         rtt = (loop.time() - started) * 1000.0
         if status != "ok":
             logger.warning("heartbeat answered with status %r", status)
@@ -333,7 +321,7 @@ class RealtimeClient:
     def metrics_snapshot(self) -> MetricsSnapshot:
         """Current metrics (counters, latency percentiles, rates, queue size, state)."""
         return self.metrics.snapshot(
-            self.state, self.connection_quality, len(self._queue), self.fallback_active
+            self.state, self.connection_quality, len(self.connection.queue), self.fallback_active
         )
 
     # Callback registration -------------------------------------------------------------
@@ -346,9 +334,9 @@ class RealtimeClient:
         Raises:
             ValueError: an unknown event name.
         """
-        if event not in self._handlers:
+        if event not in self.callbacks.events:
             raise ValueError(f"unknown client event {event!r}; one of {', '.join(EVENTS)}")
-        self._handlers[event].append(callback)
+        self.callbacks.add(event, callback)
         return self
 
     def on_state_change(
@@ -379,7 +367,12 @@ class RealtimeClient:
 
     # ------------------------------------------------------------------ connection manager
 
-    def _ensure_started(self) -> None:
+    def start(self) -> None:
+        """Start the connection manager in the background and return at once.
+
+        :meth:`connect` is ``start()`` plus waiting; a channel subscribed meanwhile joins once
+        connected. Nothing happens while the manager already runs.
+        """
         if self._run_task is not None and not self._run_task.done():
             return
         self._stop = asyncio.Event()
@@ -400,7 +393,7 @@ class RealtimeClient:
                 if attempt > settings.max_reconnect_attempts:
                     logger.error("giving up after %d reconnect attempts", settings.max_reconnect_attempts)
                     self._set_state(ConnectionState.FAILED)
-                    self._emit("max_reconnect_attempts_reached")
+                    self.callbacks.emit("max_reconnect_attempts_reached")
                     return
                 self._set_state(ConnectionState.RECONNECTING)
                 delay = self.backoff.delay(attempt)
@@ -411,14 +404,14 @@ class RealtimeClient:
             else:
                 self._set_state(ConnectionState.CONNECTING if first else ConnectionState.RECONNECTING)
             try:
-                ws = await self._open()
+                socket = await self.connection.open(self.socket_url)
             except Exception as exc:
                 logger.warning("connection to %s failed: %s", self.url, exc or type(exc).__name__)
                 attempt += 1
                 continue
             first = False
             attempt = 0
-            await self._session(ws)
+            await self._session(socket)
             if self._stop.is_set():
                 return
             self.metrics.record_reconnect()
@@ -433,25 +426,12 @@ class RealtimeClient:
             return False
         return True
 
-    async def _open(self) -> ClientConnection:
-        settings = self.settings
-        async with asyncio.timeout(settings.connect_timeout):
-            return await connect(
-                self.socket_url,
-                open_timeout=settings.connect_timeout,
-                close_timeout=settings.close_timeout,
-                # Liveness is the Phoenix heartbeat's job (it is what the server watches too).
-                ping_interval=None,
-                max_size=settings.max_message_size,
-                compression=None,
-            )
-
-    async def _session(self, ws: ClientConnection) -> None:
-        self._ws = ws
+    async def _session(self, socket: TransportSocket) -> None:
+        self.connection.attach(socket)
         self._drop = asyncio.Event()
         self._set_state(ConnectionState.CONNECTED)
         loop = asyncio.get_running_loop()
-        reader = loop.create_task(self._read_loop(ws), name="tidings-reader")
+        reader = loop.create_task(self._read_loop(socket), name="tidings-reader")
         heart = loop.create_task(self._heartbeat_loop(), name="tidings-heartbeat")
         dropper = loop.create_task(self._drop.wait(), name="tidings-drop")
         stopper = loop.create_task(self._stop.wait(), name="tidings-stop")
@@ -459,65 +439,47 @@ class RealtimeClient:
         try:
             await asyncio.wait({reader, heart, dropper, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._ws = None
+            self.connection.detach()
             for task in (heart, dropper, stopper, rejoin):
                 task.cancel()
             graceful = self._stop.is_set()
             if graceful:
                 try:
-                    await ws.close()
+                    await socket.close()
                 except Exception:
                     logger.debug("close handshake failed", exc_info=True)
             else:
                 # A connection we give up on may be half-open: don't wait for a close handshake.
-                ws.transport.abort()
+                socket.abort()
             reader.cancel()
             await asyncio.gather(reader, heart, dropper, stopper, rejoin, return_exceptions=True)
             self._connection_lost()
 
     def _connection_lost(self) -> None:
-        pending, self._pending = self._pending, {}
-        for entry in pending.values():
-            if not entry.future.done():
-                entry.future.set_exception(NotConnected("connection lost"))
-                entry.future.exception()  # mark retrieved: a dropped waiter must not warn
-        for channel in list(self._channels.values()):
-            channel._connection_lost()
+        self.connection.fail_pending(NotConnected("connection lost"))
+        for channel in self.connection.channels:
+            channel.connection_lost()
         self.quality.reset()
         self._quality_changed()
 
-    async def _read_loop(self, ws: ClientConnection) -> None:
+    async def _read_loop(self, socket: TransportSocket) -> None:
         try:
-            async for data in ws:
+            while True:
+                data = await socket.recv()
                 try:
                     message = decode_frame(data, self.serializer)
                 except MalformedMessage as exc:
                     logger.warning("dropping a malformed server frame: %s", exc)
                     continue
                 await self._dispatch(message)
-        except ConnectionClosed as exc:
-            logger.info("connection closed: %s", exc)
+        except NotConnected as exc:
+            logger.info("%s", exc)
 
     async def _dispatch(self, message: Message) -> None:
         if message.event == "phx_reply":
-            entry = self._pending.pop(message.ref, None) if message.ref is not None else None
-            if entry is None:
-                return
-            status = message.payload.get("status")
-            response = message.payload.get("response")
-            reply: Reply = (
-                status if isinstance(status, str) else "error",
-                response if isinstance(response, dict) else {},
-            )
-            if entry.on_reply is not None:
-                try:
-                    entry.on_reply(*reply)
-                except Exception:
-                    logger.exception("reply handler failed")
-            if not entry.future.done():
-                entry.future.set_result(reply)
+            self.connection.reply_received(message)
             return
-        channel = self._channels.get(message.topic)
+        channel = self.connection.get(message.topic)
         if channel is None:
             return
         if (
@@ -526,7 +488,7 @@ class RealtimeClient:
             and message.join_ref != channel.join_ref
         ):
             return  # a message for an earlier instance of the channel
-        await channel._handle(message)
+        await channel.message_received(message)
 
     async def _heartbeat_loop(self) -> None:
         settings = self.settings
@@ -558,7 +520,7 @@ class RealtimeClient:
         self.metrics.record_heartbeat_ok()
         if rtt > self.settings.latency_warning_ms:
             logger.warning("high realtime latency: heartbeat round trip %.0f ms", rtt)
-            self._emit("latency_warning", rtt)
+            self.callbacks.emit("latency_warning", rtt)
         self._quality_changed()
         self._check_alerts()
 
@@ -566,18 +528,13 @@ class RealtimeClient:
         quality = self.quality.quality
         if quality is not self._last_quality:
             self._last_quality = quality
-            self._emit("quality_change", quality)
+            self.callbacks.emit("quality_change", quality)
         self._update_fallback()
 
     async def _rejoin_all(self) -> None:
-        tasks = []
-        for channel in list(self._channels.values()):
-            if channel._wanted:
-                channel._start_join()
-                if channel._join_task is not None:
-                    tasks.append(channel._join_task)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._schedule_flush()
+        joins = [join for channel in self.connection.channels if (join := channel.rejoin()) is not None]
+        await asyncio.gather(*joins, return_exceptions=True)
+        self.connection.schedule_flush()
 
     # ------------------------------------------------------------------ state and events
 
@@ -586,34 +543,14 @@ class RealtimeClient:
             return
         old, self.state = self.state, state
         logger.info("realtime client %s -> %s", old, state)
-        self._emit("state_change", old, state)
+        self.callbacks.emit("state_change", old, state)
         for states, future in list(self._state_waiters):
             if state in states and not future.done():
                 future.set_result(state)
         if state is ConnectionState.FAILED:
-            for channel in list(self._channels.values()):
-                channel._resolve_waiters(ClientClosed("the client gave up reconnecting"))
+            for channel in self.connection.channels:
+                channel.fail_waiters(ClientClosed("the client gave up reconnecting"))
         self._update_fallback()
-
-    def _emit(self, event: str, *args: Any) -> None:
-        for callback in list(self._handlers.get(event, ())):
-            try:
-                result = callback(*args)
-                if inspect.isawaitable(result):
-                    self._spawn(result)
-            except Exception:
-                logger.exception("%s callback failed", event)
-
-    def _spawn(self, awaitable: Awaitable[Any]) -> None:
-        future = asyncio.ensure_future(awaitable)
-        self._spawned.add(future)
-
-        def done(f: asyncio.Future[Any]) -> None:
-            self._spawned.discard(f)
-            if not f.cancelled() and f.exception() is not None:
-                logger.error("callback task failed", exc_info=f.exception())
-
-        future.add_done_callback(done)
 
     def _check_alerts(self) -> None:
         self._alerts.evaluate(self.metrics_snapshot(), self.metrics.health_samples)
@@ -626,7 +563,7 @@ class RealtimeClient:
             and self.settings.recovery
             and self._run_task is not None
             and not self._stop.is_set()
-            and any(c._wanted for c in self._channels.values())
+            and any(c.wanted for c in self.connection.channels)
             and self._degraded()
         )
         if want and not self.fallback_active:
@@ -634,13 +571,13 @@ class RealtimeClient:
             self._fallback_task = asyncio.get_running_loop().create_task(
                 self._fallback_loop(), name="tidings-poll"
             )
-            self._emit("fallback_change", True)
+            self.callbacks.emit("fallback_change", True)
         elif not want and self.fallback_active:
             assert self._fallback_task is not None
             self._fallback_task.cancel()
             self._fallback_task = None
             logger.info("realtime connection %s again: polling stopped", self.quality.quality)
-            self._emit("fallback_change", False)
+            self.callbacks.emit("fallback_change", False)
 
     def _degraded(self) -> bool:
         quality = self.quality.quality
@@ -652,169 +589,20 @@ class RealtimeClient:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            self._emit("fallback_change", False)
+            self.callbacks.emit("fallback_change", False)
 
     async def _fallback_loop(self) -> None:
         # Cancelled by _update_fallback when the WebSocket is good again, or by close().
         while True:
             await asyncio.sleep(self.settings.fallback_poll_interval)
-            for channel in list(self._channels.values()):
+            for channel in self.connection.channels:
                 try:
-                    await channel._poll_history()
+                    await channel.poll_history()
                 except HistoryError as exc:
                     logger.info("history poll of %s failed: %s", channel.topic, exc)
 
-    # ------------------------------------------------------------------ sending
-
-    def _next_ref(self) -> str:
-        return str(next(self._refs))
+    # ------------------------------------------------------------------ clock
 
     def loop_time(self) -> float:
         """The event loop's clock (seconds), used for round trips."""
         return asyncio.get_running_loop().time()
-
-    def _encode(
-        self, join_ref: str | None, ref: str | None, topic: str, event: str, payload: dict[str, Any]
-    ) -> str:
-        return encode_message(self.serializer, join_ref, ref, topic, event, payload)
-
-    async def _send_raw(self, data: str | bytes) -> None:
-        ws = self._ws
-        if ws is None:
-            raise NotConnected("not connected")
-        try:
-            await ws.send(data)
-        except ConnectionClosed as exc:
-            raise NotConnected(f"connection closed: {exc}") from exc
-
-    def _expect_reply(
-        self, ref: str, on_reply: Callable[[str, dict[str, Any]], None] | None = None
-    ) -> asyncio.Future[Reply]:
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[ref] = _Pending(future, on_reply)
-        return future
-
-    def _forget_reply(self, ref: str) -> None:
-        self._pending.pop(ref, None)
-
-    async def _push(
-        self,
-        topic: str,
-        event: str,
-        payload: dict[str, Any],
-        *,
-        join_ref: str | None,
-        ref: str | None = None,
-        timeout: float | None = None,
-        on_reply: Callable[[str, dict[str, Any]], None] | None = None,
-    ) -> Reply:
-        """Send a message and wait for its reply.
-
-        Raises:
-            NotConnected: not connected, or the connection was lost first.
-            PushTimeout: no reply in time.
-        """
-        ref = ref or self._next_ref()
-        future = self._expect_reply(ref, on_reply)
-        try:
-            await self._send_raw(self._encode(join_ref, ref, topic, event, payload))
-            async with asyncio.timeout(timeout or self.settings.push_timeout):
-                return await future
-        except TimeoutError:
-            raise PushTimeout(f"no reply to {event} on {topic}") from None
-        finally:
-            self._pending.pop(ref, None)
-
-    def _queue_blocks(self, topic: str) -> bool:
-        # A message must not overtake older queued ones for the same channel.
-        return self._flushing or self._queue.has_topic(topic)
-
-    def _enqueue(self, message: OutboundMessage) -> None:
-        self._queue.put(message)
-        self._check_alerts()
-        self._schedule_flush()
-
-    def _on_queue_drop(self, message: OutboundMessage) -> None:
-        self.metrics.record_dropped()
-        self._emit("message_dropped", message)
-
-    def _schedule_flush(self) -> None:
-        if not self.connected or not len(self._queue):
-            return
-        if self._flush_task is None or self._flush_task.done():
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush(), name="tidings-flush")
-
-    async def _flush(self) -> None:
-        """Send queued broadcasts of joined channels, in order; acks are awaited together."""
-        async with self._flush_lock:
-            self._flushing = True
-            try:
-                # Each round empties what can go; failures come back at most once each.
-                for _ in range(2 * self.settings.send_queue_size + 2):
-                    batch = self._queue.take(
-                        lambda m: (c := self._channels.get(m.topic)) is not None and c.joined
-                    )
-                    if not batch:
-                        return
-                    acks = []
-                    for index, message in enumerate(batch):
-                        channel = self._channels[message.topic]
-                        started = self.loop_time()
-                        try:
-                            pending = await channel._write_broadcast(message)
-                        except NotConnected:
-                            self._queue.push_front(batch[index:])
-                            break
-                        if pending is None:
-                            message.finish(SendStatus.SENT)
-                        else:
-                            acks.append(self._await_ack(message, pending, started))
-                    if acks:
-                        await asyncio.gather(*acks)
-                    if not self.connected:
-                        return
-            finally:
-                self._flushing = False
-                self._check_alerts()
-
-    async def _await_ack(
-        self, message: OutboundMessage, pending: tuple[str, asyncio.Future[Reply]], started: float
-    ) -> SendStatus:
-        ref, future = pending
-        try:
-            async with asyncio.timeout(self.settings.push_timeout):
-                status, response = await future
-        except TimeoutError:
-            self._forget_reply(ref)
-            return self._settle_failure(message, "no acknowledgement")
-        except NotConnected:
-            return self._settle_failure(message, "connection lost before the acknowledgement")
-        if status == "ok":
-            self.metrics.record_latency((self.loop_time() - started) * 1000.0)
-            message.finish(SendStatus.OK)
-            return SendStatus.OK
-        return self._settle_failure(message, f"refused: {response}")
-
-    def _settle_failure(self, message: OutboundMessage, why: str) -> SendStatus:
-        if self._queue.requeue(message):
-            logger.info("broadcast %s failed (%s); queued for its one retry", message.id, why)
-            self._schedule_flush()
-            return SendStatus.QUEUED
-        logger.warning("broadcast %s failed twice (%s); giving up", message.id, why)
-        self.metrics.record_failed()
-        message.finish(SendStatus.ERROR)
-        self._check_alerts()
-        return SendStatus.ERROR
-
-    # ------------------------------------------------------------------ channel registry
-
-    def _register(self, channel: RealtimeChannel) -> None:
-        self._channels.setdefault(channel.topic, channel)
-
-    def _unregister(self, channel: RealtimeChannel) -> None:
-        if self._channels.get(channel.topic) is channel:
-            del self._channels[channel.topic]
-        for message in self._queue.take(lambda m: m.topic == channel.topic):
-            self.metrics.record_failed()
-            message.finish(SendStatus.ERROR)
-        self._update_fallback()
