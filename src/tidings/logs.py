@@ -4,6 +4,12 @@ Structured fields go in ``extra={"fields": {...}}``: JSON lines merge them into 
 lines append them as ``key=value``. Every record passes :class:`Redactor` before it is written:
 JWT-shaped strings and the secrets registered with :func:`redact` (``JWT_SECRET``, the webhook
 URL, passwords in database and Redis URLs; the node registers them) become ``[redacted]``.
+
+Client input never shapes the log: control characters (CR, LF, ...) in a message or field are
+escaped, so no value can start a forged line; values passed through :class:`Clipped` are cut to
+:data:`CLIP_CHARS` with a ``…(+N bytes)`` marker, and a whole message to :data:`MAX_MESSAGE_CHARS`.
+:class:`LineLimiter` writes at most ``LOG_RATE_LIMIT`` lines of one kind (logger, level, message
+template) per :data:`LIMIT_WINDOW` seconds and then one ``suppressed K similar lines`` line.
 """
 
 from __future__ import annotations
@@ -12,18 +18,43 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import orjson
 
-__all__ = ["JsonFormatter", "PlainFormatter", "Redactor", "redact", "secrets_of", "setup_logging"]
+__all__ = [
+    "CLIP_CHARS",
+    "LIMIT_WINDOW",
+    "MAX_MESSAGE_CHARS",
+    "JsonFormatter",
+    "LineLimiter",
+    "PlainFormatter",
+    "Redactor",
+    "Clipped",
+    "clip_text",
+    "escape_control",
+    "flush_suppressed",
+    "redact",
+    "secrets_of",
+    "set_log_rate_limit",
+    "setup_logging",
+    "suppressed_lines",
+]
 
 REDACTED = "[redacted]"
 # header.payload.signature, base64url: what every JWT looks like (both first parts start with "eyJ").
 _JWT = re.compile(r"eyJ[\w-]{4,}\.eyJ[\w-]{4,}\.[\w-]*")
 _secrets: set[str] = set()
 _secrets_re: re.Pattern[str] | None = None
+
+CLIP_CHARS = 200  # characters kept of one client value (topic, event, reason) in a log line
+MAX_MESSAGE_CHARS = 8192  # characters kept of a whole message: the net under every call site
+LIMIT_WINDOW = 10.0  # seconds of the line limiter's window
+MAX_LIMITED_KINDS = 1024  # line kinds tracked at once; beyond, new kinds of a logger share one
+# C0 (but tab), DEL, C1 (NEL among them) and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def secrets_of(*values: str | None) -> list[str]:
@@ -60,12 +91,64 @@ def _scrub(text: str) -> str:
     return text
 
 
+def _escape_one(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_control(text: str) -> str:
+    """``text`` with control characters written as ``\\xNN`` / ``\\uNNNN``: one value, one line."""
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    left_out = len(text[limit:].encode("utf-8", "surrogatepass"))
+    return f"{text[:limit]}…(+{left_out} bytes)"
+
+
+def clip_text(value: object, limit: int = CLIP_CHARS) -> str:
+    """``value`` as loggable text: secrets redacted, cut to ``limit`` characters, controls escaped.
+
+    Redaction comes before the cut, so a secret cut in half cannot leave its first half behind.
+    """
+    text = value if isinstance(value, str) else str(value)
+    return escape_control(_cut(_scrub(text), limit))
+
+
+class Clipped:
+    """A client value for a log argument, clipped only when the line is really written.
+
+    ``log.info("join %s refused", Clipped(topic))`` costs nothing for a line the level or the
+    :class:`LineLimiter` drops, however large ``topic`` is.
+    """
+
+    __slots__ = ("limit", "value")
+
+    def __init__(self, value: object, limit: int = CLIP_CHARS) -> None:
+        self.value = value
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return clip_text(self.value, self.limit)
+
+    def __repr__(self) -> str:
+        return clip_text(repr(self.value), self.limit)
+
+
 class Redactor(logging.Filter):
-    """Rewrites each record's message (arguments merged in) and exception text without secrets."""
+    """Rewrites each record's message (arguments merged in) and exception text without secrets.
+
+    The message also gets its control characters escaped and is cut to :data:`MAX_MESSAGE_CHARS`,
+    whatever a call site passed in.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        clean = _scrub(message)
+        # Line breaks at either end only frame a message (a banner's blank line): dropped; inside
+        # they are escaped like every control character.
+        clean = escape_control(_cut(_scrub(message), MAX_MESSAGE_CHARS).strip("\r\n"))
         if clean != message or record.args:
             record.msg, record.args = clean, None
         if record.exc_info and not record.exc_text:
@@ -74,8 +157,103 @@ class Redactor(logging.Filter):
             record.exc_text = _scrub(record.exc_text)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            record.fields = {k: _scrub(v) if isinstance(v, str) else v for k, v in fields.items()}
+            record.fields = {
+                k: escape_control(_cut(_scrub(v), MAX_MESSAGE_CHARS)) if isinstance(v, str) else v
+                for k, v in fields.items()
+            }
         return True
+
+
+class LineLimiter(logging.Filter):
+    """At most ``per_window`` lines of one kind per ``window`` seconds; the rest are counted.
+
+    A kind is (logger, level, message template before its arguments), so a flood of one refusal
+    is limited while other lines go on. Suppressed lines are reported in one line per kind,
+    ``suppressed K similar lines in the last 10 s: <template>``, once its window is over: when the
+    kind logs again, or at :meth:`flush` (the node's sweeper calls :func:`flush_suppressed`).
+    ``per_window`` 0 turns the limiter off.
+    """
+
+    def __init__(
+        self,
+        per_window: int = 20,
+        window: float = LIMIT_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.per_window = per_window
+        self.window = window
+        self.clock = clock
+        #: kind -> [window start, lines written in it, lines suppressed in it]
+        self._kinds: dict[tuple[str, int, str], list[float]] = {}
+        #: Lines suppressed since the start (``tidings_log_lines_suppressed_total``).
+        self.suppressed_total = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.per_window <= 0 or getattr(record, "tidings_summary", False):
+            return True
+        template = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+        key = (record.name, record.levelno, template)
+        now = self.clock()
+        state = self._kinds.get(key)
+        if state is None:
+            if len(self._kinds) >= MAX_LIMITED_KINDS:
+                self.flush(now)
+                if len(self._kinds) >= MAX_LIMITED_KINDS:
+                    # Templates built from client input (f-strings) must not grow this without
+                    # bound: their lines share one kind per logger and level.
+                    key = (record.name, record.levelno, "")
+                    state = self._kinds.get(key)
+            if state is None:
+                state = self._kinds[key] = [now, 0, 0]
+        elif now - state[0] >= self.window:
+            if state[2]:
+                self._summarise(key, state)
+            state[0], state[1], state[2] = now, 0, 0
+        if state[1] < self.per_window:
+            state[1] += 1
+            return True
+        state[2] += 1
+        self.suppressed_total += 1
+        return False
+
+    def flush(self, now: float | None = None) -> None:
+        """Report the kinds whose window is over with lines suppressed, and forget finished ones."""
+        now = self.clock() if now is None else now
+        for key, state in list(self._kinds.items()):
+            if now - state[0] >= self.window:
+                if state[2]:
+                    self._summarise(key, state)
+                del self._kinds[key]
+
+    def _summarise(self, key: tuple[str, int, str], state: list[float]) -> None:
+        name, level, template = key
+        logging.getLogger(name).log(
+            level,
+            "suppressed %d similar lines in the last %g s: %s",
+            int(state[2]),
+            self.window,
+            Clipped(template),
+            extra={"tidings_summary": True},
+        )
+
+
+_limiter = LineLimiter()
+
+
+def set_log_rate_limit(per_window: int) -> None:
+    """Lines of one kind written per :data:`LIMIT_WINDOW` seconds (``LOG_RATE_LIMIT``; 0 = all)."""
+    _limiter.per_window = per_window
+
+
+def flush_suppressed() -> None:
+    """Write the pending ``suppressed K similar lines`` summaries (called once a second)."""
+    _limiter.flush()
+
+
+def suppressed_lines() -> int:
+    """Log lines suppressed by the line limiter since the process started."""
+    return _limiter.suppressed_total
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -121,6 +299,7 @@ def setup_logging(level: str = "info", fmt: str = "plain", stream: TextIO | None
     """Configure the root logger once for the process (``stream``: stderr by default)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    handler.addFilter(_limiter)  # first: a suppressed line is never formatted
     handler.addFilter(Redactor())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -26,7 +26,7 @@ from .broker.memory import MemoryBroker
 from .config import Config
 from .hub import Hub
 from .limits import TokenBucket
-from .logs import redact, secrets_of
+from .logs import flush_suppressed, redact, secrets_of, set_log_rate_limit
 from .metrics import Monitor, NodeMetrics
 from .protocol.codec import Outbound, encode_change
 from .protocol.join import TOPIC_PREFIX
@@ -56,9 +56,17 @@ class Node:
 
     def __init__(self, config: Config, broker: Broker | None = None) -> None:
         self.config = config
-        self.verifier = Verifier(config.jwt_secret, config.jwt_jwks, config.jwt_claim_validators)
+        self.verifier = Verifier(
+            config.jwt_secret,
+            config.jwt_jwks,
+            config.jwt_claim_validators,
+            max_token_bytes=config.max_token_bytes,
+            cache_bytes=config.token_cache_bytes,
+        )
         self.hub = Hub()
-        self.broker = broker or MemoryBroker(config.history_size, config.history_ttl)
+        self.broker = broker or MemoryBroker(
+            config.history_size, config.history_ttl, config.history_max_channels, config.history_max_bytes
+        )
         self.broker.bind(self.deliver, self.report_gap)
         self.node_id = self.broker.node_id
         self.metrics = NodeMetrics()
@@ -89,6 +97,15 @@ class Node:
         self.control_limit = max(100, 10 * config.max_messages_per_second)
         self.sessions: set[Session] = set()
         self.users: Counter[str] = Counter()
+        # Connections the sweeper calls each tick (Session.watch): an unfinished fragmented
+        # message, a join's catch-up beyond MAX_UNSENT_BYTES. A set, not a slot or timer each.
+        self.watched: set[Session] = set()
+        # Connections still holding a join's catch-up beyond MAX_UNSENT_BYTES: the least unsent
+        # bytes seen and the tick they were seen (server.websocket, end_catchup).
+        self.catchups: dict[Session, tuple[int, int]] = {}
+        self.fragment_bytes = 0  # bytes of unfinished fragmented messages, all connections
+        # Join error replies waiting out CHANNEL_ERROR_BACKOFF_MS, per connection that has any.
+        self.pending_join_errors: Counter[Session] = Counter()
         self.tick = 0
         self.draining = False
         self.started_at = time.time()
@@ -106,6 +123,7 @@ class Node:
         redact(
             *secrets_of(config.jwt_secret, config.alert_webhook_url, config.database_url, config.redis_url)
         )
+        set_log_rate_limit(config.log_rate_limit)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -156,6 +174,11 @@ class Node:
         for session in [s for s in self.sessions if s.last_seen < limit]:
             self.metrics.heartbeat_timeouts += 1
             session.close(1000, "heartbeat timeout")
+        if self.watched:
+            for session in list(self.watched):
+                if not session.watch(self.tick):
+                    self.watched.discard(session)
+        flush_suppressed()
         now = time.time() if now is None else now
         heap = self._expiry
         while heap and heap[0][0] <= now:
@@ -247,11 +270,14 @@ class Node:
         msg_id: str | None = None,
         exclude: Channel | None = None,
         done: PublishDone | None = None,
+        sender: str = "",
     ) -> None:
         """Publish a broadcast through the broker; ``done(seq)`` once it is stored.
 
-        ``done(DUPLICATE)`` means ``msg_id`` was already published on the channel (a client re-sending
-        a message after a reconnect gets it delivered once); ``done(FAILED)``, that the broker failed.
+        ``done(DUPLICATE)`` means ``sender`` (``broker.base.sender_scope``) already published
+        ``msg_id`` on the channel (a client re-sending a message after a reconnect gets it
+        delivered once); ``done(FAILED)``, that the broker failed. Another sender's message with
+        the same id is not a duplicate: it goes out under a scoped id.
         """
         if isinstance(payload, bytearray):
             payload = bytes(payload)
@@ -270,6 +296,7 @@ class Node:
             msg_id,
             None if exclude is None else exclude.cid,
             done,
+            sender,
         )
         if timed and self.broker.synchronous:
             metrics.published_at.pop(msg_id, None)  # a duplicate id was not delivered

@@ -16,11 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .auth.tokens import AuthError, Principal
-from .broker.base import FAILED
+from .broker.base import FAILED, sender_scope
 from .broker.memory import MemoryBroker
 from .cdc.index import SubscriptionError
 from .history import ReplayResult
 from .limits import TokenBucket
+from .logs import Clipped
 from .node import Node, group_key
 from .protocol import errors
 from .protocol.codec import (
@@ -33,7 +34,7 @@ from .protocol.codec import (
     encode_push,
     encode_reply,
 )
-from .protocol.join import JoinConfig, JoinError, parse_join
+from .protocol.join import JoinConfig, JoinError, name_too_long, parse_join
 
 __all__ = ["Channel", "Session"]
 
@@ -43,6 +44,9 @@ CHANGES_ATTEMPTS = 3
 CHANGES_RETRY_DELAY = 5.0  # seconds between subscription attempts while the database is down
 PRESENCE_MAX_CALLS = 5
 PRESENCE_WINDOW = 30.0
+# A join error reply bigger than this (a long ref, a reason echoing client text) is sent at once
+# rather than held for CHANNEL_ERROR_BACKOFF_MS: a delayed reply keeps only small frames alive.
+DELAYED_REPLY_MAX_BYTES = 4096
 _OK: dict[str, Any] = {}
 
 
@@ -140,6 +144,16 @@ class Session:
         self.node.metrics.sent_reply += 1
         self.write(encode_reply(self.serializer, msg.join_ref, msg.ref, topic or msg.topic, status, response))
 
+    def watch(self, tick: int) -> bool:
+        """Called by the node's sweeper each tick while in ``node.watched``; False stops it."""
+        return False
+
+    def begin_catchup(self) -> None:
+        """A join's own replies (replay, presence_state, buffered messages) are about to be written."""
+
+    def end_catchup(self) -> None:
+        """The join's replies are written: what they queued does not count as a slow consumer."""
+
     # -- inbound -----------------------------------------------------------------------------
 
     def receive_text(self, data: bytes) -> None:
@@ -169,9 +183,9 @@ class Session:
         self.over_control_rate()
         # A flood of garbage must not flood the log: a few lines a second for the whole node.
         if node.log_bucket.take(time.monotonic()):
-            log.info("MalformedWebSocketMessage: %s", exc)
+            log.info("MalformedWebSocketMessage: %s", Clipped(exc))
         else:
-            log.debug("MalformedWebSocketMessage: %s", exc)
+            log.debug("MalformedWebSocketMessage: %s", Clipped(exc))
 
     def dispatch(self, msg: Message, size: int) -> None:
         """Route one decoded message."""
@@ -179,7 +193,7 @@ class Session:
         node.metrics.receive(msg.event, size)
         topic, event = msg.topic, msg.event
         if event != "broadcast" and self.over_control_rate():
-            log.debug("dropping %s on %s: control message flood", event, topic)
+            log.debug("dropping %s on %s: control message flood", Clipped(event), Clipped(topic))
             return
         if topic == "phoenix":
             if event == "heartbeat":
@@ -208,20 +222,23 @@ class Session:
         elif event == "access_token":
             self.access_token(channel, msg)
         else:
-            log.debug("ignoring event %r on %s", event, topic)
+            log.debug("ignoring event %r on %s", Clipped(event), Clipped(topic))
 
     # -- join / leave ------------------------------------------------------------------------
 
     def join(self, msg: Message) -> None:
         """Handle ``phx_join`` in the order of spec section 3.3."""
         node = self.node
+        limits = node.config
         try:
-            cfg = parse_join(msg.topic, msg.payload)
+            cfg = parse_join(msg.topic, msg.payload, limits.max_topic_length, limits.max_event_length)
         except JoinError as exc:
+            if exc.too_long:
+                node.metrics.names_too_long += 1
             self.refuse_join(msg, exc.reason)
             return
         for warning in cfg.warnings:
-            log.info("join %s: %s", msg.topic, warning)
+            log.info("join %s: %s", Clipped(msg.topic), warning)
         old = self.channels.get(cfg.topic)
         if old is not None:
             # A duplicate join replaces the old instance; no phx_close (friendlier to realtime-py).
@@ -265,8 +282,14 @@ class Session:
             replay = self.replay_request(cfg)
             result = broker.replay_now(channel.key, *replay) if replay else None
             state = broker.presence_state_now(channel.key) if channel.presence_enabled else None
-            last_seq = broker.history.last_seq(channel.key)
-            self.complete_join(channel, msg, response, result, state, last_seq)
+            # The ring is created (and pinned) if the channel has none: a baseline to recover from.
+            position = broker.position_now(channel.key, self.sender(principal))
+            catchup = result is not None or state is not None
+            if catchup:
+                self.begin_catchup()
+            self.complete_join(channel, msg, response, result, state, position)
+            if catchup:
+                self.end_catchup()
             if bindings:
                 node.loop.create_task(self.subscribe_changes(channel))
         else:
@@ -311,7 +334,7 @@ class Session:
             replay = self.replay_request(cfg)
             result = await broker.replay(channel.key, *replay) if replay else None
             state = await broker.presence_state(channel.key) if channel.presence_enabled else None
-            last_seq = await broker.last_seq(channel.key)
+            position = await broker.position(channel.key, self.sender(channel.principal))
         except Exception:
             log.exception("join %s failed in the broker", channel.topic)
             if not channel.closed:
@@ -320,10 +343,15 @@ class Session:
             return
         if channel.closed or self.closed:
             return
-        last = self.complete_join(channel, msg, response, result, state, last_seq)
+        catchup = result is not None or state is not None or bool(pending)
+        if catchup:
+            self.begin_catchup()
+        last = self.complete_join(channel, msg, response, result, state, position)
         for seq, frame in pending:
             if seq is None or seq > last:
                 self.write(frame)
+        if catchup:
+            self.end_catchup()
         self.node.hub.add(channel.key, channel.topic, channel, self.serializer, self.write)
         if channel.changes and not cfg.changes_wait:
             await self.subscribe_changes(channel)
@@ -374,14 +402,16 @@ class Session:
         }
         self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "system", payload))
 
-    def replay_request(self, cfg: JoinConfig) -> tuple[int | None, float | None, int] | None:
-        """``(since_seq, since_time, limit)`` for the broker, or ``None`` when no replay is asked."""
+    def replay_request(
+        self, cfg: JoinConfig
+    ) -> tuple[int | None, float | None, int, str | None] | None:
+        """``(since_seq, since_time, limit, epoch)`` for the broker, or ``None`` when none is asked."""
         if cfg.replay is None:
             return None
         limit = min(cfg.replay.limit, self.node.config.replay_max)
         if cfg.replay.since_seq is not None:
-            return cfg.replay.since_seq, None, limit
-        return None, (cfg.replay.since or 0) / 1000.0, limit
+            return cfg.replay.since_seq, None, limit, cfg.replay.epoch
+        return None, (cfg.replay.since or 0) / 1000.0, limit, None
 
     def complete_join(
         self,
@@ -390,16 +420,16 @@ class Session:
         response: dict[str, Any],
         replay: ReplayResult | None,
         state: dict[str, Any] | None,
-        last_seq: int | None = None,
+        position: tuple[int, str] | None = None,
     ) -> int:
         """Write the ok reply, replayed broadcasts and ``presence_state``; returns the last replayed seq.
 
-        ``last_seq`` (the channel's newest sequence number, when it has one) goes in the reply as
-        ``seq``: a client that then loses its connection before any message can still ask for
-        everything after it.
+        ``position`` (the channel's newest sequence number and its epoch) goes in the reply as
+        ``seq`` and ``epoch``: a client that then loses its connection, even before any message,
+        can ask for everything after ``seq`` and have the server prove it is all there.
         """
-        if last_seq is not None:
-            response["seq"] = last_seq
+        if position is not None:
+            response["seq"], response["epoch"] = position
         last = 0
         replayed: list[dict[str, Any]] = []
         if replay is not None:
@@ -417,25 +447,57 @@ class Session:
             self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "presence_state", state))
         return last
 
+    def sender(self, principal: Principal) -> str:
+        """Who this connection publishes as (``broker.base.sender_scope``)."""
+        sub = principal.sub
+        return sender_scope(principal.role, sub, "" if sub else self.peer_host())
+
+    def peer_host(self) -> str:
+        """The client's address: the one the I/O layer counted, else the socket's peer ("" without one)."""
+        address = getattr(self, "_address", None)
+        if isinstance(address, str):
+            return address
+        transport = getattr(self, "transport", None)
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
     def refuse_join(self, msg: Message, reason: str, close_after: bool = False) -> None:
-        """Send a join error reply after the configured backoff (both clients retry joins)."""
-        self.node.metrics.joins_refused += 1
-        log.info("join %s refused: %s", msg.topic, reason)
+        """Send a join error reply after the configured backoff (both clients retry joins).
+
+        Only the encoded reply waits, and only a small one: a reply over
+        :data:`DELAYED_REPLY_MAX_BYTES`, or beyond ``MAX_PENDING_JOIN_ERRORS`` waiting for this
+        connection, is sent at once. It echoes the topic whole: the clients match a reply by
+        topic and ref, and a topic too long to join is refused before anything is kept of it.
+        """
+        node = self.node
+        node.metrics.joins_refused += 1
+        log.info("join %s refused: %s", Clipped(msg.topic), Clipped(reason))
         frame = encode_reply(self.serializer, msg.join_ref, msg.ref, msg.topic, "error", {"reason": reason})
-
-        def send() -> None:
-            if self.closed:
-                return
-            self.node.metrics.sent_reply += 1
-            self.write(frame)
-            if close_after:
-                self.close(1001, "too many joins")
-
-        delay = self.node.config.channel_error_backoff
+        delay = node.config.channel_error_backoff
         if delay > 0:
-            self.node.loop.call_later(delay, send)
-        else:
-            send()
+            pending = node.pending_join_errors
+            if len(frame) <= DELAYED_REPLY_MAX_BYTES and pending[self] < node.config.max_pending_join_errors:
+                pending[self] += 1
+                node.loop.call_later(delay, self.send_join_error, frame, close_after, True)
+                return
+            node.metrics.join_errors_undelayed += 1
+        self.send_join_error(frame, close_after, False)
+
+    def send_join_error(self, frame: bytes, close_after: bool, delayed: bool) -> None:
+        """Write a join error reply (``close_after``: then close the connection, 1001)."""
+        if delayed:
+            pending = self.node.pending_join_errors
+            left = pending[self] - 1
+            if left > 0:
+                pending[self] = left
+            else:
+                pending.pop(self, None)
+        if self.closed:
+            return
+        self.node.metrics.sent_reply += 1
+        self.write(frame)
+        if close_after:
+            self.close(1001, "too many joins")
 
     def leave(self, channel: Channel) -> None:
         """Tear a channel down: unsubscribe and announce its presence leave."""
@@ -562,7 +624,15 @@ class Session:
         event = payload.get("event")
         if not isinstance(event, str):
             node.metrics.malformed += 1
-            log.info("MalformedWebSocketMessage: broadcast without a string event on %s", channel.topic)
+            log.info(
+                "MalformedWebSocketMessage: broadcast without a string event on %s", Clipped(channel.topic)
+            )
+            return
+        if name_too_long(event, node.config.max_event_length):
+            node.metrics.names_too_long += 1
+            self.malformed(
+                MalformedMessage(f"broadcast event longer than {node.config.max_event_length} bytes")
+            )
             return
         if self.over_message_rate():
             self.shutdown_channel(channel, errors.TOO_MANY_MESSAGES)
@@ -599,6 +669,7 @@ class Session:
             msg_id if isinstance(msg_id, str) and msg_id else None,
             None if channel.broadcast_self else channel,
             done,
+            self.sender(channel.principal),
         )
 
     def presence(self, channel: Channel, msg: Message, size: int) -> None:

@@ -11,27 +11,43 @@ from typing import Any
 
 from . import errors
 
-__all__ = ["TOPIC_PREFIX", "JoinConfig", "JoinError", "Replay", "parse_bool", "parse_join"]
+__all__ = [
+    "MAX_NAME_BYTES",
+    "TOPIC_PREFIX",
+    "JoinConfig",
+    "JoinError",
+    "Replay",
+    "name_too_long",
+    "parse_bool",
+    "parse_join",
+]
 
 TOPIC_PREFIX = "realtime:"
 REPLAY_MAX = 25
+MAX_NAME_BYTES = 255  # default MAX_TOPIC_LENGTH and MAX_EVENT_LENGTH; binary frames allow no more
 
 
 class JoinError(Exception):
-    """A join refused with ``reason`` (``"<Code>: <message>"``)."""
+    """A join refused with ``reason`` (``"<Code>: <message>"``); ``too_long``: for a name's size."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, too_long: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.too_long = too_long
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Replay:
-    """Messages asked for at join: by time (``since`` ms epoch) and/or sequence (``since_seq``)."""
+    """Messages asked for at join: by time (``since`` ms epoch) and/or sequence (``since_seq``).
+
+    ``epoch`` is the channel epoch the client got with ``since_seq`` (Tidings' join reply and
+    history answers carry it); a replay from another epoch is never ``recovered``.
+    """
 
     since: int | None
     since_seq: int | None
     limit: int
+    epoch: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,13 +100,32 @@ def _int(value: object) -> int | None:
     return None
 
 
-def parse_join(topic: str, payload: dict[str, Any]) -> JoinConfig:
-    """Validate a join request; raises :class:`JoinError` when it must be refused."""
+def name_too_long(name: str, limit: int) -> bool:
+    """True when ``name`` takes more than ``limit`` bytes in UTF-8 (no encoding for ASCII names)."""
+    if len(name) > limit:
+        return True
+    return not name.isascii() and len(name.encode("utf-8", "surrogatepass")) > limit
+
+
+def parse_join(
+    topic: str,
+    payload: dict[str, Any],
+    max_topic_bytes: int = MAX_NAME_BYTES,
+    max_key_bytes: int = MAX_NAME_BYTES,
+) -> JoinConfig:
+    """Validate a join request; raises :class:`JoinError` when it must be refused.
+
+    ``max_topic_bytes`` caps the channel name (the topic after ``realtime:``, ``MAX_TOPIC_LENGTH``)
+    and ``max_key_bytes`` the presence key (``MAX_EVENT_LENGTH``): both are kept for as long as
+    the channel lives and sent to every member, so a client may not make them any size.
+    """
     if not topic.startswith(TOPIC_PREFIX):
         raise JoinError(errors.UNMATCHED_TOPIC)
     sub_topic = topic[len(TOPIC_PREFIX) :]
     if not sub_topic:
         raise JoinError(errors.TOPIC_NAME_REQUIRED)
+    if name_too_long(sub_topic, max_topic_bytes):
+        raise JoinError(errors.topic_name_too_long(max_topic_bytes), too_long=True)
     warnings: list[str] = []
 
     def flag(container: dict[str, Any], key: str, where: str) -> bool:
@@ -114,6 +149,8 @@ def parse_join(topic: str, payload: dict[str, Any]) -> JoinConfig:
 
     key = presence.get("key", "")
     presence_key = "" if key is None else key if isinstance(key, str) else str(key)
+    if name_too_long(presence_key, max_key_bytes):
+        raise JoinError(errors.presence_key_too_long(max_key_bytes), too_long=True)
 
     pg = config.get("postgres_changes") or []
     if not isinstance(pg, list):
@@ -141,7 +178,12 @@ def parse_join(topic: str, payload: dict[str, Any]) -> JoinConfig:
         limit = REPLAY_MAX if limit_raw is None else _int(limit_raw)
         if limit is None:
             raise JoinError("UnableToReplayMessages: Replay params are not valid")
-        replay = Replay(since=since_i, since_seq=since_seq_i, limit=max(1, min(limit, REPLAY_MAX)))
+        epoch = raw_replay.get("epoch")
+        if epoch is not None and not isinstance(epoch, str):
+            raise JoinError("UnableToReplayMessages: Replay params are not valid")
+        replay = Replay(
+            since=since_i, since_seq=since_seq_i, limit=max(1, min(limit, REPLAY_MAX)), epoch=epoch
+        )
 
     options = config.get("postgres_changes_options")
     changes_wait, changes_wait_timeout = False, 15.0
