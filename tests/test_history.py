@@ -118,8 +118,9 @@ def test_since_time_takes_the_newest_oldest_first() -> None:
     assert result.complete
 
 
-def test_since_time_unknown_channel() -> None:
-    assert MemoryHistory(10, 300).since_time("p:x", T0, 5) == ReplayResult([], complete=True)
+def test_since_time_unknown_channel_is_incomplete() -> None:
+    # Nothing proves no message was sent since T0 (a restart or an eviction would look the same).
+    assert MemoryHistory(10, 300).since_time("p:x", T0, 5) == ReplayResult([], complete=False)
 
 
 def test_max_channels_drops_the_least_recently_published() -> None:
@@ -132,9 +133,21 @@ def test_max_channels_drops_the_least_recently_published() -> None:
     assert h.last_seq("p:a") is not None and h.last_seq("p:c") is not None
 
 
-def test_sweep_drops_expired_records_but_keeps_numbering() -> None:
+def test_sweep_keeps_the_numbering_of_a_channel_with_subscribers() -> None:
     h, seqs = filled(3, ttl=10)
+    h.pin("p:room")
     h.sweep(now=T0 + 100)
     assert not h.seen("p:room", "id2")
     assert h.last_seq("p:room") == seqs[-1]
     assert h.append("p:room", "new", "e", {}, now=T0 + 100) == seqs[-1] + 1
+
+
+def test_sweep_drops_an_expired_ring_nobody_subscribes_to() -> None:
+    h, seqs = filled(3, ttl=10)
+    epoch = h.epoch("p:room")
+    h.sweep(now=T0 + 100)
+    assert h.last_seq("p:room") is None and len(h) == 0 and h.bytes == 0 and h.expired == 1
+    # The channel's next ring numbers from the clock again, in another epoch.
+    assert h.append("p:room", "new", "e", {}, now=T0 + 100) == int((T0 + 100) * 1_000_000)
+    assert h.epoch("p:room") != epoch
+    assert not h.since_seq("p:room", seqs[-1], 10, now=T0 + 100, epoch=epoch).complete

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tidings.broker.base import DUPLICATE, Broker, Envelope
+from tidings.broker.memory import MemoryBroker
+from tidings.history import MemoryHistory
 
 MakeBroker = Callable[..., Awaitable[Broker]]
 
@@ -30,11 +32,28 @@ class Inbox:
 
 
 async def publish(
-    broker: Broker, key: str, event: str, payload: Any, msg_id: str, exclude: int | None = None
+    broker: Broker,
+    key: str,
+    event: str,
+    payload: Any,
+    msg_id: str,
+    exclude: int | None = None,
+    sender: str = "",
 ) -> int:
     fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    broker.publish(key, "realtime:" + key[2:], event, payload, msg_id, exclude, fut.set_result)
+    broker.publish(key, "realtime:" + key[2:], event, payload, msg_id, exclude, fut.set_result, sender)
     return await asyncio.wait_for(fut, 5)
+
+
+async def lose_numbering(broker: Broker, key: str) -> None:
+    """What a restart does to the memory broker's history, and a data loss to Redis's."""
+    if isinstance(broker, MemoryBroker):
+        old = broker.history
+        broker.history = MemoryHistory(old.size, old.ttl, old.max_channels, old.max_bytes)
+        return
+    seq_key = broker._name("seq", key)  # type: ignore[attr-defined]
+    names = [seq_key, seq_key + ":start", broker._name("hist", key)]  # type: ignore[attr-defined]
+    await broker.call(lambda r: r.delete(*names))  # type: ignore[attr-defined]
 
 
 async def check_publish_numbers_and_delivers(make: MakeBroker) -> None:
@@ -80,8 +99,12 @@ async def check_binary_payloads_round_trip(make: MakeBroker) -> None:
 async def check_replay_since_seq(make: MakeBroker) -> None:
     broker = await make()
     seqs = [await publish(broker, "p:hist", "e", {"n": i}, f"h{i}") for i in range(5)]
-    full = await broker.replay("p:hist", 0, None, 10)
+    full = await broker.replay("p:hist", seqs[0] - 1, None, 10)
     assert [r.seq for r in full.records] == seqs and full.complete
+    # From before the channel's numbering began (0, or a number of a lost history): every record,
+    # but nothing proves there was no message before them.
+    older = await broker.replay("p:hist", 0, None, 10)
+    assert [r.seq for r in older.records] == seqs and not older.complete
     tail = await broker.replay("p:hist", seqs[2], None, 10)
     assert [r.payload["n"] for r in tail.records] == [3, 4] and tail.complete
     none = await broker.replay("p:hist", seqs[-1], None, 10)
@@ -96,6 +119,55 @@ async def check_replay_reports_trimmed_history_as_incomplete(make: MakeBroker) -
     result = await broker.replay("p:trim", seqs[0], None, 10)
     assert [r.payload["n"] for r in result.records] == [3, 4, 5]
     assert not result.complete  # seqs[1] and seqs[2] are gone: never a silent gap
+
+
+async def check_join_baseline_before_any_message_recovers(make: MakeBroker) -> None:
+    broker = await make()
+    seq, epoch = await broker.position("p:fresh", "sub:joiner")
+    assert await broker.position("p:fresh") == (seq, epoch)  # the same numbering, not a new one
+    quiet = await broker.replay("p:fresh", seq, None, 10, epoch)
+    assert quiet.records == [] and quiet.complete and quiet.epoch == epoch
+    s1 = await publish(broker, "p:fresh", "e", {"n": 1}, "f1")
+    assert s1 == seq + 1
+    result = await broker.replay("p:fresh", seq, None, 10, epoch)
+    assert [r.seq for r in result.records] == [s1] and result.complete and result.epoch == epoch
+    # The same numbers from another epoch prove nothing.
+    assert not (await broker.replay("p:fresh", seq, None, 10, "0-elsewhere")).complete
+
+
+async def check_lost_numbering_is_never_recovered(make: MakeBroker) -> None:
+    broker = await make()
+    _, epoch = await broker.position("p:lost")
+    seqs = [await publish(broker, "p:lost", "e", {"n": i}, f"l{i}") for i in range(3)]
+    await lose_numbering(broker, "p:lost")  # a restart, an eviction, a Redis data loss
+    after = await publish(broker, "p:lost", "e", {"n": 9}, "l9")
+    for given in (epoch, None):  # with the epoch passed back, and without it (seq alone)
+        result = await broker.replay("p:lost", seqs[0], None, 10, given)
+        assert not result.complete, given
+        assert [r.payload["n"] for r in result.records] == [9]
+        assert result.epoch is not None and result.epoch != epoch
+    new_seq, new_epoch = await broker.position("p:lost")
+    assert new_seq == after and new_epoch != epoch
+    assert (await broker.replay("p:lost", after - 1, None, 10, new_epoch)).complete
+
+
+async def check_dedup_is_per_sender(make: MakeBroker) -> None:
+    broker = await make()
+    inbox = Inbox(broker)
+    await broker.subscribe("p:squat")
+    squatter = await publish(broker, "p:squat", "e", {"junk": True}, "order-1", sender="anon@10.0.0.9")
+    real = await publish(broker, "p:squat", "e", {"real": True}, "order-1", sender="service_role@10.0.0.2")
+    assert squatter > 0 and real == squatter + 1  # the real message is not a duplicate
+    # Each sender's own re-send is one.
+    assert await publish(broker, "p:squat", "e", {"real": True}, "order-1", sender="service_role@10.0.0.2") == DUPLICATE
+    assert await publish(broker, "p:squat", "e", {"junk": True}, "order-1", sender="anon@10.0.0.9") == DUPLICATE
+    got = await inbox.wait(2)
+    await asyncio.sleep(0.1)
+    assert [e.payload for e in got] == [{"junk": True}, {"real": True}]
+    assert got[0].id == "order-1" and got[1].id.startswith("order-1~") and got[1].id != "order-1"
+    replay = await broker.replay("p:squat", squatter - 1, None, 10)
+    assert [r.id for r in replay.records] == [got[0].id, got[1].id]
+    assert broker.history_stats()["scoped_ids"] == 1
 
 
 async def check_replay_since_time_gives_newest(make: MakeBroker) -> None:
@@ -142,6 +214,9 @@ CHECKS = [
     check_binary_payloads_round_trip,
     check_replay_since_seq,
     check_replay_reports_trimmed_history_as_incomplete,
+    check_join_baseline_before_any_message_recovers,
+    check_lost_numbering_is_never_recovered,
+    check_dedup_is_per_sender,
     check_replay_since_time_gives_newest,
     check_presence_state_and_diffs,
 ]

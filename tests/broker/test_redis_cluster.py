@@ -61,9 +61,9 @@ async def test_channels_are_sharded_over_every_primary(redis_cluster: RedisClust
         # A channel key with braces still keeps all its names on one slot.
         odd = "p:{x}y}"
         await b.subscribe(odd)
-        await publish(a, odd, "e", {"n": 1}, "odd-1")
+        odd_seq = await publish(a, odd, "e", {"n": 1}, "odd-1")
         await inbox.wait(3 * len(KEYS) + 1)
-        replay = await b.replay(odd, 0, None, 10)
+        replay = await b.replay(odd, odd_seq - 1, None, 10)
         assert replay.complete and [r.id for r in replay.records] == ["odd-1"]
         # The last subscriber leaving unsubscribes on the primary that holds the channel.
         b.unsubscribe(KEYS[0])

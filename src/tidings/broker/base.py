@@ -5,7 +5,13 @@ Delivery guarantees, stated once for every implementation:
 * ``publish`` gives the message a per-channel sequence number and appends it to the channel's
   bounded history in one atomic step, then delivers it to every node subscribed to the channel
   (the publishing node included) through :meth:`Broker.bind`'s callback, in sequence order per
-  channel. A message whose ``msg_id`` is already in the channel's history is not published again.
+  channel. De-duplication is per sender: a ``msg_id`` this ``sender`` already published (and the
+  channel's history still holds) is not published again; one that *another* sender holds is
+  published under a scoped id (``<msg_id>~<tag>``), so no sender can suppress another's message.
+* Every channel's numbering has an *epoch*, which changes whenever the numbering was lost (history
+  expired or evicted, a restart of the memory broker, a Redis data loss). :meth:`Broker.position`
+  gives a join's baseline ``(seq, epoch)``; a replay is complete only when the history provably
+  holds everything after ``since_seq`` in that epoch.
 * Live delivery between nodes is at-most-once; what a node misses (a Redis reconnect) is filled
   from history, and what history no longer holds is reported (``gap`` callback), never silent.
 """
@@ -18,13 +24,23 @@ from typing import Any
 
 from ..history import ReplayResult
 
-__all__ = ["DUPLICATE", "FAILED", "Broker", "Envelope", "PublishDone"]
+__all__ = ["DUPLICATE", "FAILED", "Broker", "Envelope", "PublishDone", "sender_scope"]
 
 #: ``done`` results besides a sequence number: the id was already published / publishing failed.
 DUPLICATE = 0
 FAILED = -1
 
 PublishDone = Callable[[int], None]
+
+
+def sender_scope(role: str, sub: str | None, host: str) -> str:
+    """Who published a message, for de-duplication and history accounting.
+
+    The token's ``sub`` when it has one (the same user on any connection or address), else its
+    role at the client's address (``anon@203.0.113.7``): tokens without ``sub``, such as the anon
+    and service keys, are shared by many clients, and one of them must not pass for another.
+    """
+    return f"sub:{sub}" if sub else f"{role}@{host}"
 
 
 class Envelope:
@@ -86,6 +102,10 @@ class Broker(abc.ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect."""
 
+    def history_stats(self) -> dict[str, int]:
+        """Counters and gauges of this broker's history for ``/metrics`` (see metrics_http)."""
+        return {"scoped_ids": getattr(self, "scoped_ids", 0)}
+
     async def stop(self) -> None:  # noqa: B027 - optional hook
         """Disconnect."""
 
@@ -99,8 +119,12 @@ class Broker(abc.ABC):
         msg_id: str,
         exclude: int | None = None,
         done: PublishDone | None = None,
+        sender: str = "",
     ) -> None:
-        """Number, store and deliver a broadcast; then ``done(seq)``, or ``DUPLICATE`` / ``FAILED``."""
+        """Number, store and deliver a broadcast; then ``done(seq)``, or ``DUPLICATE`` / ``FAILED``.
+
+        ``sender`` (see :func:`sender_scope`) scopes the de-duplication of ``msg_id``.
+        """
 
     @abc.abstractmethod
     def publish_presence(self, key: str, topic: str, diff: dict[str, Any]) -> None:
@@ -116,13 +140,31 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def replay(
-        self, key: str, since_seq: int | None, since_time: float | None, limit: int
+        self,
+        key: str,
+        since_seq: int | None,
+        since_time: float | None,
+        limit: int,
+        epoch: str | None = None,
     ) -> ReplayResult:
-        """History after ``since_seq`` (or since ``since_time`` seconds), oldest first."""
+        """History after ``since_seq`` (or since ``since_time`` seconds), oldest first.
+
+        ``complete`` only when nothing after ``since_seq`` is missing: ``since_seq`` was given by
+        the channel's current numbering (its ``epoch``, when the client passes it back, matches),
+        and nothing after it was trimmed or cut by ``limit``.
+        """
 
     @abc.abstractmethod
     async def last_seq(self, key: str) -> int | None:
         """The newest sequence number given on ``key`` (``None`` if none is known)."""
+
+    @abc.abstractmethod
+    async def position(self, key: str, owner: str = "") -> tuple[int, str]:
+        """``(newest seq, epoch)`` of ``key``, starting its numbering if it has none.
+
+        A join's baseline, so a client that joined before any message can later prove it missed
+        nothing. ``owner`` is the joining sender (history of a new channel is charged to it).
+        """
 
     @abc.abstractmethod
     def track(self, key: str, owner: int, presence_key: str, meta: dict[str, Any]) -> None:

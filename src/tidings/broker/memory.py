@@ -17,9 +17,15 @@ class MemoryBroker(Broker):
 
     synchronous = True
 
-    def __init__(self, history_size: int, history_ttl: float, max_channels: int = 100_000) -> None:
+    def __init__(
+        self,
+        history_size: int,
+        history_ttl: float,
+        max_channels: int = 100_000,
+        max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.node_id = uuid.uuid4().hex[:12]
-        self.history = MemoryHistory(history_size, history_ttl, max_channels)
+        self.history = MemoryHistory(history_size, history_ttl, max_channels, max_bytes)
         self._presence: dict[str, dict[int, tuple[str, dict[str, Any]]]] = {}
 
     def publish(
@@ -31,15 +37,17 @@ class MemoryBroker(Broker):
         msg_id: str,
         exclude: int | None = None,
         done: PublishDone | None = None,
+        sender: str = "",
     ) -> None:
         history = self.history
-        if history.seen(key, msg_id):
+        stored_id = history.admit(key, msg_id, sender)
+        if stored_id is None:
             if done is not None:
                 done(DUPLICATE)
             return
-        seq = history.append(key, msg_id, event, payload)
+        seq = history.append(key, stored_id, event, payload, sender=sender)
         self._deliver(
-            Envelope(Envelope.BROADCAST, key, topic, event, payload, msg_id, seq, self.node_id, exclude)
+            Envelope(Envelope.BROADCAST, key, topic, event, payload, stored_id, seq, self.node_id, exclude)
         )
         if done is not None:
             done(seq)
@@ -48,26 +56,44 @@ class MemoryBroker(Broker):
         self._deliver(Envelope(Envelope.PRESENCE, key, topic, "presence_diff", diff, origin=self.node_id))
 
     async def subscribe(self, key: str) -> None:
-        pass
+        self.history.pin(key)
 
     def unsubscribe(self, key: str) -> None:
-        pass
+        self.history.unpin(key)
 
     def replay_now(
-        self, key: str, since_seq: int | None, since_time: float | None, limit: int
+        self,
+        key: str,
+        since_seq: int | None,
+        since_time: float | None,
+        limit: int,
+        epoch: str | None = None,
     ) -> ReplayResult:
         """:meth:`replay` without awaiting (this broker is synchronous)."""
         if since_seq is not None:
-            return self.history.since_seq(key, since_seq, limit)
+            return self.history.since_seq(key, since_seq, limit, epoch=epoch)
         return self.history.since_time(key, since_time or 0.0, limit)
 
     async def replay(
-        self, key: str, since_seq: int | None, since_time: float | None, limit: int
+        self,
+        key: str,
+        since_seq: int | None,
+        since_time: float | None,
+        limit: int,
+        epoch: str | None = None,
     ) -> ReplayResult:
-        return self.replay_now(key, since_seq, since_time, limit)
+        return self.replay_now(key, since_seq, since_time, limit, epoch)
 
     async def last_seq(self, key: str) -> int | None:
         return self.history.last_seq(key)
+
+    def position_now(self, key: str, owner: str = "") -> tuple[int, str]:
+        """:meth:`position` without awaiting; the ring is pinned (a join is subscribing)."""
+        self.history.pin(key)
+        return self.history.position(key, owner)
+
+    async def position(self, key: str, owner: str = "") -> tuple[int, str]:
+        return self.position_now(key, owner)
 
     def track(self, key: str, owner: int, presence_key: str, meta: dict[str, Any]) -> None:
         self._presence.setdefault(key, {})[owner] = (presence_key, meta)
@@ -88,6 +114,16 @@ class MemoryBroker(Broker):
 
     async def presence_state(self, key: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
         return self.presence_state_now(key)
+
+    def history_stats(self) -> dict[str, int]:
+        h = self.history
+        return {
+            "scoped_ids": h.scoped_ids,
+            "bytes": h.bytes,
+            "channels": len(h),
+            "evicted": h.evicted,
+            "expired": h.expired,
+        }
 
     def sweep(self, now: float | None = None) -> None:
         """Expire old history."""

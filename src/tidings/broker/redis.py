@@ -1,9 +1,14 @@
 """The Redis broker: nodes share channels, history and presence through one Redis.
 
-* **Publish** is one Lua script: de-duplicate by message id, take the channel's next sequence
-  number, append to the channel's stream (bounded by ``MAXLEN`` and an expiry) and ``PUBLISH``
-  the envelope. Every node, the publisher included, delivers from its subscription connection,
-  so each node sees a channel's messages in sequence order.
+* **Publish** is one Lua script: de-duplicate by (sender, message id), take the channel's next
+  sequence number, append to the channel's stream (bounded by ``MAXLEN`` and an expiry) and
+  ``PUBLISH`` the envelope. Every node, the publisher included, delivers from its subscription
+  connection, so each node sees a channel's messages in sequence order. An id that another
+  sender holds is published under ``<id>~<tag>`` (the tag travels in the head: ``seq~tag|``).
+* **Epochs**: a channel's counter (``seq``) has an epoch key (``seq:…:start``,
+  ``"<base>-<node>"``) created with it. Both live ``SEQ_TTL`` after the last publish or join; a
+  counter or epoch lost to expiry, eviction or a Redis data loss comes back with another epoch,
+  and a replay is complete only for a ``since_seq`` of the current epoch.
 * **Subscriptions** follow local subscribers: a node subscribes to a channel when its first local
   subscriber joins and unsubscribes when the last leaves. After a reconnect every channel is
   resubscribed in one command and what was missed is read back from the streams; what the
@@ -28,6 +33,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -54,30 +60,78 @@ __all__ = ["RedisBroker"]
 
 log = logging.getLogger("tidings.broker.redis")
 
-# KEYS: seq, stream, id-marker, channel start. ARGV: msg_id, event, payload, is_binary, now_us, maxlen, ttl,
-# channel, envelope-json, now_ms, origin node, excluded channel id, PUBLISH or SPUBLISH.
-# Returns the sequence number, or 0 for a duplicate id.
+#: Seconds a channel's counter and epoch outlive its last publish or join: a rejoin after that
+#: is told recovered: false (its numbering is gone), and an idle channel leaves nothing behind.
+SEQ_TTL = 7 * 24 * 3600
+
+# KEYS: seq, stream, id-marker, epoch, scoped id-marker.
+# ARGV: 1 msg_id, 2 event, 3 payload, 4 is_binary, 5 now_us, 6 maxlen, 7 ttl, 8 channel,
+# 9 envelope-json, 10 now_ms, 11 origin node, 12 excluded channel id, 13 PUBLISH or SPUBLISH,
+# 14 sender, 15 scoped-id tag, 16 counter ttl.
+# Returns {seq, 1 when published under the scoped id <msg_id>~<tag>}, or 0 for a re-send.
+# An id marker holds the sender that used the id: only that sender's re-send is a duplicate.
 PUBLISH_LUA = """
-if ARGV[1] ~= '' then
-  if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[7]) then return 0 end
+local id, scoped = ARGV[1], 0
+if id ~= '' then
+  local holder = redis.call('GET', KEYS[3])
+  if not holder then
+    redis.call('SET', KEYS[3], ARGV[14], 'EX', ARGV[7])
+  elseif holder == ARGV[14] then
+    return 0
+  else
+    if not redis.call('SET', KEYS[5], ARGV[14], 'NX', 'EX', ARGV[7]) then return 0 end
+    id, scoped = id .. '~' .. ARGV[15], 1
+  end
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
+  -- A new numbering (first message, or the counter was lost): a new epoch.
   redis.call('SET', KEYS[1], ARGV[5])
-  redis.call('SET', KEYS[4], ARGV[5], 'EX', 604800)
+  redis.call('SET', KEYS[4], ARGV[5] .. '-' .. ARGV[11])
+elseif redis.call('EXISTS', KEYS[4]) == 0 then
+  -- The epoch alone was lost: a new one, based on the current number.
+  redis.call('SET', KEYS[4], redis.call('GET', KEYS[1]) .. '-' .. ARGV[11])
 end
 local seq = redis.call('INCR', KEYS[1])
 -- Lua 5.1 prints large numbers in exponent form: format the integer explicitly.
 local s = string.format('%.0f', seq)
-redis.call('EXPIRE', KEYS[1], 604800)
+redis.call('EXPIRE', KEYS[1], ARGV[16])
+redis.call('EXPIRE', KEYS[4], ARGV[16])
 if tonumber(ARGV[6]) > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], s .. '-0',
-             'i', ARGV[1], 'e', ARGV[2], 'p', ARGV[3], 'b', ARGV[4], 't', ARGV[10],
+             'i', id, 'e', ARGV[2], 'p', ARGV[3], 'b', ARGV[4], 't', ARGV[10],
              'o', ARGV[11], 'x', ARGV[12])
   redis.call('EXPIRE', KEYS[2], ARGV[7])
 end
-redis.call(ARGV[13], ARGV[8], s .. '|' .. ARGV[9])
-return seq
+local head = s
+if scoped == 1 then head = s .. '~' .. ARGV[15] end
+redis.call(ARGV[13], ARGV[8], head .. '|' .. ARGV[9])
+return {seq, scoped}
 """
+
+# KEYS: seq, epoch. ARGV: now_us, node id, counter ttl. Returns {seq, epoch}: a join's baseline,
+# starting the channel's numbering when it has none, and keeping it alive while joins come.
+POSITION_LUA = """
+local seq = redis.call('GET', KEYS[1])
+if not seq then
+  seq = ARGV[1]
+  redis.call('SET', KEYS[1], seq, 'EX', ARGV[3])
+  redis.call('SET', KEYS[2], seq .. '-' .. ARGV[2], 'EX', ARGV[3])
+else
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  if redis.call('EXPIRE', KEYS[2], ARGV[3]) == 0 then
+    redis.call('SET', KEYS[2], seq .. '-' .. ARGV[2], 'EX', ARGV[3])
+  end
+end
+return {seq, redis.call('GET', KEYS[2])}
+"""
+
+
+def _epoch_base(epoch: str) -> int | None:
+    """The number an epoch's numbering started after (``"<base>-<node>"``)."""
+    try:
+        return int(epoch.split("-", 1)[0])
+    except ValueError:
+        return None
 
 
 def _encode_payload(payload: Any) -> tuple[bytes, str]:
@@ -174,11 +228,15 @@ class RedisBroker(Broker):
         # A channel's sequence number when this node subscribed: where gap filling starts if no
         # message arrived before a reconnect. Kept apart from _last_seq, which also de-duplicates.
         self._baseline: dict[str, int] = {}
-        self._replays: dict[tuple[str, int, int], asyncio.Future[ReplayResult]] = {}
+        self._replays: dict[tuple[str, int, int, str | None], asyncio.Future[ReplayResult]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
         self.connected = asyncio.Event()
         self.reconnects = 0
+        #: Messages published under a scoped id because another sender held their id.
+        self.scoped_ids = 0
+        # Keys the scoped-id tags; shared by the nodes through Redis (set at start).
+        self._salt = os.urandom(16)
 
     # -- names -------------------------------------------------------------------------------
 
@@ -207,6 +265,10 @@ class RedisBroker(Broker):
                 await self.redis.initialize()
                 self._publish_cmd = "SPUBLISH"
                 log.info("redis at %s runs as a cluster: sharded pub/sub", self.url)
+            # One salt for every node: a re-send through another node gets the same scoped id.
+            salt_key = f"{self.prefix}:salt"
+            await self.redis.set(salt_key, self._salt.hex(), nx=True)
+            self._salt = (await self.redis.get(salt_key)) or self._salt
         except (RedisError, RedisClusterException, OSError) as exc:
             raise RuntimeError(f"cannot reach Redis at {self.url}: {exc}") from None
         self._running = True
@@ -313,6 +375,10 @@ class RedisBroker(Broker):
 
     # -- publish -----------------------------------------------------------------------------
 
+    def sender_tag(self, sender: str) -> str:
+        """The tag of ``sender``'s scoped ids: a keyed hash, so no other client can compute it."""
+        return hashlib.blake2b(sender.encode(), key=self._salt[:64], digest_size=6).hexdigest()
+
     def publish(
         self,
         key: str,
@@ -322,6 +388,7 @@ class RedisBroker(Broker):
         msg_id: str,
         exclude: int | None = None,
         done: PublishDone | None = None,
+        sender: str = "",
     ) -> None:
         """Queue the publish script; ``done(seq | DUPLICATE | FAILED)`` when Redis answered."""
         raw, binary = _encode_payload(payload)
@@ -339,7 +406,9 @@ class RedisBroker(Broker):
         )
         now = time.time()
         seq_key = self._name("seq", key)
-        keys = [seq_key, self._name("hist", key), f"{self._name('id', key)}:{msg_id}", seq_key + ":start"]
+        tag = self.sender_tag(sender)
+        marker = f"{self._name('id', key)}:{msg_id}"
+        keys = [seq_key, self._name("hist", key), marker, seq_key + ":start", f"{marker}~{tag}"]
         args = [
             msg_id,
             event,
@@ -354,6 +423,9 @@ class RedisBroker(Broker):
             self.node_id,
             "" if exclude is None else exclude,
             self._publish_cmd,
+            sender,
+            tag,
+            SEQ_TTL,
         ]
 
         def op(pipe: Any) -> None:
@@ -366,8 +438,12 @@ class RedisBroker(Broker):
             if isinstance(result, Exception):
                 log.warning("publish to %s failed: %s", key, result)
                 done(FAILED)
+            elif isinstance(result, list):
+                if result[1]:
+                    self.scoped_ids += 1
+                done(int(result[0]))
             else:
-                done(int(result) or DUPLICATE)
+                done(DUPLICATE)
 
         self._enqueue(op, finished)
 
@@ -615,6 +691,7 @@ class RedisBroker(Broker):
                 Envelope(Envelope.PRESENCE, key, env["t"], "presence_diff", env["d"], origin=env["o"])
             )
             return
+        head, scoped, tag = head.partition(b"~")
         seq = int(head)
         last = self._last_seq.get(key)
         if last is not None and seq <= last:
@@ -623,8 +700,9 @@ class RedisBroker(Broker):
             asyncio.get_running_loop().create_task(self._fill_gap(key, since=last, until=seq))
         self._last_seq[key] = seq if last is None or seq > last else last
         payload = _decode_payload(env["p"].encode(), env["b"] == "1")
+        msg_id = env["i"] + "~" + tag.decode() if scoped else env["i"]
         self._deliver(
-            Envelope(Envelope.BROADCAST, key, env["t"], env["e"], payload, env["i"], seq, env["o"], env["x"])
+            Envelope(Envelope.BROADCAST, key, env["t"], env["e"], payload, msg_id, seq, env["o"], env["x"])
         )
 
     async def _fill_gap(self, key: str, since: int, until: int) -> None:
@@ -694,7 +772,12 @@ class RedisBroker(Broker):
     # -- history -----------------------------------------------------------------------------
 
     async def replay(
-        self, key: str, since_seq: int | None, since_time: float | None, limit: int
+        self,
+        key: str,
+        since_seq: int | None,
+        since_time: float | None,
+        limit: int,
+        epoch: str | None = None,
     ) -> ReplayResult:
         """Read a channel's stream: after ``since_seq``, or the newest ``limit`` since a time.
 
@@ -705,7 +788,7 @@ class RedisBroker(Broker):
         """
         if since_seq is None:
             return await self._replay(key, None, since_time, limit)
-        flight = (key, since_seq, limit)
+        flight = (key, since_seq, limit, epoch)
         task = self._replays.get(flight)
         if task is None:
 
@@ -713,7 +796,7 @@ class RedisBroker(Broker):
                 if self._replays.get(flight) is task:
                     del self._replays[flight]
 
-            task = asyncio.ensure_future(self._replay(key, since_seq, None, limit, sent))
+            task = asyncio.ensure_future(self._replay(key, since_seq, None, limit, sent, epoch))
             self._replays[flight] = task
             task.add_done_callback(lambda _: sent())
         return await asyncio.shield(task)
@@ -725,43 +808,76 @@ class RedisBroker(Broker):
         since_time: float | None,
         limit: int,
         sent: Callable[[], None] | None = None,
+        epoch: str | None = None,
     ) -> ReplayResult:
         stream = self._name("hist", key)
         cutoff_ms = (time.time() - self.history_ttl) * 1000
-        if since_seq is not None:
-            seq_key = self._name("seq", key)
-            # The counter before the stream: a publish landing in between adds to the records,
-            # never to a number the records cannot reach (which would read as a false gap).
-            def read_counter(pipe: Any) -> None:
-                if sent is not None:
-                    sent()  # the writer is building the pipeline: too late to share this read
-                pipe.get(seq_key)
+        seq_key = self._name("seq", key)
 
-            current_reply = self._query(read_counter)
-            start_reply = self._query(lambda pipe: pipe.get(seq_key + ":start"))
+        # The counter before the stream: a publish landing in between adds to the records,
+        # never to a number the records cannot reach (which would read as a false gap).
+        def read_counter(pipe: Any) -> None:
+            if sent is not None:
+                sent()  # the writer is building the pipeline: too late to share this read
+            pipe.get(seq_key)
+
+        current_reply = self._query(read_counter)
+        epoch_reply = self._query(lambda pipe: pipe.get(seq_key + ":start"))
+        if since_seq is not None:
             entries = await self._query(
                 lambda pipe: pipe.xrange(stream, min=f"{since_seq + 1}-0", max="+", count=limit + 1)
             )
-            current_raw, start_raw = await current_reply, await start_reply
-            current, start = int(current_raw or 0), int(start_raw or 0)
-            records = [self._record(e) for e in entries]
-            records = [r for r in records if r.ts * 1000 >= cutoff_ms]
-            first = records[0].seq if records else current + 1
-            # Asking from before the channel's first message is asking for everything.
-            floor = max(since_seq, start)
-            complete = current != 0 and first == floor + 1 and len(records) <= limit and since_seq <= current
-            return ReplayResult(records[:limit], complete)
-        entries = await self._query(lambda pipe: pipe.xrevrange(stream, max="+", min="-", count=limit + 1))
-        records = [self._record(e) for e in reversed(entries)]
+        else:
+            entries = await self._query(
+                lambda pipe: pipe.xrevrange(stream, max="+", min="-", count=limit + 1)
+            )
+            entries.reverse()
+        current_raw, epoch_raw = await current_reply, await epoch_reply
+        current_epoch = epoch_raw.decode() if epoch_raw is not None else None
+        base = None if current_epoch is None else _epoch_base(current_epoch)
+        records = [self._record(e) for e in entries]
+        # No counter or no epoch: the numbering was lost (expiry, a Redis data loss), nothing is proven.
+        known = current_raw is not None and base is not None
+        current = int(current_raw or 0)
+        if since_seq is not None:
+            kept = [r for r in records if r.ts * 1000 >= cutoff_ms]
+            first = kept[0].seq if kept else current + 1
+            complete = (
+                known
+                and (epoch is None or epoch == current_epoch)
+                and base is not None
+                and base <= since_seq <= current
+                and first == since_seq + 1
+                and len(kept) <= limit
+            )
+            return ReplayResult(kept[:limit], complete, current_epoch)
         since_ms = (since_time or 0) * 1000
         newer = [r for r in records if r.ts * 1000 >= max(since_ms, cutoff_ms)]
-        complete = len(newer) <= limit and (len(records) <= limit or records[0].ts * 1000 < since_ms)
-        return ReplayResult(newer[-limit:], complete)
+        complete = False
+        if known and base is not None and (base + 1) / 1000 <= since_ms and len(newer) <= limit:
+            # Complete when the stream reaches back past `since` (or to the epoch's first
+            # message) and no entry after `since` already expired.
+            oldest = records[0] if records else None
+            reaches = current == base or (
+                oldest is not None
+                and (oldest.ts * 1000 < since_ms or (oldest.seq == base + 1 and len(records) <= limit))
+            )
+            expired = any(since_ms <= r.ts * 1000 < cutoff_ms for r in records)
+            complete = reaches and not expired
+        return ReplayResult(newer[-limit:], complete, current_epoch)
 
     async def last_seq(self, key: str) -> int | None:
         """The channel's current sequence number in Redis."""
         raw = await self._query(lambda pipe: pipe.get(self._name("seq", key)))
         return None if raw is None else int(raw)
+
+    async def position(self, key: str, owner: str = "") -> tuple[int, str]:
+        """The channel's number and epoch, starting them (for ``SEQ_TTL``) when it has none."""
+        seq_key = self._name("seq", key)
+        keys = [seq_key, seq_key + ":start"]
+        args = [int(time.time() * 1_000_000), self.node_id, SEQ_TTL]
+        seq, epoch = await self._query(lambda pipe: pipe.eval(POSITION_LUA, len(keys), *keys, *args))
+        return int(seq), epoch.decode()
 
     @staticmethod
     def _record(entry: tuple[bytes, dict[bytes, bytes]]) -> HistoryRecord:

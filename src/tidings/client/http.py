@@ -115,7 +115,9 @@ class HistoryPage:
     messages: list[dict[str, Any]]
     """``{"event", "payload", "meta": {"id", "seq"}}`` entries, oldest first."""
     complete: bool
-    """False when history no longer holds everything after ``since_seq``."""
+    """False when history cannot prove it holds everything after ``since_seq``."""
+    epoch: str | None = None
+    """The channel's current epoch (Tidings servers; ``None`` when the server sends none)."""
 
 
 class HistoryClient:
@@ -134,16 +136,25 @@ class HistoryClient:
         """Bearer token (the user JWT); the API key when ``None``."""
         self.timeout = timeout
 
-    def url(self, sub_topic: str, since_seq: int, limit: int, private: bool = False) -> str:
+    def url(
+        self, sub_topic: str, since_seq: int, limit: int, private: bool = False, epoch: str | None = None
+    ) -> str:
         """The request URL."""
         topic = urllib.parse.quote(sub_topic, safe="")
         params: dict[str, Any] = {"since_seq": since_seq, "limit": limit}
+        if epoch is not None:
+            params["epoch"] = epoch
         if private:
             params["private"] = "true"
         return f"{self.base}/api/channels/{topic}/messages?{urllib.parse.urlencode(params)}"
 
-    async def fetch(self, sub_topic: str, since_seq: int, limit: int, private: bool = False) -> HistoryPage:
+    async def fetch(
+        self, sub_topic: str, since_seq: int, limit: int, private: bool = False, epoch: str | None = None
+    ) -> HistoryPage:
         """Messages with ``seq > since_seq``, at most ``limit`` (the server may clamp it).
+
+        ``epoch``: the channel epoch ``since_seq`` belongs to (from the join reply), so the server
+        can tell a ``since_seq`` of a lost history from a current one.
 
         A raw-binary message (``payload_base64``) comes back with ``bytes`` as its ``payload``.
 
@@ -153,7 +164,10 @@ class HistoryClient:
         headers = {"apikey": self.apikey, "Authorization": f"Bearer {self.access_token or self.apikey}"}
         try:
             status, body = await request_json(
-                "GET", self.url(sub_topic, since_seq, limit, private), headers=headers, timeout=self.timeout
+                "GET",
+                self.url(sub_topic, since_seq, limit, private, epoch),
+                headers=headers,
+                timeout=self.timeout,
             )
         except OSError as exc:
             raise HistoryError(f"history request failed: {exc}") from exc
@@ -170,4 +184,9 @@ class HistoryClient:
                 except ValueError:
                     continue
             messages.append(entry)
-        return HistoryPage(messages=messages, complete=bool(body.get("complete", True)))
+        epoch = body.get("epoch")
+        return HistoryPage(
+            messages=messages,
+            complete=bool(body.get("complete", True)),
+            epoch=epoch if isinstance(epoch, str) else None,
+        )
