@@ -262,3 +262,28 @@ async def test_crlf_in_a_topic_forges_no_log_line(server: ServerProcess) -> None
     assert all("refused" in line for line in lines if "FORGED" in line)  # only inside the real line
     refused = [line for line in lines if "refused" in line]
     assert len(refused) == 1 and "x\\x0d\\x0a2099-01-01" in refused[0], refused
+
+
+async def test_rest_broadcasts_with_names_over_the_caps_get_422(server_factory: ServerFactory) -> None:
+    srv = server_factory(env={"MAX_TOPIC_LENGTH": "32", "MAX_EVENT_LENGTH": "16"})
+    async with httpx.AsyncClient(base_url=srv.http_url, timeout=WAIT) as http:
+        ok = {"topic": "t" * 32, "event": "e" * 16, "payload": {}}
+        assert (await http.post("/api/broadcast", json={"messages": [ok]})).status_code == 202
+        long_topic = {**ok, "topic": "t" * 33}
+        long_event = {**ok, "event": "e" * 17}
+        r = await http.post("/api/broadcast", json={"messages": [ok, long_topic, long_event]})
+        assert (r.status_code, r.json()) == (
+            422,
+            {
+                "errors": {
+                    "messages[1].topic": ["should be at most 32 byte(s)"],
+                    "messages[2].event": ["should be at most 16 byte(s)"],
+                }
+            },
+        )
+        r = await http.post(f"/api/broadcast/{'t' * 33}/events/e", json={})
+        assert (r.status_code, r.json()) == (422, {"errors": {"topic": ["should be at most 32 byte(s)"]}})
+        r = await http.post(f"/api/broadcast/t/events/{'e' * 17}", json={})
+        assert (r.status_code, r.json()) == (422, {"errors": {"event": ["should be at most 16 byte(s)"]}})
+        assert (await http.post(f"/api/broadcast/{'t' * 32}/events/{'e' * 16}", json={})).status_code == 202
+        assert await metric(http, "tidings_names_too_long_total") == 4

@@ -22,6 +22,7 @@ from ..auth.tokens import AuthError, Principal
 from ..broker.base import sender_scope
 from ..history import HistoryRecord, ReplayResult
 from ..node import Node, group_key
+from ..protocol.join import name_too_long
 from .edge import origin_policy
 from .metrics_http import render_prometheus
 from .web import metrics_refusal, web_routes
@@ -65,6 +66,21 @@ def _may_write(node: Node, principal: Principal, private: bool) -> bool:
     return not private or not node.verifier.enabled or principal.role not in ("anon", "")
 
 
+def _name_errors(node: Node, topic: object, event: object, prefix: str = "") -> dict[str, list[str]]:
+    """``{field: [message]}`` for a topic over ``MAX_TOPIC_LENGTH`` or an event over
+    ``MAX_EVENT_LENGTH`` (what joins and WebSocket broadcasts are held to)."""
+    found: dict[str, list[str]] = {}
+    config = node.config
+    for field, value, limit in (
+        ("topic", topic, config.max_topic_length),
+        ("event", event, config.max_event_length),
+    ):
+        if isinstance(value, str) and name_too_long(value, limit):
+            node.metrics.names_too_long += 1
+            found[prefix + field] = [f"should be at most {limit} byte(s)"]
+    return found
+
+
 async def broadcast_batch(request: Request) -> Response:
     """``POST /api/broadcast`` with ``{"messages": [{topic, event, payload, private?, id?}]}``."""
     node = _node(request)
@@ -92,6 +108,8 @@ async def broadcast_batch(request: Request) -> Response:
             errors.setdefault(f"messages[{i}].topic", []).append("can't be blank")
         if not isinstance(m.get("event"), str) or not m["event"]:
             errors.setdefault(f"messages[{i}].event", []).append("can't be blank")
+        for field, found in _name_errors(node, m.get("topic"), m.get("event"), f"messages[{i}].").items():
+            errors.setdefault(field, []).extend(found)
         if not isinstance(m.get("payload"), dict):
             errors.setdefault(f"messages[{i}].payload", []).append("must be an object")
         if "id" in m and m["id"] is not None and not isinstance(m["id"], str):
@@ -127,6 +145,9 @@ async def broadcast_single(request: Request) -> Response:
         segments = raw_path.decode("latin-1").split("/broadcast/", 1)[-1].split("/")
         if len(segments) == 3 and segments[1] == "events":
             sub_topic, event = unquote(segments[0]), unquote(segments[2])
+    too_long = _name_errors(node, sub_topic, event)
+    if too_long:
+        return JSONResponse({"errors": too_long}, status_code=422)
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     body = await request.body()
     if len(body) > node.max_payload_bytes:

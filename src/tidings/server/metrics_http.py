@@ -57,7 +57,7 @@ _COUNTERS = (
     ),
     (
         "tidings_names_too_long_total",
-        "Joins refused (topic, presence key) and broadcasts dropped (event) for a name over its cap.",
+        "Joins and broadcasts (WebSocket, REST) refused for a topic, event or presence key over its cap.",
         "names_too_long",
     ),
     (
