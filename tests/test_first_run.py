@@ -12,9 +12,11 @@ each session, so the code under test is always the current one. pip reuses its o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -26,8 +28,9 @@ import tempfile
 import time
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -361,8 +364,6 @@ def test_bench_list_columns_line_up() -> None:
 
 
 def wait_health(port: int, proc: subprocess.Popen[str], timeout: float) -> dict[str, object]:
-    import json
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[0]
@@ -410,3 +411,81 @@ def test_make_run_serves_health_from_a_venv_without_test_tooling() -> None:
 def test_make_test_installs_the_dev_extra() -> None:
     plan = run(["make", "-n", "test", "VENV=/nonexistent-venv"], cwd=ROOT).stdout
     assert "-e '.[dev]'" in plan and "/nonexistent-venv/.dev-stamp" in plan
+
+
+# -- the README's and the guide's examples, and the reconnect rate -----------------------------
+
+
+def code_block(path: Path, language: str, marker: str) -> str:
+    """The first ```language block of ``path`` that contains ``marker``."""
+    blocks = re.findall(rf"^```{language}\n(.*?)^```$", path.read_text(), flags=re.S | re.M)
+    (block,) = [b for b in blocks if marker in b][:1]
+    return block
+
+
+def metrics(server: ServerProcess) -> dict[str, Any]:
+    with urllib.request.urlopen(server.http_url + "/api/metrics", timeout=5) as r:
+        return dict(json.loads(r.read()))
+
+
+def wait_metrics(
+    server: ServerProcess, ready: Callable[[dict[str, Any]], bool], timeout: float = 15
+) -> dict[str, Any]:
+    """``/api/metrics`` once ``ready(snapshot)`` (the monitor samples once a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = metrics(server)
+        if ready(snap) or time.monotonic() > deadline:
+            return snap
+        time.sleep(0.2)
+
+
+@pytest.mark.clients
+@pytest.mark.timeout(300)
+def test_the_examples_run_and_running_them_again_is_not_a_reconnect(tmp_path: Path) -> None:
+    """README's supabase-js and realtime-py snippets and the SDK quickstart, as written, several
+    times on localhost (one address for every client): they work, and none counts as a reconnect."""
+    node_modules = ROOT / "tests" / "js" / "node_modules"
+    assert (node_modules / "@supabase" / "supabase-js").is_dir(), "run make deps (tests/js npm install)"
+    (tmp_path / "node_modules").symlink_to(node_modules)
+    with ServerProcess() as server:
+        here = f"127.0.0.1:{server.port}"
+        scripts = {
+            "example.mjs": code_block(ROOT / "README.md", "js", "createClient"),
+            "example.py": code_block(ROOT / "README.md", "python", "AsyncRealtimeClient"),
+            "quickstart.py": code_block(ROOT / "docs" / "client.md", "python", "RealtimeClient("),
+        }
+        for name, text in scripts.items():
+            (tmp_path / name).write_text(text.replace("localhost:4000", here))
+        runs = [["node", "example.mjs"]] * 5 + [[sys.executable, "example.py"]] * 5
+        runs += [[sys.executable, "quickstart.py"]] * 2
+        for cmd in runs:
+            proc = subprocess.run(
+                cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60, env=clean_env()
+            )
+            assert proc.returncode == 0, f"{cmd}:\n{proc.stdout}\n{proc.stderr}"
+            assert "shipped" in proc.stdout or "hello" in proc.stdout, proc.stdout
+        snap = wait_metrics(server, lambda m: m["reconnects"]["connections"] >= len(runs))
+    assert snap["reconnects"] == {"count": 0, "connections": len(runs)}, snap["reconnects"]
+    assert snap["reconnectRate"] == 0.0
+    assert [a for a in snap["alerts"] if a["name"] == "reconnect_rate"] == []
+
+
+async def test_reconnect_rate_is_a_bounded_share_the_same_in_json_and_alert() -> None:
+    """Connections that drop (no close frame) and come back are reconnects; with every connection
+    gone the rate is still a share of the window's connections (never 100 %, 150 %, 2.0)."""
+    with ServerProcess() as server:
+        idle = metrics(server)
+        assert (idle["reconnectRate"], idle["reconnects"]["count"]) == (0.0, 0)  # 0 connections: 0
+        for _ in range(2):  # 12 connect, drop; 12 come back (reconnects), drop
+            clients = [await PhxClient.open(server.http_url) for _ in range(12)]
+            for c in clients:
+                c.ws.transport.abort()
+            await asyncio.sleep(0.3)
+        snap = await asyncio.to_thread(wait_metrics, server, lambda m: m["reconnects"]["connections"] >= 24)
+    assert snap["activeConnections"] == 0
+    assert snap["reconnects"] == {"count": 12, "connections": 24}
+    assert snap["reconnectRate"] == 0.5
+    (alert,) = [a for a in snap["alerts"] if a["name"] == "reconnect_rate"]
+    assert alert["value"] == snap["reconnectRate"]
+    assert "50.0% of connections reconnected (12 of 24; > 10%)" in alert["message"]

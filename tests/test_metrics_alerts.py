@@ -57,11 +57,14 @@ def test_delivery_latency_counts_for_the_latency_alert() -> None:
 
 def test_small_volumes_do_not_trip_the_rates() -> None:
     alerts = Alerts(Config())
-    # One reconnect among two connections, one failure among two messages: floors apply.
-    quiet = AlertStats(reconnects=1, connections=2, failed=1, attempts=2)
+    # Two reconnects among two connections, one failure among two messages: floors apply.
+    quiet = AlertStats(reconnects=2, connections=2, failed=1, attempts=2)
     assert alerts.evaluate(quiet) == []
-    loud = AlertStats(reconnects=2, connections=2, failed=2, attempts=2)
-    assert sorted(names(alerts.evaluate(loud))) == [("firing", "failure_rate"), ("firing", "reconnect_rate")]
+    loud = AlertStats(reconnects=2, connections=10, failed=2, attempts=2)
+    changes = alerts.evaluate(loud)
+    assert sorted(names(changes)) == [("firing", "failure_rate"), ("firing", "reconnect_rate")]
+    alert = alerts.active["reconnect_rate"]
+    assert alert.value == 0.2 and "20.0% of connections reconnected (2 of 10; > 10%)" in alert.message
     assert MIN_CONNECTIONS == 10 and MIN_MESSAGES == 20
 
 

@@ -6,9 +6,10 @@ when it is back under it; both transitions are logged, listed on the dashboard a
 ``ALERT_WEBHOOK_URL`` is set, POSTed there as JSON (from a daemon thread, so a slow webhook never
 blocks the event loop).
 
-Rates need volume to mean anything, so they are computed against floors: the reconnect rate
-against at least :data:`MIN_CONNECTIONS` connections and the failure rate against at least
-:data:`MIN_MESSAGES` messages. Two clients reconnecting once do not page anybody.
+Rates need volume to mean anything. The reconnect rate is a true share, the same figure on the
+dashboard, in ``/api/metrics`` and in the alert (:func:`reconnect_share`); its alert fires only once
+the window saw at least :data:`MIN_CONNECTIONS` connections. The failure rate is computed against at
+least :data:`MIN_MESSAGES` messages. Two clients reconnecting once do not page anybody.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ import orjson
 
 from .config import Config
 
-__all__ = ["ALERT_NAMES", "MIN_CONNECTIONS", "MIN_MESSAGES", "Alert", "AlertStats", "Alerts", "post_json"]
+__all__ = [
+    "ALERT_NAMES",
+    "MIN_CONNECTIONS",
+    "MIN_MESSAGES",
+    "Alert",
+    "AlertStats",
+    "Alerts",
+    "post_json",
+    "reconnect_share",
+]
 
 log = logging.getLogger("tidings.alerts")
 
@@ -32,6 +42,17 @@ ALERT_NAMES = ("high_latency", "reconnect_rate", "failure_rate", "queue_backlog"
 MIN_CONNECTIONS = 10
 MIN_MESSAGES = 20
 WEBHOOK_TIMEOUT = 5.0
+
+
+def reconnect_share(reconnects: int, connections: int) -> float:
+    """The reconnect rate: the share of the window's connections that were reconnects, 0..1.
+
+    ``connections`` are those that existed during the window (open at its start, or opened in it);
+    every reconnect is one of them, so the share never passes 1. No connections: 0.
+    """
+    if connections <= 0:
+        return 0.0
+    return min(1.0, reconnects / connections)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,6 +65,7 @@ class AlertStats:
     failure_rate: float = 0.0
     reconnects: int = 0
     connections: int = 0
+    """Connections that existed during the window: open at its start, or opened in it."""
     failed: int = 0
     attempts: int = 0
     queue: int = 0
@@ -116,7 +138,7 @@ class Alerts:
         latencies = [v for v in (stats.rtt_p95, stats.delivery_p95) if v is not None]
         latency = max(latencies) if latencies else 0.0
         which = "heartbeat RTT" if latency and latency == stats.rtt_p95 else "delivery latency"
-        reconnect_rate = stats.reconnects / max(stats.connections, MIN_CONNECTIONS)
+        reconnect_rate = reconnect_share(stats.reconnects, stats.connections)
         failure_rate = stats.failed / max(stats.attempts, MIN_MESSAGES)
         return {
             "high_latency": (
@@ -126,10 +148,11 @@ class Alerts:
                 f"p95 {which} {latency * 1000:.0f} ms > {self.max_latency * 1000:.0f} ms",
             ),
             "reconnect_rate": (
-                reconnect_rate > self.max_reconnect_rate,
+                stats.connections >= MIN_CONNECTIONS and reconnect_rate > self.max_reconnect_rate,
                 reconnect_rate,
                 self.max_reconnect_rate,
-                f"{reconnect_rate:.1%} of connections reconnected (> {self.max_reconnect_rate:.0%})",
+                f"{reconnect_rate:.1%} of connections reconnected ({stats.reconnects} of "
+                f"{stats.connections}; > {self.max_reconnect_rate:.0%})",
             ),
             "failure_rate": (
                 failure_rate > self.max_failure_rate,

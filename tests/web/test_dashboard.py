@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.server
 import json
+import socket
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -125,6 +127,31 @@ def test_dashboard_shows_a_firing_alert_and_the_webhook_gets_it(
     assert (fired["name"], fired["state"]) == ("failure_rate", "firing")
     assert fired["value"] > fired["threshold"] == 0.01
     assert url not in srv.logs()  # the webhook URL carries a token: never logged
+
+
+def test_reconnect_card_is_a_bounded_share_matching_the_json_and_the_alert(
+    tidings: Callable[..., ServerProcess], browser: BrowserContext
+) -> None:
+    srv = tidings()
+    page = browser.new_page()
+    page.goto(srv.http_url + "/")
+    expect(page.get_by_test_id("feed")).to_have_text("live", timeout=WAIT_MS)
+    expect(page.get_by_test_id("stat-reconnect")).to_have_text("0 % · 0/0")  # 0 connections: 0
+    for _ in range(2):  # 12 clients drop (no close frame), come back (reconnects), drop again
+        clients = [ws_connect(srv) for _ in range(12)]
+        for ws in clients:
+            ws.socket.shutdown(socket.SHUT_RDWR)
+            ws.socket.close()
+        page.wait_for_timeout(300)
+    card = page.get_by_test_id("stat-reconnect")
+    expect(card).to_have_text("50 % · 12/24", timeout=WAIT_MS)  # with 0 connections left
+    alert = page.locator("#alerts li[data-alert=reconnect_rate]")
+    expect(alert).to_contain_text("50.0% of connections reconnected (12 of 24; > 10%)", timeout=WAIT_MS)
+    with urllib.request.urlopen(srv.http_url + "/api/metrics", timeout=5) as r:
+        snap = json.loads(r.read())
+    assert snap["activeConnections"] == 0 and snap["reconnectRate"] == 0.5
+    assert [a["value"] for a in snap["alerts"] if a["name"] == "reconnect_rate"] == [0.5]
+    screenshot(page, "dashboard-reconnects")
 
 
 def test_dashboard_behind_a_metrics_token_works_when_opened_with_it(

@@ -234,7 +234,9 @@
     setText("stat-out", fmt(m.rates.messagesOut, 1));
     setText("stat-p95", ms(m.p95Latency));
     setText("stat-delivery", ms(m.deliveryLatency.p95));
-    setText("stat-reconnect", pct(m.reconnectRate));
+    // The same share as /api/metrics and the alert: reconnects of the window's connections.
+    var rc = m.reconnects;
+    setText("stat-reconnect", pct(m.reconnectRate) + (rc ? " · " + rc.count + "/" + rc.connections : ""));
     setText("stat-failed", fmt(m.failedMessages) + " · " + pct(m.failureRate));
     setText("stat-queue", String(m.messageQueueSize));
     Object.keys(charts).forEach(function (k) { charts[k].render(m.history); });
