@@ -402,9 +402,7 @@ class Session:
         }
         self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "system", payload))
 
-    def replay_request(
-        self, cfg: JoinConfig
-    ) -> tuple[int | None, float | None, int, str | None] | None:
+    def replay_request(self, cfg: JoinConfig) -> tuple[int | None, float | None, int, str | None] | None:
         """``(since_seq, since_time, limit, epoch)`` for the broker, or ``None`` when none is asked."""
         if cfg.replay is None:
             return None

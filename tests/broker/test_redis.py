@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from tests.support.redis import RedisServer
-from tidings.broker.base import Broker
-from tidings.broker.redis import RedisBroker
+from tidings.broker.base import DUPLICATE, Broker
+from tidings.broker.redis import SEQ_TTL, RedisBroker
 
 from .contract import CHECKS, Inbox, publish
 
@@ -284,6 +284,47 @@ async def test_a_live_message_skipping_ahead_fills_the_hole_from_history(redis_s
         got = await inbox.wait(2)
         assert sorted(e.seq for e in got) == [first, second]
         assert inbox.gaps == []
+    finally:
+        for br in brokers:
+            await br.stop()
+
+
+async def test_counter_and_epoch_expire_together_a_lost_epoch_is_replaced(redis_server: RedisServer) -> None:
+    brokers: list[RedisBroker] = []
+    make = _factory(redis_server.url, brokers)
+    try:
+        broker = await make()
+        seq = await publish(broker, "p:ttl", "e", {}, "t1")
+        seq_key = broker._name("seq", "p:ttl")
+        # Both keys live SEQ_TTL after the last publish (the epoch key was never refreshed before).
+        ttls = await broker.call(lambda r: asyncio.gather(r.ttl(seq_key), r.ttl(seq_key + ":start")))
+        assert all(SEQ_TTL - 60 < t <= SEQ_TTL for t in ttls), ttls
+        _, epoch = await broker.position("p:ttl")
+        await broker.call(lambda r: r.delete(seq_key + ":start"))  # evicted by maxmemory, say
+        assert not (await broker.replay("p:ttl", seq - 1, None, 10)).complete  # nothing proves it
+        again, new_epoch = await broker.position("p:ttl")
+        assert again == seq and new_epoch != epoch
+        assert not (await broker.replay("p:ttl", seq - 1, None, 10, epoch)).complete
+        assert (await broker.replay("p:ttl", seq, None, 10, new_epoch)).complete
+    finally:
+        for br in brokers:
+            await br.stop()
+
+
+async def test_a_scoped_id_crosses_nodes(redis_server: RedisServer) -> None:
+    brokers: list[RedisBroker] = []
+    make = _factory(redis_server.url, brokers)
+    try:
+        a, b = await make(), await make()
+        inbox = Inbox(b)
+        await b.subscribe("p:ids")
+        await publish(a, "p:ids", "e", {"n": 1}, "same", sender="anon@10.0.0.1")
+        await publish(a, "p:ids", "e", {"n": 2}, "same", sender="sub:bob")
+        # Node b computes the same tag (one salt for the cluster): bob's re-send through it is a duplicate.
+        assert await publish(b, "p:ids", "e", {"n": 2}, "same", sender="sub:bob") == DUPLICATE
+        got = await inbox.wait(2)
+        assert [e.id for e in got] == ["same", "same~" + a.sender_tag("sub:bob")]
+        assert a.sender_tag("sub:bob") == b.sender_tag("sub:bob")
     finally:
         for br in brokers:
             await br.stop()

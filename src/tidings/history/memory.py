@@ -271,6 +271,8 @@ class MemoryHistory:
             ring.ids[msg_id] = sender
             self._charge(ring, size)
             self._trim(ring, now)
+        else:
+            ring.dropped_ts = now  # numbered, not kept: a time replay cannot vouch for it
         self._enforce(ring)
         return seq
 
@@ -392,7 +394,5 @@ class MemoryHistory:
             return ReplayResult([], complete=False)
         self._trim(ring, now)
         newer = [r for r in ring.records or () if r.ts >= since]
-        complete = (
-            (ring.base + 1) / 1_000_000 <= since and ring.dropped_ts < since and len(newer) <= limit
-        )
+        complete = (ring.base + 1) / 1_000_000 <= since and ring.dropped_ts < since and len(newer) <= limit
         return ReplayResult(newer[-limit:], complete, self._epoch(ring))
