@@ -160,7 +160,8 @@ class SupabaseDatabase:
             with conn.cursor() as cur:
                 cur.execute(
                     "SELECT set_config('role', %s, true), set_config('request.jwt.claims', %s, true), "
-                    "set_config('request.jwt.claim.sub', %s, true), set_config('request.jwt.claim.role', %s, true)",
+                    "set_config('request.jwt.claim.sub', %s, true), "
+                    "set_config('request.jwt.claim.role', %s, true)",
                     (role, json.dumps(claims), str(claims.get("sub") or ""), role),
                 )
                 yield cur

@@ -51,7 +51,6 @@ __all__ = [
     "Migration",
     "SetupReport",
     "applied_versions",
-    "applied_versions_if_readable",
     "migrate",
     "prepare",
     "prepare_database",
@@ -503,8 +502,9 @@ def prepare(conn: Any, *, replication: bool = False) -> SetupReport:
     """
     import psycopg2
 
-    applied = applied_versions_if_readable(conn)
-    check_privileges(conn, migrating=bool(_pending(applied, MIGRATIONS)), replication=replication)
+    check_privileges(
+        conn, migrating=lambda: bool(_pending(applied_versions(conn), MIGRATIONS)), replication=replication
+    )
     versions = migrate(conn)
     try:
         partitions = maintain_partitions(conn)
@@ -515,19 +515,6 @@ def prepare(conn: Any, *, replication: bool = False) -> SetupReport:
             f"creating the partitions of realtime.messages failed: {_first_line(exc)}"
         ) from None
     return SetupReport(tuple(versions), partitions)
-
-
-def applied_versions_if_readable(conn: Any) -> set[int]:
-    """:func:`applied_versions`, or the empty set when this role may not read them (the preflight
-    then says what it lacks)."""
-    import psycopg2
-
-    try:
-        return applied_versions(conn)
-    except (psycopg2.OperationalError, psycopg2.InterfaceError):
-        raise
-    except psycopg2.Error:
-        return set()
 
 
 async def prepare_database(database_url: str, *, ssl: bool = False, replication: bool = False) -> SetupReport:

@@ -167,6 +167,7 @@ def maintain_partitions(
                 "BEGIN; SET LOCAL lock_timeout = %s; SELECT pg_advisory_xact_lock(%s)",
                 (timeout, PARTITION_LOCK_KEY),
             )
+            cur.execute("SELECT 'realtime.messages'::regclass")  # raises UndefinedTable before migrations
             if now is None:
                 cur.execute("SELECT now() AT TIME ZONE 'UTC'")
                 now = cur.fetchone()[0]
@@ -180,9 +181,8 @@ def maintain_partitions(
                 cur.execute("SAVEPOINT partition")
                 try:
                     cur.execute(create_partition_sql(day))
-                except psycopg2.errors.LockNotAvailable:
-                    raise
-                except psycopg2.Error as exc:
+                except (psycopg2.errors.InvalidObjectDefinition, psycopg2.errors.CheckViolation) as exc:
+                    # The day overlaps a partition of another name, or rows of a default partition.
                     cur.execute("ROLLBACK TO SAVEPOINT partition")
                     failed.append(name)
                     log.warning("cannot create partition realtime.%s: %s", name, _first_line(exc))

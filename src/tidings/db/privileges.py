@@ -3,8 +3,10 @@
 Tidings needs no superuser. Its role (the user of ``DATABASE_URL``) needs:
 
 * to create the ``realtime`` schema (``CREATE`` on the database), or ``USAGE`` and ``CREATE`` on an
-  existing one, and the right to grant ``USAGE`` on it to ``anon``, ``authenticated`` and
+  existing one (a partition of ``realtime.messages`` is a new table there every day), and, while
+  migrating, the right to grant ``USAGE`` on it to ``anon``, ``authenticated`` and
   ``service_role`` (owning it, or ``WITH GRANT OPTION``) unless they have it;
+* ``SELECT`` and ``INSERT`` on ``realtime.schema_migrations`` when someone else made it;
 * ``CREATEROLE`` while the role ``supabase_realtime_admin`` does not exist (or an administrator
   creates it);
 * to own ``realtime.messages`` (it creates it; in a database Supabase Realtime migrated, membership
@@ -19,6 +21,7 @@ the facts into the first :class:`PrivilegeError`, whose message is the line to p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,7 @@ __all__ = [
     "DatabaseSetupError",
     "PrivilegeError",
     "RoleFacts",
+    "can_read_versions",
     "check_privileges",
     "find_problem",
     "quote_ident",
@@ -79,8 +83,13 @@ class RoleFacts:
     schema_create: bool = False
     schema_grant_usage: bool = False
     """Holds ``USAGE`` on the schema ``WITH GRANT OPTION``."""
+    migrations_table_exists: bool = False
+    """``realtime.schema_migrations`` exists (Supabase's or Tidings')."""
+    migrations_table_usable: bool = False
+    """This role may SELECT and INSERT ``realtime.schema_migrations``."""
     messages_owner: str | None = None
     """Owner of ``realtime.messages``; None while it does not exist."""
+    messages_owner_superuser: bool = False
     owns_messages: bool = False
     admin_role_exists: bool = False
     api_roles: tuple[str, ...] = ()
@@ -101,7 +110,12 @@ SELECT r.rolname, current_database(), r.rolsuper, r.rolcreaterole, r.rolreplicat
        CASE WHEN n.oid IS NULL THEN false ELSE has_schema_privilege(r.oid, n.oid, 'CREATE') END,
        CASE WHEN n.oid IS NULL THEN false
             ELSE has_schema_privilege(r.oid, n.oid, 'USAGE WITH GRANT OPTION') END,
+       sm.oid IS NOT NULL,
+       CASE WHEN sm.oid IS NULL THEN false
+            ELSE has_table_privilege(r.oid, sm.oid, 'SELECT')
+                 AND has_table_privilege(r.oid, sm.oid, 'INSERT') END,
        pg_get_userbyid(m.relowner),
+       COALESCE((SELECT o.rolsuper FROM pg_roles o WHERE o.oid = m.relowner), false),
        CASE WHEN m.oid IS NULL THEN false ELSE pg_has_role(r.oid, m.relowner, 'USAGE') END,
        EXISTS (SELECT FROM pg_roles WHERE rolname = %(admin)s),
        ARRAY(SELECT a.rolname::text FROM pg_roles a WHERE a.rolname = ANY(%(api)s) ORDER BY 1),
@@ -113,6 +127,7 @@ SELECT r.rolname, current_database(), r.rolsuper, r.rolcreaterole, r.rolreplicat
 FROM pg_roles r
 LEFT JOIN pg_namespace n ON n.nspname = 'realtime'
 LEFT JOIN pg_class m ON m.relnamespace = n.oid AND m.relname = 'messages'
+LEFT JOIN pg_class sm ON sm.relnamespace = n.oid AND sm.relname = 'schema_migrations'
 WHERE r.rolname = current_user
 """
 
@@ -135,12 +150,15 @@ def read_facts(conn: Any) -> RoleFacts:
         schema_usage=bool(row[9]),
         schema_create=bool(row[10]),
         schema_grant_usage=bool(row[11]),
-        messages_owner=row[12],
-        owns_messages=bool(row[13]),
-        admin_role_exists=bool(row[14]),
-        api_roles=tuple(row[15]),
-        member_of=frozenset(row[16]),
-        usage_granted=frozenset(row[17]),
+        migrations_table_exists=bool(row[12]),
+        migrations_table_usable=bool(row[13]),
+        messages_owner=row[14],
+        messages_owner_superuser=bool(row[15]),
+        owns_messages=bool(row[16]),
+        admin_role_exists=bool(row[17]),
+        api_roles=tuple(row[18]),
+        member_of=frozenset(row[19]),
+        usage_granted=frozenset(row[20]),
     )
 
 
@@ -174,18 +192,25 @@ def find_problem(facts: RoleFacts, *, migrating: bool, replication: bool = False
             )
     else:
         if not facts.schema_usage:
-            grants = "USAGE, CREATE" if migrating else "USAGE"
+            grants = "USAGE, CREATE" if not facts.schema_create else "USAGE"
             return _problem(
                 facts,
                 "USAGE on schema realtime",
                 "Tidings keeps realtime.messages and its functions there",
                 f"GRANT {grants} ON SCHEMA realtime TO {user}",
             )
-        if migrating and not facts.schema_create:
+        if facts.migrations_table_exists and not facts.migrations_table_usable:
+            return _problem(
+                facts,
+                "SELECT, INSERT on realtime.schema_migrations",
+                "Tidings records its migrations there",
+                f"GRANT SELECT, INSERT ON realtime.schema_migrations TO {user}",
+            )
+        if not facts.schema_create:
             return _problem(
                 facts,
                 "CREATE on schema realtime",
-                "Tidings creates its tables and functions there",
+                "Tidings creates its tables there, and a partition of realtime.messages every day",
                 f"GRANT CREATE ON SCHEMA realtime TO {user}; or ALTER SCHEMA realtime OWNER TO {user}",
             )
         lacking = [r for r in facts.api_roles if r not in facts.usage_granted]
@@ -207,11 +232,21 @@ def find_problem(facts: RoleFacts, *, migrating: bool, replication: bool = False
         )
     if facts.messages_owner is not None and not facts.owns_messages:
         owner = quote_ident(facts.messages_owner)
+        if facts.messages_owner_superuser:
+            # Never suggest membership in a superuser: hand the table and its partitions over.
+            sql = (
+                "DO $$ DECLARE t regclass; BEGIN FOR t IN SELECT 'realtime.messages'::regclass UNION ALL "
+                "SELECT inhrelid::regclass FROM pg_inherits WHERE inhparent = 'realtime.messages'::regclass "
+                f"LOOP EXECUTE format('ALTER TABLE %s OWNER TO {user.replace(chr(39), chr(39) * 2)}', t); "
+                "END LOOP; END $$"
+            )
+        else:
+            sql = f"GRANT {owner} TO {user}"
         return _problem(
             facts,
             f"the privileges of {owner}, owner of realtime.messages",
             "Tidings inserts its authorization probes and manages the partitions as the owner",
-            f"GRANT {owner} TO {user}; or ALTER TABLE realtime.messages OWNER TO {user}",
+            sql,
         )
     not_member = [r for r in facts.api_roles if r not in facts.member_of]
     if not_member:
@@ -232,8 +267,20 @@ def find_problem(facts: RoleFacts, *, migrating: bool, replication: bool = False
     return None
 
 
-def check_privileges(conn: Any, *, migrating: bool, replication: bool = False) -> RoleFacts:
+def can_read_versions(facts: RoleFacts) -> bool:
+    """The role may read ``realtime.schema_migrations`` (or there is nothing to read yet)."""
+    if not facts.schema_exists or facts.superuser:
+        return True
+    return facts.schema_usage and (not facts.migrations_table_exists or facts.migrations_table_usable)
+
+
+def check_privileges(
+    conn: Any, *, migrating: bool | Callable[[], bool], replication: bool = False
+) -> RoleFacts:
     """Read the facts of *conn*'s role and raise the first missing privilege.
+
+    *migrating* says whether migrations are pending; a callable is asked only once the role is
+    known to be able to read the applied versions.
 
     Returns:
         The facts, when nothing is missing.
@@ -242,6 +289,12 @@ def check_privileges(conn: Any, *, migrating: bool, replication: bool = False) -
         PrivilegeError: one line naming the privilege and the SQL that grants it.
     """
     facts = read_facts(conn)
+    if callable(migrating):
+        if not can_read_versions(facts):
+            problem = find_problem(facts, migrating=True, replication=replication)
+            if problem is not None:
+                raise problem
+        migrating = migrating()
     problem = find_problem(facts, migrating=migrating, replication=replication)
     if problem is not None:
         raise problem
