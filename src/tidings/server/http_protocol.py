@@ -235,8 +235,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         if transport is None or transport.is_closing():
             return
         self._count("head_timeout")
-        if self._head_bytes or getattr(self, "url", None):
-            # A head began and did not end (an idle preconnected socket is closed without a line).
+        if self._head_bytes:
+            # A head began and did not end (an idle socket is closed without a line).
             _throttle.log(
                 log,
                 logging.INFO,
