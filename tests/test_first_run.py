@@ -376,8 +376,10 @@ def wait_health(port: int, proc: subprocess.Popen[str], timeout: float) -> dict[
 
 
 @pytest.mark.timeout(400)
-def test_make_run_serves_health_from_a_venv_without_test_tooling() -> None:
-    """``make run`` on a copy of the checkout with its own venv (the main one is never touched)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_make_run_serves_health_from_a_venv_without_test_tooling(sig: signal.Signals) -> None:
+    """``make run`` on a copy of the checkout with its own venv (the main one is never touched);
+    Ctrl-C (SIGINT to the foreground process group) or SIGTERM ends it without make's ``***``."""
     base = CACHE / f"make-{key_of('pyproject.toml', 'Makefile')}"
     checkout, venv = base / "checkout", base / "venv"
     with locked("make"):
@@ -397,7 +399,7 @@ def test_make_run_serves_health_from_a_venv_without_test_tooling() -> None:
         try:
             assert wait_health(port, proc, timeout=300)["status"] == "ok"
             assert installed(venv / "bin" / "python", TEST_TOOLING) == []
-            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            os.killpg(proc.pid, sig)  # SIGINT: what Ctrl-C in a terminal does
             output = proc.communicate(timeout=30)[0]
         finally:
             if proc.poll() is None:
