@@ -235,6 +235,22 @@ def test_database_urls_accepted(url: str) -> None:
     assert load_config({}, environ={"DATABASE_URL": url}).database_url == url
 
 
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:abc/0", "redis://localhost:6379/x", "http://localhost:6379", "redis://"]
+)
+def test_bad_redis_urls_are_one_line(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config({}, environ={"REDIS_URL": url})
+    assert str(info.value) == f"invalid REDIS_URL: {url!r} (use redis://host:port/db)"
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:6379/0", "rediss://:pw@cache:6380", "redis://r", "unix:///run/redis.sock"]
+)
+def test_redis_urls_accepted(url: str) -> None:
+    assert load_config({}, environ={"REDIS_URL": url}).redis_url == url
+
+
 def test_zero_backoffs_are_allowed() -> None:
     cfg = load_config({}, environ={"CHANNEL_ERROR_BACKOFF_MS": "0", "CONNECT_ERROR_BACKOFF_MS": "0"})
     assert (cfg.channel_error_backoff, cfg.connect_error_backoff) == (0.0, 0.0)

@@ -14,6 +14,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from tidings.auth.policy import ChannelPolicy
@@ -886,6 +887,23 @@ def load_config(
         )
     if config.workers > 1 and not config.redis_url:
         raise ConfigError(f"invalid WORKERS: {config.workers} workers need REDIS_URL to share channels")
-    if config.redis_url and not config.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"invalid REDIS_URL: {config.redis_url!r} (use redis://host:port/db)")
+    if config.redis_url and not _redis_url_ok(config.redis_url):
+        raise ConfigError(
+            f"invalid REDIS_URL: {_mask_password(config.redis_url)!r} (use redis://host:port/db)"
+        )
     return config
+
+
+def _redis_url_ok(url: str) -> bool:
+    """``redis://``, ``rediss://`` or ``unix://``, with a numeric port and database when given."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return True
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        return False
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    db = parts.path.strip("/")
+    return not db or db.isdigit()

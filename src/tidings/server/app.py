@@ -117,7 +117,11 @@ async def start_node(config: Config) -> Node:
     Raises:
         StartupError: Redis cannot be reached, or the database refuses (one line each).
     """
-    node = Node(config, make_broker(config))
+    try:
+        broker = make_broker(config)
+    except ValueError as exc:  # a REDIS_URL redis-py cannot parse
+        raise StartupError(f"REDIS_URL: {exc}") from None
+    node = Node(config, broker)
     try:
         await node.start()
     except RuntimeError as exc:  # the Redis broker cannot reach Redis (nothing started yet)
