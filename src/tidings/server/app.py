@@ -229,6 +229,7 @@ def app_from_env() -> Starlette:
 
     config = Config(**json.loads(os.environ[CONFIG_ENV]))
     setup_logging(config.log_level, config.log_format)
+    quiet_pyjwt_key_length_warning()  # the parent warned once about a short JWT_SECRET
     return build_app(config)
 
 
