@@ -219,6 +219,8 @@ def test_an_unprivileged_role_is_told_each_grant_and_then_works(
         assert check_read(conn, AuthorizationContext("room-1", user)).readable
         assert not check_read(conn, AuthorizationContext("room-2", user)).readable
         assert not check_write(conn, AuthorizationContext("room-1", user)).can_write("broadcast")
+        # A token naming Tidings' own role would act as the table's owner: refused.
+        assert not check_read(conn, AuthorizationContext("room-1", {"role": app_role})).readable
         assert existing_partitions(conn)
     finally:
         conn.close()

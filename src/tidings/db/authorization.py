@@ -14,6 +14,8 @@ As ``lib/realtime/tenants/authorization.ex`` does:
   row level security ``WITH CHECK`` raises) = no write. Rolled back.
 * A policy that raises (or a role the database does not know, or may not be switched to) counts
   as not allowed, logged as ``RlsPolicyError``. ``service_role`` is allowed without a query.
+* Beyond Supabase: a JWT role that would skip row level security (a superuser, or the
+  connection's own role, which owns ``realtime.messages``) is not allowed either.
 
 Results are cached per (sub-topic, claims, headers) in a
 :class:`~tidings.auth.policy.PermissionCache`; concurrent checks of one key share one query. A
@@ -70,6 +72,11 @@ _SET_CONFIG = (
 )
 
 
+_SKIPS_RLS = "SELECT %s = current_user OR COALESCE((SELECT rolsuper FROM pg_roles WHERE rolname = %s), false)"
+"""True when the JWT's role is this connection's own (the table's owner) or a superuser: a policy
+check as that role would skip row level security, so it is refused before switching."""
+
+
 class MissingPartition(AuthorizationUnavailable):
     """``realtime.messages`` has no partition for today: the probe row has nowhere to go."""
 
@@ -117,6 +124,15 @@ def _policy_error(context: AuthorizationContext, check: str, exc: psycopg2.Error
     )
 
 
+def _privileged_role(context: AuthorizationContext) -> None:
+    log.warning(
+        "a token with role %s asked for topic %s: that role skips row level security (a superuser, "
+        "or Tidings' own database role), not allowed",
+        Clipped(context.role),
+        Clipped(context.topic),
+    )
+
+
 def check_read(
     conn: Any,
     context: AuthorizationContext,
@@ -148,23 +164,29 @@ def check_read(
             try:
                 cur.execute(
                     "BEGIN; SET LOCAL statement_timeout = %s; "
-                    f"INSERT INTO realtime.messages (id, topic, extension) VALUES {values}",
-                    params,
+                    f"INSERT INTO realtime.messages (id, topic, extension) VALUES {values}; {_SKIPS_RLS}",
+                    [*params, context.role, context.role],
                 )
+                skips_rls = bool(cur.fetchone()[0])
+            except psycopg2.errors.QueryCanceled as exc:  # an OperationalError, but not the connection's
+                raise _unavailable(exc) from None
             except (psycopg2.OperationalError, psycopg2.InterfaceError):
                 raise
             except psycopg2.Error as exc:
                 raise _unavailable(exc) from None
+            if skips_rls:
+                _privileged_role(context)
+                return denied
             try:
                 cur.execute(
                     f"{_SET_CONFIG}; SELECT id::text FROM realtime.messages WHERE id = ANY(%s::uuid[])",
                     [*_config_params(context), list(ids.values())],
                 )
                 visible = {str(row[0]) for row in cur.fetchall()}
-            except (psycopg2.OperationalError, psycopg2.InterfaceError):
-                raise
             except psycopg2.errors.QueryCanceled as exc:
                 raise _unavailable(exc) from None
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                raise
             except psycopg2.Error as exc:
                 _policy_error(context, "read", exc)
                 return denied
@@ -200,17 +222,26 @@ def check_write(
     with conn.cursor() as cur:
         try:
             try:
-                cur.execute("BEGIN; SET LOCAL statement_timeout = %s", [int(statement_timeout * 1000)])
+                cur.execute(
+                    f"BEGIN; SET LOCAL statement_timeout = %s; {_SKIPS_RLS}",
+                    [int(statement_timeout * 1000), context.role, context.role],
+                )
+                skips_rls = bool(cur.fetchone()[0])
+            except psycopg2.errors.QueryCanceled as exc:  # an OperationalError, but not the connection's
+                raise _unavailable(exc) from None
             except (psycopg2.OperationalError, psycopg2.InterfaceError):
                 raise
             except psycopg2.Error as exc:
                 raise _unavailable(exc) from None
+            if skips_rls:
+                _privileged_role(context)
+                return denied
             try:
                 cur.execute(_SET_CONFIG, _config_params(context))
-            except (psycopg2.OperationalError, psycopg2.InterfaceError):
-                raise
             except psycopg2.errors.QueryCanceled as exc:
                 raise _unavailable(exc) from None
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                raise
             except psycopg2.Error as exc:
                 _policy_error(context, "write", exc)
                 return denied
@@ -225,10 +256,10 @@ def check_write(
                 except psycopg2.errors.InsufficientPrivilege:
                     allowed[ext] = False
                     cur.execute("ROLLBACK TO SAVEPOINT tidings_write_check")
-                except (psycopg2.OperationalError, psycopg2.InterfaceError):
-                    raise
                 except (psycopg2.errors.QueryCanceled, psycopg2.errors.CheckViolation) as exc:
                     raise _unavailable(exc) from None
+                except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                    raise
                 except psycopg2.Error as exc:
                     _policy_error(context, "write", exc)
                     return denied  # Supabase stops at the first error: nothing is writable
