@@ -22,6 +22,11 @@ from tidings.db.privileges import DatabaseSetupError, PrivilegeError, RoleFacts,
 
 _names = itertools.count(1)
 
+TOPIC_POLICY = (
+    'create policy "authenticated can read all messages on topic" on "realtime"."messages" '
+    "for select to authenticated using ( (select realtime.topic()) = 'room-1' )"
+)
+
 # --------------------------------------------------------------------------------------------
 # The rules, on facts (no database)
 # --------------------------------------------------------------------------------------------
@@ -211,10 +216,7 @@ def test_an_unprivileged_role_is_told_each_grant_and_then_works(
         report = maintain_partitions(conn, now=datetime(2020, 1, 1))
         assert len(report.created) == 5
         assert len(maintain_partitions(conn).dropped) == 5
-        db.execute(
-            'create policy "authenticated can read all messages on topic" on "realtime"."messages" '
-            "for select to authenticated using ( (select realtime.topic()) = 'room-1' )"
-        )
+        db.execute(TOPIC_POLICY)
         user = {"role": "authenticated", "sub": db.add_user()}
         assert check_read(conn, AuthorizationContext("room-1", user)).readable
         assert not check_read(conn, AuthorizationContext("room-2", user)).readable
@@ -267,6 +269,44 @@ def test_a_schema_migrated_by_another_role_is_named_piece_by_piece(
         assert prepare(conn).applied == ()
         assert maintain_partitions(conn, now=datetime(2020, 1, 1)).created
         assert maintain_partitions(conn).dropped  # it may drop them: it owns them
+    finally:
+        conn.close()
+
+
+@pytest.mark.postgres
+def test_a_schema_owned_by_supabase_realtime_admin_is_used_through_membership(
+    migrated: SupabaseDatabase, postgres: PostgresServer
+) -> None:
+    """A database Supabase Realtime migrated: its objects belong to supabase_realtime_admin."""
+    db = migrated
+    db.execute(
+        "DO $$ DECLARE t regclass; BEGIN FOR t IN SELECT 'realtime.messages'::regclass UNION ALL "
+        "SELECT inhrelid::regclass FROM pg_inherits WHERE inhparent = 'realtime.messages'::regclass "
+        "LOOP EXECUTE format('ALTER TABLE %s OWNER TO supabase_realtime_admin', t); END LOOP; END $$"
+    )
+    db.execute(
+        "GRANT CREATE, USAGE ON SCHEMA realtime TO supabase_realtime_admin;"
+        "ALTER FUNCTION realtime.send(jsonb, text, text, boolean) OWNER TO supabase_realtime_admin"
+    )
+    role = f"tidings_app_{os.getpid()}_{next(_names)}"
+    postgres.execute(f'CREATE ROLE "{role}" LOGIN INHERIT')  # inherits the owner's privileges
+    db.execute(
+        f'GRANT supabase_realtime_admin TO "{role}"; GRANT USAGE, CREATE ON SCHEMA realtime TO "{role}"; '
+        f'GRANT SELECT, INSERT ON realtime.schema_migrations TO "{role}"; '
+        f'GRANT anon, authenticated, service_role TO "{role}"'
+    )
+    db.execute(TOPIC_POLICY)
+    conn = db.connect(role)
+    try:
+        assert prepare(conn).applied == ()
+        assert maintain_partitions(conn, now=datetime(2020, 1, 1)).created
+        assert maintain_partitions(conn).dropped
+        user = {"role": "authenticated", "sub": db.add_user()}
+        assert check_read(conn, AuthorizationContext("room-1", user)).readable
+        assert not check_read(conn, AuthorizationContext("room-2", user)).readable
+        # The owner's role would skip row level security: a token naming it gets nothing.
+        admin = AuthorizationContext("room-2", {"role": "supabase_realtime_admin"})
+        assert not check_read(conn, admin).readable
     finally:
         conn.close()
 

@@ -14,8 +14,9 @@ As ``lib/realtime/tenants/authorization.ex`` does:
   row level security ``WITH CHECK`` raises) = no write. Rolled back.
 * A policy that raises (or a role the database does not know, or may not be switched to) counts
   as not allowed, logged as ``RlsPolicyError``. ``service_role`` is allowed without a query.
-* Beyond Supabase: a JWT role that would skip row level security (a superuser, or the
-  connection's own role, which owns ``realtime.messages``) is not allowed either.
+* Beyond Supabase: a JWT role that would skip row level security (a superuser, a ``BYPASSRLS``
+  role other than ``service_role``, the owner of ``realtime.messages`` or a role inheriting from
+  it, Tidings' own role) is not allowed either.
 
 Results are cached per (sub-topic, claims, headers) in a
 :class:`~tidings.auth.policy.PermissionCache`; concurrent checks of one key share one query. A
@@ -72,9 +73,14 @@ _SET_CONFIG = (
 )
 
 
-_SKIPS_RLS = "SELECT %s = current_user OR COALESCE((SELECT rolsuper FROM pg_roles WHERE rolname = %s), false)"
-"""True when the JWT's role is this connection's own (the table's owner) or a superuser: a policy
-check as that role would skip row level security, so it is refused before switching."""
+_SKIPS_RLS = (
+    "SELECT EXISTS (SELECT FROM pg_roles r, pg_class c WHERE r.rolname = %s "
+    "AND c.oid = 'realtime.messages'::regclass AND (r.rolname = current_user OR r.rolsuper "
+    "OR r.rolbypassrls OR pg_has_role(r.oid, c.relowner, 'USAGE')))"
+)
+"""True when the JWT's role would skip row level security on ``realtime.messages``: a superuser,
+a ``BYPASSRLS`` role, this connection's own role, or one with the privileges of the table's owner
+(``supabase_realtime_admin`` in a database Supabase migrated). Refused before switching."""
 
 
 class MissingPartition(AuthorizationUnavailable):
@@ -127,7 +133,7 @@ def _policy_error(context: AuthorizationContext, check: str, exc: psycopg2.Error
 def _privileged_role(context: AuthorizationContext) -> None:
     log.warning(
         "a token with role %s asked for topic %s: that role skips row level security (a superuser, "
-        "or Tidings' own database role), not allowed",
+        "BYPASSRLS, or the owner of realtime.messages), not allowed",
         Clipped(context.role),
         Clipped(context.topic),
     )
@@ -165,7 +171,7 @@ def check_read(
                 cur.execute(
                     "BEGIN; SET LOCAL statement_timeout = %s; "
                     f"INSERT INTO realtime.messages (id, topic, extension) VALUES {values}; {_SKIPS_RLS}",
-                    [*params, context.role, context.role],
+                    [*params, context.role],
                 )
                 skips_rls = bool(cur.fetchone()[0])
             except psycopg2.errors.QueryCanceled as exc:  # an OperationalError, but not the connection's
@@ -224,7 +230,7 @@ def check_write(
             try:
                 cur.execute(
                     f"BEGIN; SET LOCAL statement_timeout = %s; {_SKIPS_RLS}",
-                    [int(statement_timeout * 1000), context.role, context.role],
+                    [int(statement_timeout * 1000), context.role],
                 )
                 skips_rls = bool(cur.fetchone()[0])
             except psycopg2.errors.QueryCanceled as exc:  # an OperationalError, but not the connection's
