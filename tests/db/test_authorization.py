@@ -259,6 +259,16 @@ async def test_service_role_is_allowed_without_a_query(rooms: Rooms, authorizer:
     assert authorizer.queries == 0
 
 
+def test_a_token_without_sub_is_checked_too(rooms: Rooms) -> None:
+    rooms.db.execute(
+        "create policy anon_lobby on realtime.messages for select to anon "
+        "using ((select realtime.topic()) = 'lobby' and current_setting('request.jwt.claim.sub', true) = '')"
+    )
+    anon = {"role": "anon", "iss": "supabase"}
+    assert flags(read(rooms.db, AuthorizationContext("lobby", anon))) == (True, None, True, None)
+    assert not read(rooms.db, AuthorizationContext("other", anon)).readable
+
+
 def test_the_topic_helper_policy(rooms: Rooms) -> None:
     rooms.db.execute(TOPIC_HELPER)
     assert flags(read(rooms.db, rooms.ctx("room-1", rooms.bob))) == (True, None, True, None)
