@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -163,27 +164,42 @@ def test_open_mode_listens_on_loopback_unless_a_host_is_given() -> None:
     assert check_config(HOST="0.0.0.0") == "0.0.0.0"
 
 
-async def test_an_open_server_started_without_a_host_is_reachable_only_on_127_0_0_1() -> None:
-    port = free_port()
+def start_without_host(log: Any) -> tuple[subprocess.Popen[bytes], int]:
+    """``tidings serve`` in open mode without ``--host``, once it listens (a new port if its was taken)."""
     env = {k: v for k, v in os.environ.items() if k not in ("HOST", "JWT_SECRET", "JWT_JWKS")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tidings", "serve", "--port", str(port)],  # no --host
-        env={**env, "DRAIN_WINDOW": "1s"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    for _ in range(3):
+        port = free_port()
+        log.seek(0)
+        log.truncate()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tidings", "serve", "--port", str(port)],  # no --host
+            env={**env, "DRAIN_WINDOW": "1s"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-                await asyncio.sleep(0.05)
-        with pytest.raises(OSError):  # another local address: nothing listens there
-            socket.create_connection(("127.0.0.5", port), timeout=1).close()
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=20)[0].decode(errors="replace")
+        while proc.poll() is None and time.monotonic() < deadline:
+            with open(log.name, errors="replace") as fh:
+                if "Application startup complete" in fh.read():
+                    return proc, port
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(10)
+    raise AssertionError("the server did not start")
+
+
+async def test_an_open_server_started_without_a_host_is_reachable_only_on_127_0_0_1() -> None:
+    with tempfile.NamedTemporaryFile(prefix="tidings-open-", suffix=".log") as log:
+        proc, port = start_without_host(log)
+        try:
+            async with httpx.AsyncClient(timeout=WAIT) as client:
+                assert (await client.get(f"http://127.0.0.1:{port}/api/health")).status_code == 200
+            assert proc.poll() is None  # ours answered: nobody else holds the port
+            with pytest.raises(OSError):  # another local address: nothing listens there
+                socket.create_connection(("127.0.0.5", port), timeout=1).close()
+        finally:
+            proc.terminate()
+            proc.wait(20)
+        with open(log.name, errors="replace") as fh:
+            output = fh.read()
     assert "open mode: listening on 127.0.0.1 only" in output, output
