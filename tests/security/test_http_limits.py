@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import resource
 import socket
@@ -26,6 +28,7 @@ from websockets.exceptions import InvalidStatus
 from tests.server.test_bad_input import WAIT, heartbeat_ok, metric, open_ws, ws_url
 from tests.support.server import ServerProcess, free_port
 from tidings.auth.tokens import mint_token
+from tidings.server.edge import AcceptErrorFilter, install_accept_error_filter
 
 ServerFactory = Callable[..., ServerProcess]
 
@@ -431,3 +434,33 @@ async def test_running_out_of_open_files_is_logged_and_counted() -> None:
         proc.terminate()
         proc.wait(20)
         os.unlink(log_path)
+
+
+def test_a_failed_accept_on_the_asyncio_loop_is_one_short_throttled_line() -> None:
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    install_accept_error_filter()
+    install_accept_error_filter()  # once only
+    loop = asyncio.new_event_loop()
+    try:
+        error = OSError(errno.EMFILE, "Too many open files")
+        for _ in range(5):  # what asyncio's _accept_connection reports on EMFILE
+            loop.call_exception_handler(
+                {"message": "socket.accept() out of system resource", "exception": error}
+            )
+    finally:
+        loop.close()
+        logger.removeHandler(handler)
+        for f in [f for f in logger.filters if isinstance(f, AcceptErrorFilter)]:
+            logger.removeFilter(f)
+    assert len(records) == 1
+    line = records[0].getMessage()
+    assert "Too many open files" in line and "open files limit" in line and "\n" not in line
+    assert records[0].exc_info is None and records[0].levelno == logging.WARNING

@@ -32,6 +32,7 @@ from ..broker.base import Broker
 from ..config import Config
 from ..logs import redact
 from ..node import Node
+from .edge import install_accept_error_filter
 from .http_api import build_routes, cors_middleware, quiet_disconnects
 from .http_protocol import DeadlineHttpProtocol
 from .websocket import WebSocketConnection
@@ -107,6 +108,7 @@ def build_app(config: Config, node: Node | None = None) -> Starlette:
             await stop_node(own)
 
     redact(config.metrics_jwt_secret)
+    install_accept_error_filter()
     middleware = [cors_middleware(config.allowed_origins), quiet_disconnects()]
     return Starlette(routes=build_routes(), middleware=middleware, lifespan=lifespan)
 

@@ -12,7 +12,9 @@
 * **Throttled lines.** A refusal that a client can repeat at will logs at most one line per kind
   every :data:`THROTTLE_WINDOW` seconds.
 * **Open files.** A warning when the open connections come near ``RLIMIT_NOFILE``: beyond it,
-  libuv accepts and drops new connections without telling anyone.
+  libuv accepts and drops new connections without telling anyone. On the plain asyncio loop,
+  whose failed ``accept()`` logs a traceback each time, :class:`AcceptErrorFilter` makes that one
+  throttled line.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANONYMOUS_KEY_PREFIX",
+    "AcceptErrorFilter",
     "CONNECTIONS_PER_ADDRESS",
     "OPEN_FILES",
     "THROTTLE_WINDOW",
@@ -42,6 +45,7 @@ __all__ = [
     "Throttle",
     "TrustedProxies",
     "bearer_token",
+    "install_accept_error_filter",
     "metrics_token_valid",
     "origin_policy",
     "trusted_proxies",
@@ -254,3 +258,39 @@ class OpenFiles:
 
 
 OPEN_FILES = OpenFiles()
+
+
+class AcceptErrorFilter(logging.Filter):
+    """asyncio's ``socket.accept() out of system resource`` (EMFILE and the like), with its
+    traceback, becomes one throttled line (the loop retries the accept a second later)."""
+
+    _PREFIX = "socket.accept() out of system resource"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = 0.0
+        self._left_out = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith(self._PREFIX)):
+            return True
+        now = time.monotonic()
+        if now - self._last < THROTTLE_WINDOW:
+            self._left_out += 1
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        record.msg = "accept() failed (%s); new connections wait (open files limit %d)%s"
+        more = f" ({self._left_out} more in the last {THROTTLE_WINDOW:g} s)" if self._left_out else ""
+        record.args = (exc or "out of resources", soft, more)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self._last, self._left_out = now, 0
+        return True
+
+
+def install_accept_error_filter() -> None:
+    """Put :class:`AcceptErrorFilter` on the ``asyncio`` logger (once)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, AcceptErrorFilter) for f in logger.filters):
+        logger.addFilter(AcceptErrorFilter())
