@@ -22,9 +22,11 @@ import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection
 
+from tests.client.proxy import TcpProxy
 from tests.server.test_bad_input import WAIT, join, open_ws, recv_json, ws_url
 from tests.support.server import ServerProcess
 from tidings.auth.tokens import mint_token
+from tidings.client import Broadcast, RealtimeClient, RecoveryGap
 from tidings.history import MemoryHistory
 
 ServerFactory = Callable[..., ServerProcess]
@@ -213,6 +215,51 @@ async def test_a_restart_is_never_recovered(server_factory: ServerFactory) -> No
         response, _ = await rejoin(srv, "room", since)
         again, replayed = await rejoin(srv, "room", response["seq"], response["epoch"])
         assert again["recovered"] is True and replayed == []
+
+
+async def until(predicate: Callable[[], object], timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def test_the_sdk_is_told_what_a_restart_lost(server_factory: ServerFactory) -> None:
+    srv = server_factory()
+    got: list[Broadcast] = []
+    gaps: list[RecoveryGap] = []
+    async with rest(srv) as api, TcpProxy(srv.port) as proxy:
+        client = RealtimeClient(
+            f"ws://127.0.0.1:{proxy.port}/realtime/v1",
+            "anon-key",
+            heartbeat_interval=1.0,
+            reconnect_base_delay=0.2,
+            reconnect_max_delay=1.0,
+            max_reconnect_attempts=60,
+            connect_timeout=2.0,
+            close_timeout=0.5,
+            order_gap_timeout=0.5,
+            fallback_enabled=False,
+        )
+        client.on_recovery_incomplete(gaps.append)
+        try:
+            await client.connect()
+            await client.channel("room").on_broadcast("*", got.append).subscribe()
+            await post(api, None, *(message("room", i) for i in range(1, 6)))
+            await until(lambda: len(got) == 5)
+            proxy.accepting = False
+            proxy.cut()
+            await post(api, None, *(message("room", i) for i in range(6, 9)))  # missed
+            await asyncio.to_thread(srv.restart)
+            await post(api, None, message("room", 9))
+            proxy.accepting = True
+            await until(lambda: len(got) == 6)
+            assert [b.payload["n"] for b in got] == [1, 2, 3, 4, 5, 9]
+            # Messages 6..8 are gone with the old process: the application is told, not misled.
+            fifth = got[4].seq
+            assert fifth is not None
+            assert [(g.first_seq, g.reason) for g in gaps] == [(fifth + 1, "replay_incomplete")]
+        finally:
+            await client.close()
 
 
 async def test_junk_topics_do_not_evict_another_senders_history(server_factory: ServerFactory) -> None:
