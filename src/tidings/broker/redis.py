@@ -824,8 +824,10 @@ class RedisBroker(Broker):
         current_reply = self._query(read_counter)
         epoch_reply = self._query(lambda pipe: pipe.get(seq_key + ":start"))
         if since_seq is not None:
+            # A client's number may be anything: keep the stream id valid (then it proves nothing).
+            start = min(max(since_seq, 0), 2**63 - 2) + 1
             entries = await self._query(
-                lambda pipe: pipe.xrange(stream, min=f"{since_seq + 1}-0", max="+", count=limit + 1)
+                lambda pipe: pipe.xrange(stream, min=f"{start}-0", max="+", count=limit + 1)
             )
         else:
             entries = await self._query(
