@@ -151,6 +151,15 @@ async def check_lost_numbering_is_never_recovered(make: MakeBroker) -> None:
     assert (await broker.replay("p:lost", after - 1, None, 10, new_epoch)).complete
 
 
+async def check_any_since_seq_is_answered(make: MakeBroker) -> None:
+    broker = await make()
+    seq = await publish(broker, "p:odd", "e", {}, "o1")
+    for since in (-5, 2**70):  # a client's number may be anything
+        result = await broker.replay("p:odd", since, None, 10)
+        assert not result.complete
+    assert (await broker.replay("p:odd", seq - 1, None, 10)).complete
+
+
 async def check_dedup_is_per_sender(make: MakeBroker) -> None:
     broker = await make()
     inbox = Inbox(broker)
@@ -218,6 +227,7 @@ CHECKS = [
     check_join_baseline_before_any_message_recovers,
     check_lost_numbering_is_never_recovered,
     check_dedup_is_per_sender,
+    check_any_since_seq_is_answered,
     check_replay_since_time_gives_newest,
     check_presence_state_and_diffs,
 ]
