@@ -627,6 +627,22 @@ SETTINGS: tuple[Setting, ...] = (
         "Permanent logical replication slot (pgoutput); drop it when retiring Tidings.",
     ),
     Setting(
+        "db_messages_slot",
+        "DB_MESSAGES_SLOT",
+        _str,
+        "tidings_messages_slot",
+        "Permanent slot of Broadcast from Database (INSERTs of realtime.messages); drop it when "
+        "retiring Tidings.",
+    ),
+    Setting(
+        "db_broadcast_rate",
+        "DB_BROADCAST_RATE",
+        _positive_int,
+        10_000,
+        "Broadcast from Database: rows delivered per second at most (one second of burst); beyond "
+        "it the stream waits and PostgreSQL keeps the rows in the slot.",
+    ),
+    Setting(
         "db_resume_grace",
         "DB_RESUME_GRACE",
         _Duration(allow_zero=True, bare_min=0.1),
@@ -784,6 +800,8 @@ class Config:
     db_ssl: bool = False
     db_publication: str = "supabase_realtime"
     db_slot: str = "tidings_slot"
+    db_messages_slot: str = "tidings_messages_slot"
+    db_broadcast_rate: int = 10_000
     db_resume_grace: float = 5.0
     db_rls: bool = False
     redis_url: str | None = None

@@ -64,6 +64,11 @@ COUNTERS = (
     "connections_near_fd_limit",
     "connections_refused",
     "connections_total",
+    "db_broadcasts",
+    "db_broadcasts_malformed",
+    "db_broadcasts_names_too_long",
+    "db_broadcasts_throttled",
+    "db_broadcasts_too_large",
     "dropped_payload_too_large",
     "fragment_buffer_full",
     "fragment_timeouts",
@@ -202,6 +207,11 @@ class NodeMetrics:
     connections_near_fd_limit: int
     connections_refused: int
     connections_total: int
+    db_broadcasts: int
+    db_broadcasts_malformed: int
+    db_broadcasts_names_too_long: int
+    db_broadcasts_throttled: int
+    db_broadcasts_too_large: int
     dropped_payload_too_large: int
     fragment_buffer_full: int
     fragment_timeouts: int

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg2
 import psycopg2.errors
@@ -37,11 +37,23 @@ from tidings.cdc.catalog import PostgresChangesError
 from tidings.cdc.changes import DEFAULT_MAX_RECORD_BYTES, Change, ChangeDecoder, TransactionEnd
 from tidings.cdc.pgoutput import format_lsn
 
-__all__ = ["Batch", "ReplicationStream"]
+__all__ = ["Batch", "ReplicationStream", "StreamDecoder"]
 
 log = logging.getLogger("tidings.cdc")
 
 Batch = list[Change | TransactionEnd]
+
+
+class StreamDecoder(Protocol):
+    """What the reader needs of a session's decoder (see ``make_decoder``)."""
+
+    @property
+    def in_transaction(self) -> bool:
+        """True between a Begin and its Commit."""
+
+    def feed(self, payload: bytes) -> Any:
+        """One pgoutput message in; an item for the batch, or ``None``."""
+
 
 _LOGICAL = psycopg2.extras.LogicalReplicationConnection
 
@@ -69,6 +81,12 @@ class ReplicationStream:
         max_inflight: batches handed to the loop and not yet done before reading pauses.
         max_batch: items per batch at most.
         backoff: (first, max) reconnect delay in seconds; doubles per failed attempt, with jitter.
+        make_decoder: builds the decoder of each session from the session's catalog connection;
+            by default a :class:`~tidings.cdc.changes.ChangeDecoder` (Postgres Changes). Another
+            stream (Broadcast from Database) passes its own: ``feed(payload)`` returns an item
+            for the batch or ``None``, and ``in_transaction`` tells where a drain may stop.
+        on_connected: called on the reader thread each time a session starts streaming.
+        name: the reader thread's name.
     """
 
     def __init__(
@@ -78,14 +96,20 @@ class ReplicationStream:
         slot: str,
         publication: str,
         loop: asyncio.AbstractEventLoop,
-        on_batch: Callable[[Batch], None],
+        on_batch: Callable[[list[Any]], None],
         status_interval: float = 10.0,
         max_inflight: int = 16,
         max_batch: int = 512,
         backoff: tuple[float, float] = (0.2, 5.0),
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        make_decoder: Callable[[Any], StreamDecoder] | None = None,
+        on_connected: Callable[[], None] | None = None,
+        name: str = "tidings-cdc-replication",
     ) -> None:
         self._dsn = dsn
+        self._make_decoder = make_decoder
+        self._on_connected = on_connected
+        self._name = name
         self.slot = slot
         self.publication = publication
         self._loop = loop
@@ -126,7 +150,7 @@ class ReplicationStream:
 
     def start(self) -> None:
         """Start the reader thread."""
-        self._thread = threading.Thread(target=self._run, name="tidings-cdc-replication", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
     def wait_connected(self, timeout: float) -> None:
@@ -234,11 +258,15 @@ class ReplicationStream:
                     "meanwhile were not delivered",
                     self.slot,
                 )
-            decoder = ChangeDecoder(
-                resolve_type=lambda oid: catalog.resolve_type(cat, oid),
-                primary_key=lambda rel: catalog.primary_key(cat, rel),
-                max_record_bytes=self._max_record_bytes,
-            )
+            decoder: StreamDecoder
+            if self._make_decoder is not None:
+                decoder = self._make_decoder(cat)
+            else:
+                decoder = ChangeDecoder(
+                    resolve_type=lambda oid: catalog.resolve_type(cat, oid),
+                    primary_key=lambda rel: catalog.primary_key(cat, rel),
+                    max_record_bytes=self._max_record_bytes,
+                )
             # Let the loop finish the previous session's batches, so this one starts after them
             # and does not hand them over a second time.
             self._wait_inflight(0, deadline=time.monotonic() + 30)
@@ -257,6 +285,8 @@ class ReplicationStream:
             self.sessions += 1
             self.last_error = None
             self._connected_event.set()
+            if self._on_connected is not None:
+                self._on_connected()
             log.info("streaming replication slot %s from %s", self.slot, format_lsn(self._confirmed))
             self._stream(conn, cur, decoder)
         finally:
@@ -264,7 +294,7 @@ class ReplicationStream:
                 conn.close()
             cat.close()
 
-    def _stream(self, conn: Any, cur: Any, decoder: ChangeDecoder) -> None:
+    def _stream(self, conn: Any, cur: Any, decoder: StreamDecoder) -> None:
         fd = conn.fileno()
         sent = 0
         batch: Batch = []

@@ -12,6 +12,9 @@ tenants' databases (``realtime.messages``, ``realtime.topic()``, ``realtime.send
   days ahead; older than 72 hours dropped), pure SQL helpers and the maintenance job.
 * :mod:`tidings.db.authorization` - Supabase's Realtime Authorization: the RLS probe of
   ``realtime.messages`` per (topic, claims), cached.
+* :mod:`tidings.db.broadcast` - Broadcast from Database: INSERTs of ``realtime.messages`` streamed
+  from a permanent slot to channels.
+* :mod:`tidings.db.replay` - replay of a private channel's messages from ``realtime.messages``.
 
 Everything that talks to PostgreSQL is blocking psycopg2 (the connection helpers of
 :mod:`tidings.cdc.catalog`); the async entry points run it in worker threads.
@@ -22,21 +25,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "BroadcastFromDatabase",
+    "DatabaseReplay",
     "DatabaseSetupError",
     "PartitionMaintenance",
     "PrivilegeError",
     "RlsAuthorizer",
     "SetupReport",
     "prepare_database",
+    "start_broadcast_from_database",
 ]
 
 if TYPE_CHECKING:
     from tidings.db.authorization import RlsAuthorizer
+    from tidings.db.broadcast import BroadcastFromDatabase, start_broadcast_from_database
     from tidings.db.migrations import SetupReport, prepare_database
     from tidings.db.partitions import PartitionMaintenance
     from tidings.db.privileges import DatabaseSetupError, PrivilegeError
+    from tidings.db.replay import DatabaseReplay
 
 _HOMES = {
+    "BroadcastFromDatabase": "tidings.db.broadcast",
+    "DatabaseReplay": "tidings.db.replay",
+    "start_broadcast_from_database": "tidings.db.broadcast",
     "DatabaseSetupError": "tidings.db.privileges",
     "SetupReport": "tidings.db.migrations",
     "prepare_database": "tidings.db.migrations",

@@ -17,6 +17,10 @@ __all__ = [
     "PRESENCE_PAYLOAD_NOT_MAP",
     "PRESENCE_RATE_LIMIT",
     "REALTIME_RESTARTING",
+    "REPLAY_FAILED",
+    "REPLAY_PARAMS_INVALID",
+    "REPLICATION_NOT_READY",
+    "REPLICATION_READY_MESSAGE",
     "TOO_MANY_MESSAGES",
     "TOPIC_NAME_REQUIRED",
     "TRACK_SIZE_EXCEEDED",
@@ -58,6 +62,16 @@ DATABASE_UNAVAILABLE = "UnableToConnectToProject: Realtime was unable to connect
 DATABASE_UNAVAILABLE_MESSAGE = "Realtime was unable to connect to the project database"
 """In-channel shutdown message when permissions cannot be evaluated again (``access_token``)."""
 MISSING_PARTITION = "MissingPartition: Realtime was unable to find the expected messages partition"
+
+# Broadcast from Database and replay from realtime.messages (realtime_channel.ex).
+REPLAY_PARAMS_INVALID = "UnableToReplayMessages: Replay params are not valid"
+"""The join error for a ``config.broadcast.replay`` that is not ``{since: <ms epoch>, limit}``."""
+REPLAY_FAILED = "UnableToReplayMessages: Realtime was unable to replay messages"
+"""The join error when the replay query failed (the database is unreachable, ...)."""
+REPLICATION_READY_MESSAGE = "Replication connection established"
+"""The ``system`` push of a ``replication_ready`` join once Broadcast from Database is live."""
+REPLICATION_NOT_READY = "Replication connection was not established in time"
+"""The shutdown message of a ``replication_ready`` join when the stream was not live in time."""
 
 
 def unauthorized_read_reason(sub_topic: str) -> str:

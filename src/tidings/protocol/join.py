@@ -67,6 +67,8 @@ class JoinConfig:
     #: ``postgres_changes_options.wait``: hold the join reply until the subscription is live.
     changes_wait: bool = False
     changes_wait_timeout: float = 15.0
+    #: ``broadcast.replication_ready``: push ``system`` once Broadcast from Database is live.
+    replication_ready: bool = False
     warnings: tuple[str, ...] = ()
 
 
@@ -167,20 +169,20 @@ def parse_join(
     raw_replay = broadcast.get("replay")
     if raw_replay is not None:
         if not isinstance(raw_replay, dict):
-            raise JoinError("UnableToReplayMessages: Replay params are not valid")
+            raise JoinError(errors.REPLAY_PARAMS_INVALID)
         since, since_seq = raw_replay.get("since"), raw_replay.get("since_seq")
         since_i, since_seq_i = _int(since), _int(since_seq)
         if (since is not None and since_i is None) or (since_seq is not None and since_seq_i is None):
-            raise JoinError("UnableToReplayMessages: Replay params are not valid")
+            raise JoinError(errors.REPLAY_PARAMS_INVALID)
         if since_i is None and since_seq_i is None:
-            raise JoinError("UnableToReplayMessages: Replay params are not valid")
+            raise JoinError(errors.REPLAY_PARAMS_INVALID)
         limit_raw = raw_replay.get("limit")
         limit = REPLAY_MAX if limit_raw is None else _int(limit_raw)
         if limit is None:
-            raise JoinError("UnableToReplayMessages: Replay params are not valid")
+            raise JoinError(errors.REPLAY_PARAMS_INVALID)
         epoch = raw_replay.get("epoch")
         if epoch is not None and not isinstance(epoch, str):
-            raise JoinError("UnableToReplayMessages: Replay params are not valid")
+            raise JoinError(errors.REPLAY_PARAMS_INVALID)
         replay = Replay(
             since=since_i, since_seq=since_seq_i, limit=max(1, min(limit, REPLAY_MAX)), epoch=epoch
         )
@@ -211,5 +213,6 @@ def parse_join(
         replay=replay,
         changes_wait=changes_wait,
         changes_wait_timeout=changes_wait_timeout,
+        replication_ready=flag(broadcast, "replication_ready", "broadcast"),
         warnings=tuple(warnings),
     )

@@ -80,6 +80,31 @@ _COUNTERS = (
         "Joins whose catch-up (replay, presence_state) left more than MAX_UNSENT_BYTES unsent.",
         "catchup_allowances",
     ),
+    (
+        "tidings_db_broadcasts_total",
+        "Rows of realtime.messages published as broadcasts (Broadcast from Database).",
+        "db_broadcasts",
+    ),
+    (
+        "tidings_db_broadcasts_too_large_total",
+        "Rows of realtime.messages dropped: payload over MAX_PAYLOAD_SIZE_KB.",
+        "db_broadcasts_too_large",
+    ),
+    (
+        "tidings_db_broadcasts_names_too_long_total",
+        "Rows of realtime.messages dropped: topic or event over MAX_TOPIC_LENGTH / MAX_EVENT_LENGTH.",
+        "db_broadcasts_names_too_long",
+    ),
+    (
+        "tidings_db_broadcasts_malformed_total",
+        "Rows of realtime.messages dropped: no event, no private flag, or no valid payload.",
+        "db_broadcasts_malformed",
+    ),
+    (
+        "tidings_db_broadcasts_throttled_total",
+        "Times Broadcast from Database waited for DB_BROADCAST_RATE (rows stay in the slot).",
+        "db_broadcasts_throttled",
+    ),
 )
 
 _SENT = (
