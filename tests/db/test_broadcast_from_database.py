@@ -23,6 +23,7 @@ from tidings.db.broadcast import (
     BroadcastFromDatabase,
     BroadcastFromDatabaseError,
     MessageDecoder,
+    ensure_messages_publication,
     start_broadcast_from_database,
 )
 from tidings.db.migrations import prepare
@@ -408,6 +409,27 @@ async def test_a_publication_this_role_may_not_recreate_is_one_line(
     assert "\n" not in message
     assert f"cannot recreate publication {PUBLICATION}" in message
     assert "FOR TABLE realtime.messages" in message
+    # The failed DROP/CREATE transaction does not leave the connection unusable.
+    conn = db.server.connect(db.name, "tidings_msg_repl")
+    try:
+        with pytest.raises(BroadcastFromDatabaseError):
+            ensure_messages_publication(conn)
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchall() == [(1,)]
+    finally:
+        conn.close()
+
+
+async def test_drop_slot_drops_a_slot_this_start_created(
+    messages_db: SupabaseDatabase, make_stream: Callable[..., BroadcastFromDatabase]
+) -> None:
+    stream = make_stream(Recorder())
+    await stream.check()
+    assert stream.created_slot
+    await stream.drop_slot()
+    assert not stream.created_slot
+    assert not messages_db.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (stream.slot,))
 
 
 async def test_ready_and_wait_ready(

@@ -69,6 +69,7 @@ from tidings.cdc.catalog import ConnectionPool, PostgresChangesError
 from tidings.cdc.changes import TransactionEnd
 from tidings.cdc.pgoutput import Begin, Commit, Insert, Relation, decode
 from tidings.cdc.replication import SESSION_OPTIONS, ReplicationStream
+from tidings.db.partitions import PartitionMaintenance
 from tidings.limits import TokenBucket
 from tidings.logs import Clipped
 
@@ -328,7 +329,7 @@ def ensure_messages_publication(conn: Any, name: str = PUBLICATION) -> str:
         BroadcastFromDatabaseError: this role may not create it (one line with what to run).
     """
     quoted = str(psycopg2.extensions.quote_ident(name, conn))
-    for _attempt in (1, 2):
+    for _attempt in range(3):
         state = _publication_is_messages_only(conn, name)
         if state:
             return "kept"
@@ -340,28 +341,35 @@ def ensure_messages_publication(conn: Any, name: str = PUBLICATION) -> str:
                 else:
                     cur.execute(f"BEGIN; DROP PUBLICATION IF EXISTS {quoted}; {create}; COMMIT")
         except psycopg2.errors.DuplicateObject:
-            if not conn.autocommit or conn.get_transaction_status() != 0:
-                conn.rollback()
+            _end_transaction(conn)
             continue  # another node made it meanwhile: look again
         except psycopg2.errors.InsufficientPrivilege as exc:
-            if conn.get_transaction_status() != 0:
-                conn.rollback()
+            _end_transaction(conn)
             raise BroadcastFromDatabaseError(
                 f"cannot {'create' if state is None else 'recreate'} publication {name} "
-                f"({_first_line(exc)}): the role must own realtime.messages"
+                f"({_first_line(exc)}): the role needs CREATE on the database and to own "
+                "realtime.messages"
                 + ("" if state is None else f" and {name}")
-                + f", or an administrator runs: DROP PUBLICATION IF EXISTS {quoted}; {create}"
+                + f"; or an administrator runs: DROP PUBLICATION IF EXISTS {quoted}; {create}"
             ) from None
         except psycopg2.Error:
-            if conn.get_transaction_status() != 0:
-                conn.rollback()
+            _end_transaction(conn)
             raise
         if state is None:
             log.info("created publication %s FOR TABLE realtime.messages", name)
             return "created"
         log.warning("publication %s listed other tables than realtime.messages: recreated it", name)
         return "recreated"
-    return "kept"
+    raise BroadcastFromDatabaseError(f"publication {name} keeps being changed by someone else")
+
+
+def _end_transaction(conn: Any) -> None:
+    """Leave the failed ``BEGIN; ...`` of an autocommit connection (``rollback()`` would not)."""
+    if conn.closed:
+        return
+    if conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+        with conn.cursor() as cur:
+            cur.execute("ROLLBACK")
 
 
 def _slot_active(conn: Any, slot: str) -> bool:
@@ -369,6 +377,14 @@ def _slot_active(conn: Any, slot: str) -> bool:
         cur.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,))
         rows = cur.fetchall()
     return bool(rows and rows[0][0])
+
+
+def _run_once(dsn: str, fn: Callable[[Any], None]) -> None:
+    conn = catalog.connect(dsn)
+    try:
+        fn(conn)
+    finally:
+        conn.close()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -517,6 +533,8 @@ class BroadcastFromDatabase:
         self._restarts: set[asyncio.Task[None]] = set()
         self.created_slot = False
         """True when this instance created the slot."""
+        self.maintenance: PartitionMaintenance | None = None
+        """The partition maintenance :func:`start_broadcast_from_database` runs (stopped with this)."""
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -654,6 +672,9 @@ class BroadcastFromDatabase:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        maintenance, self.maintenance = self.maintenance, None
+        if maintenance is not None:
+            await maintenance.stop()
 
     async def stop_streaming(self) -> None:
         """Stop the reader only (a cluster node that lost the lease); what was not confirmed is
@@ -808,6 +829,28 @@ class BroadcastFromDatabase:
                 Clipped(row.topic),
             )
 
+    async def drop_slot(self) -> None:
+        """Drop the slot unless something streams from it (for a start cut short that created it).
+
+        Failures are logged, not raised: this runs while a start is being abandoned.
+        """
+
+        def drop(conn: Any) -> None:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE slot_name = %s AND NOT active",
+                    (self.slot,),
+                )
+
+        try:
+            await asyncio.to_thread(_run_once, self._dsn, drop)
+        except psycopg2.Error as exc:
+            log.warning("could not drop replication slot %s: %s", self.slot, _first_line(exc))
+            return
+        self.created_slot = False
+        log.info("dropped replication slot %s: the start that created it did not finish", self.slot)
+
     # -- introspection --------------------------------------------------------------------------
 
     @property
@@ -834,11 +877,12 @@ async def start_broadcast_from_database(
     """What a node runs at start when ``DATABASE_URL`` is set (the composition root calls it).
 
     Prepares the database (:func:`tidings.db.migrations.prepare_database`: privileges, the
-    ``realtime`` schema, today's partitions), checks the server, the publication and the slot, then
-    streams from a background task: at once when the slot is new (nothing to resume), else after
-    ``DB_RESUME_GRACE`` (clients rejoin first, then get what was sent while Tidings was down); in a
-    cluster (*leader*) only while this node holds the change-feed lease. Stop it with
-    :meth:`BroadcastFromDatabase.stop`.
+    ``realtime`` schema, today's partitions) and keeps its partitions current (hourly
+    :class:`~tidings.db.partitions.PartitionMaintenance`: ``realtime.send`` needs today's), checks
+    the server, the publication and the slot, then streams from a background task: at once when
+    the slot is new (nothing to resume), else after ``DB_RESUME_GRACE`` (clients rejoin first,
+    then get what was sent while Tidings was down); in a cluster (*leader*) only while this node
+    holds the change-feed lease. Stop it with :meth:`BroadcastFromDatabase.stop`.
 
     Raises:
         tidings.db.privileges.DatabaseSetupError: the database cannot be prepared (one line).
@@ -864,6 +908,8 @@ async def start_broadcast_from_database(
     except BaseException:
         await stream.stop()
         raise
+    stream.maintenance = PartitionMaintenance(config.database_url, ssl=config.db_ssl)
+    stream.maintenance.start()
     delay = 0.0 if stream.created_slot else config.db_resume_grace
     stream.run_in_background(delay, leader)
     return stream
