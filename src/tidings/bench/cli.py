@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from ..limits import raise_open_files_limit
 from .pool import Pool
 from .procstat import cpu_seconds, loadavg, machine_info
 from .profile import Profiler, summarize_collapsed
@@ -29,7 +30,7 @@ from .publishers import SOURCES, drop_slot
 from .report import check_targets, write_run, write_summary
 from .scenarios import SCENARIOS, Outcome, Params, Run
 from .targets import TARGETS, ServerHandle, Target, benchmarks_dir, free_port
-from .worker import raise_nofile, run_loop
+from .worker import run_loop
 
 __all__ = ["bench", "run_bench", "setup_references"]
 
@@ -258,7 +259,9 @@ def _params_dict(scenario: str, p: Params) -> dict[str, Any]:
         "workers": p.workers,
         "source_addresses": len(p.source_addrs),
     }
-    if scenario in ("connect", "presence"):
+    if scenario == "connect" and p.in_flight > 0:
+        out["in_flight"] = p.in_flight
+    elif scenario in ("connect", "presence"):
         out["rate"] = p.rate
     else:
         out["connect_rate"] = p.connect_rate
@@ -382,6 +385,14 @@ def _parse_targets(against: str) -> list[str]:
     show_default=True,
     help="Wait up to this many seconds for load average < 0.5 before each target.",
 )
+@click.option(
+    "--in-flight",
+    type=int,
+    default=0,
+    show_default=True,
+    help="connect: burst mode, this many connection attempts at a time (closed loop; "
+    "--rate is ignored). 0 = open loop at --rate.",
+)
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--profile", is_flag=True, help="Sample the (Python) server with py-spy during the run.")
 @click.option(
@@ -410,6 +421,7 @@ def bench(
     server_env: tuple[str, ...],
     out_dir: Path | None,
     wait_quiet: float,
+    in_flight: int,
     quiet: bool,
     profile: bool,
     setup: bool,
@@ -446,6 +458,8 @@ def bench(
         raise click.BadParameter("need -n > 0, --rate > 0 and --size >= 40")
     if n > 60_000:
         raise click.BadParameter("at most 60,000 connections (bounded load)")
+    if in_flight < 0 or (in_flight and scenario != "connect"):
+        raise click.BadParameter("--in-flight is for the connect scenario, and at least 0")
     env: dict[str, str] = {}
     for item in server_env:
         key, sep, value = item.partition("=")
@@ -454,7 +468,7 @@ def bench(
         env[key] = value
     if source == "postgres" and scenario == "order-status" and not database_url:
         raise click.BadParameter("--source postgres needs --database-url")
-    nofile = raise_nofile()
+    nofile = raise_open_files_limit()
     workers = workers or max(2, min(8, math.ceil(n / 5000)))
     if math.ceil(n / workers) > nofile - 64:
         raise click.BadParameter(
@@ -485,6 +499,7 @@ def bench(
         database_url=database_url,
         db_publication=env.get("DB_PUBLICATION", "supabase_realtime"),
         redis_url=redis_url,
+        in_flight=in_flight if scenario == "connect" else 0,
     )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out_dir or Path("bench-results") / f"{stamp}-{scenario}"

@@ -59,6 +59,7 @@ class Params:
     redis_url: str | None = None
     replay_limit: int = 25
     recover_timeout: float = 60.0
+    in_flight: int = 0  # connect: burst mode, this many attempts at a time instead of --rate
 
 
 @dataclasses.dataclass
@@ -105,14 +106,20 @@ class Run:
         presence: bool = False,
         changes_table: str | None = None,
         track_seq: bool = False,
+        in_flight: int = 0,
     ) -> dict[str, Any]:
-        """Open ``clients`` at ``rate``/s across the workers (open loop); merged results."""
+        """Open ``clients`` at ``rate``/s across the workers (open loop); merged results.
+
+        ``in_flight`` > 0: closed loop instead, that many attempts at a time (split across the
+        workers), each ended attempt starting the next.
+        """
         w = self.pool.size
         shares: list[list[tuple[int, str]]] = [[] for _ in range(w)]
         for c in clients:
             shares[c[0] % w].append(c)
         t0 = time.time() + 0.3
-        timeout = len(clients) / rate + self.params.connect_timeout + 10
+        opening = len(clients) / rate if in_flight <= 0 else len(clients) / 500  # >= 500/s in a burst
+        timeout = opening + self.params.connect_timeout + 10
         args = [
             {
                 "clients": s,
@@ -122,8 +129,9 @@ class Run:
                 "presence": presence,
                 "changes_table": changes_table,
                 "track_seq": track_seq,
+                "in_flight": in_flight // w + (1 if k < in_flight % w else 0) if in_flight > 0 else 0,
             }
-            for s in shares
+            for k, s in enumerate(shares)
         ]
         results = await self.pool.call("open", args)
         lat: array[int] = array("q")
@@ -176,16 +184,18 @@ def _connect_metrics(run: Run, opened: dict[str, Any], n: int) -> dict[str, Any]
 
 
 async def scenario_connect(run: Run) -> Outcome:
-    """N connections opened at rate R: connect+upgrade+join latency and errors."""
+    """N connections opened at rate R (or ``--in-flight`` at a time): connect+upgrade+join
+    latency and errors."""
     p = run.params
     clients = [(i, f"{TOPIC}connect-{i % p.channels}") for i in range(p.n)]
     cpu0 = run.cpu()
     run.progress.set_phase("connecting")
-    opened = await run.open(clients, p.rate)
+    opened = await run.open(clients, p.rate, in_flight=p.in_flight)
     cpu1 = run.cpu()
     metrics = _connect_metrics(run, opened, p.n)
     metrics.update(
-        offered_rate_per_s=p.rate,
+        offered_rate_per_s=p.rate if p.in_flight <= 0 else None,
+        in_flight=p.in_flight or None,
         server_cpu_s=round(cpu1 - cpu0, 3),
         server_cpu_us_per_connection=round((cpu1 - cpu0) * 1e6 / max(1, opened["joined"]), 1),
         server_rss_kb=run.rss_kb(),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import resource
 import socket
 import time
 from array import array
@@ -20,10 +19,11 @@ from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
+from ..limits import raise_open_files_limit
 from .client import JOINED, ClientConn
 from .wire import make_dialect, pg_binding
 
-__all__ = ["RECOVERY_NOT_ASKED", "RECOVERY_NO_FLAG", "WorkerSpec", "raise_nofile", "run_loop", "worker_main"]
+__all__ = ["RECOVERY_NOT_ASKED", "RECOVERY_NO_FLAG", "WorkerSpec", "run_loop", "worker_main"]
 
 T = TypeVar("T")
 # Join-log flags besides 0/1 (the reply's ``recovered``): no replay asked, or no flag in the reply.
@@ -57,15 +57,6 @@ class WorkerSpec:
         self.cpus = cpus
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
-
-
-def raise_nofile() -> int:
-    """Raise the soft open-files limit to the hard limit; returns the soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
-    return soft
 
 
 class Session:
@@ -127,6 +118,7 @@ class Worker:
         self.replayed = 0
         self._pending = 0
         self._done: asyncio.Future[None] | None = None
+        self._queued: list[int] = []  # burst mode: clients not started yet, last one first
         self._src_i = 0
         self._hb_i = 0
         self._stop = asyncio.Event()
@@ -209,8 +201,12 @@ class Worker:
         presence: bool = False,
         changes_table: str | None = None,
         track_seq: bool = False,
+        in_flight: int = 0,
     ) -> dict[str, Any]:
         """Open ``clients`` (index, topic) at ``rate``/s from wall time ``t0``; wait for all.
+
+        With ``in_flight`` > 0 (burst mode) ``rate`` is ignored: ``in_flight`` attempts are
+        started at ``t0``, and each one that ends (joined or failed) starts the next client.
 
         With ``changes_table``, client ``idx`` also binds to Postgres Changes of row ``id = idx``.
         With ``track_seq``, clients follow ``meta.seq`` (see :meth:`on_seq`).
@@ -223,9 +219,16 @@ class Worker:
         if not clients:
             return self.cmd_open_result()
         base = self.loop.time() + (t0 - time.time())
-        for k, (idx, topic) in enumerate(clients):
-            self.topics[idx] = topic
-            self.loop.call_at(base + k / rate, self.start_client, idx)
+        if in_flight > 0:
+            for idx, topic in clients:
+                self.topics[idx] = topic
+            self._queued = [idx for idx, _ in reversed(clients)]
+            for _ in range(min(in_flight, len(clients))):
+                self.loop.call_at(base, self._start_queued)
+        else:
+            for k, (idx, topic) in enumerate(clients):
+                self.topics[idx] = topic
+                self.loop.call_at(base + k / rate, self.start_client, idx)
         try:
             await asyncio.wait_for(asyncio.shield(self._done), timeout)
         except TimeoutError:
@@ -354,8 +357,14 @@ class Worker:
             name = type(exc).__name__ if isinstance(exc, TimeoutError) else _errname(exc)
             conn.fail(f"connect-{name}")
 
+    def _start_queued(self) -> None:
+        if self._queued:
+            self.start_client(self._queued.pop())
+
     def _finish_one(self) -> None:
         self._pending -= 1
+        if self._queued:
+            self._start_queued()  # burst mode: one ended, the next one starts
         if self._pending <= 0 and self._done is not None and not self._done.done():
             self._done.set_result(None)
 
@@ -477,7 +486,7 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 def worker_main(spec: WorkerSpec, pipe: Connection) -> None:
     """Entry point of a worker process."""
-    raise_nofile()
+    raise_open_files_limit()
     if spec.cpus:
         try:
             os.sched_setaffinity(0, spec.cpus)

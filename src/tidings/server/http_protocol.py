@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import re
+from typing import Any, NamedTuple, cast
 
 import httptools  # type: ignore[import-untyped]
 import orjson
@@ -32,7 +33,16 @@ from websockets.http11 import Request
 from ..config import Config
 from .edge import CONNECTIONS_PER_ADDRESS, OPEN_FILES, Throttle, trusted_proxies
 
-__all__ = ["LINGER", "REQUEST_HEAD_TIMEOUT", "TOO_MANY_FROM_ADDRESS", "DeadlineHttpProtocol"]
+__all__ = [
+    "LEAN_HEAD_BYTES",
+    "LINGER",
+    "REQUEST_HEAD_TIMEOUT",
+    "TOO_MANY_FROM_ADDRESS",
+    "AsgiHttpProtocol",
+    "DeadlineHttpProtocol",
+    "UpgradeHead",
+    "parse_upgrade_head",
+]
 
 REQUEST_HEAD_TIMEOUT = 10.0  # the default of the setting
 LINGER = 2.0  # seconds a refused connection is read (and dropped) before it is closed
@@ -46,20 +56,36 @@ class _Refused(Exception):
     """Raised in a parser callback to stop parsing a refused request."""
 
 
-class DeadlineHttpProtocol(HttpToolsProtocol):
-    """Limits and deadlines for request heads and bodies, and connections per client address."""
+class AsgiHttpProtocol(HttpToolsProtocol):
+    """Limits and deadlines for request heads and bodies, and connections per client address.
+
+    Every request that :class:`DeadlineHttpProtocol` does not upgrade itself comes here (with
+    the bytes received so far, through :meth:`adopt`): requests for the ASGI app, and upgrade
+    requests that are not plain enough for the lean path, which this class hands to the
+    WebSocket protocol as a websockets ``Request`` (:meth:`upgrade_to_websocket`).
+    """
+
+    _deadline: asyncio.TimerHandle | None
+    _refused: bool
+    _awaiting_head: bool  # the parser waits for (the rest of) a request head
+    _heads: int  # request heads completed on this connection
+    _head_bytes: int  # bytes received of the head still incomplete
+    _body_bytes: int
+    _address: str | None  # counted in CONNECTIONS_PER_ADDRESS
+    _limits: Config | None
+
+    def adopt(self, transport: asyncio.Transport, address: str | None, head_due: float | None) -> None:
+        """Take over a connection from :class:`DeadlineHttpProtocol`, which already counted it
+        for ``address`` and whose request head is due at loop time ``head_due``."""
+        HttpToolsProtocol.connection_made(self, transport)
+        self._init_limits()
+        self._address = address
+        if head_due is not None:
+            self._deadline = self.loop.call_at(head_due, self._head_timeout)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        self._deadline: asyncio.TimerHandle | None = None
-        self._refused = False
-        self._awaiting_head = True  # the parser waits for (the rest of) a request head
-        self._heads = 0  # request heads completed on this connection
-        self._head_bytes = 0  # bytes received of the head still incomplete
-        self._body_bytes = 0
-        self._address: str | None = None  # counted in CONNECTIONS_PER_ADDRESS
-        node = self.app_state.get("node")
-        self._limits: Config | None = node.config if node is not None else None
+        node = self._init_limits()
         if node is None:
             return
         limits = node.config
@@ -73,6 +99,18 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             CONNECTIONS_PER_ADDRESS.add(peer)
             self._address = peer
         self._arm(limits.request_head_timeout, self._head_timeout)
+
+    def _init_limits(self) -> Any:
+        self._deadline = None
+        self._refused = False
+        self._awaiting_head = True
+        self._heads = 0
+        self._head_bytes = 0
+        self._body_bytes = 0
+        self._address = None
+        node = self.app_state.get("node")
+        self._limits = node.config if node is not None else None
+        return node
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
@@ -205,9 +243,9 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     def shutdown(self) -> None:
         """uvicorn is stopping: let a waiting history long-poll answer now instead of at its timeout."""
-        node = self.app_state.get("node")
-        if node is not None:
-            node.wake_polls()
+        polls = self.app_state.get("polls")
+        if polls is not None:
+            polls.close()
         super().shutdown()
 
     # -- deadlines ---------------------------------------------------------------------------
@@ -330,3 +368,253 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     def _linger_over(transport: asyncio.Transport) -> None:
         if not transport.is_closing():
             transport.abort()
+
+
+# -- the listening protocol: WebSocket upgrades recognised from the request head ------------------
+
+LEAN_HEAD_BYTES = 8192  # a request head not complete within this many bytes goes to the ASGI side
+MAX_LEAN_HEADERS = 100  # more header lines than this: the ASGI side handles the request
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+#: The request lines the lean path takes: ``GET``, an origin-form target that urlsplit reads as a
+#: path (no ``//`` authority, no ``#``), HTTP/1.1. Anything else goes to httptools as before.
+_TARGET_CHAR = rb"-A-Za-z0-9._~!$&'()*+,;=:@%?"
+_REQUEST_LINE = re.compile(rb"GET (/(?:[" + _TARGET_CHAR + rb"][/" + _TARGET_CHAR + rb"]*)?) HTTP/1\.1")
+#: One header line: a token, a colon, optional leading whitespace and a value of visible ASCII
+#: and spaces that ends with a visible character (trailing whitespace goes to httptools, which
+#: does not always recognise an upgrade then).
+_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([!-~](?:[ -~]*[!-~])?)?")
+_CONNECTION_TOKEN = re.compile(_TOKEN)
+#: A Sec-WebSocket-Key that base64-decodes to 16 bytes (what websockets checks).
+_WEBSOCKET_KEY = re.compile(rb"[A-Za-z0-9+/]{22}==")
+#: Headers the lean path reads; any of them twice (but X-Forwarded-For) goes to httptools.
+_READ = frozenset(
+    {b"upgrade", b"connection", b"sec-websocket-key", b"sec-websocket-version", b"origin", b"x-api-key"}
+)
+#: Headers that the lean path leaves to httptools and websockets: a body, a subprotocol offer.
+_DECLINE = frozenset({b"content-length", b"transfer-encoding", b"sec-websocket-protocol"})
+
+
+class UpgradeHead(NamedTuple):
+    """What the WebSocket handshake needs of an upgrade request head."""
+
+    target: str  #: the request target, ``/path?query``
+    key: str  #: Sec-WebSocket-Key (valid)
+    origin: str | None
+    api_key: str | None  #: the x-api-key header
+    forwarded_for: list[str]  #: every X-Forwarded-For value, in order
+
+
+def parse_upgrade_head(head: bytes) -> UpgradeHead | None:
+    """Read a WebSocket upgrade request from its head (without the blank line that ends it).
+
+    Returns ``None`` for anything that is not a plain, valid upgrade (any other request, an
+    unusual but possibly valid one, a malformed one): such requests go to httptools, uvicorn and
+    websockets exactly as before, which answer them as they always did. A request this accepts is
+    one those would accept too, read the same way: ``GET``, HTTP/1.1, ``Upgrade: websocket``, a
+    ``Connection`` list with ``upgrade``, a Sec-WebSocket-Key of 16 bytes, version 13, no body,
+    no subprotocol offer, none of the headers read here twice.
+    """
+    lines = head.split(b"\r\n")
+    request = _REQUEST_LINE.fullmatch(lines[0])
+    if request is None or lines[-1] != b"" or len(lines) > MAX_LEAN_HEADERS + 2:
+        return None
+    found: dict[bytes, bytes] = {}
+    forwarded_for: list[str] = []
+    for i in range(1, len(lines) - 1):
+        header = _HEADER_LINE.fullmatch(lines[i])
+        if header is None:
+            return None
+        name = header[1].lower()
+        if name in _READ:
+            if name in found:
+                return None
+            found[name] = header[2] or b""
+        elif name == b"x-forwarded-for":
+            forwarded_for.append((header[2] or b"").decode("ascii"))
+        elif name in _DECLINE:
+            return None
+    key = found.get(b"sec-websocket-key")
+    if (
+        found.get(b"sec-websocket-version") != b"13"
+        or key is None
+        or _WEBSOCKET_KEY.fullmatch(key) is None
+        or found.get(b"upgrade", b"").lower() != b"websocket"
+    ):
+        return None
+    upgrade_token = False
+    for item in found.get(b"connection", b"").split(b","):
+        item = item.strip(b" \t")
+        if _CONNECTION_TOKEN.fullmatch(item) is None:
+            return None  # an empty or malformed list element: websockets decides
+        if item.lower() == b"upgrade":
+            upgrade_token = True
+    if not upgrade_token:
+        return None
+    origin = found.get(b"origin")
+    api_key = found.get(b"x-api-key")
+    return UpgradeHead(
+        request[1].decode("ascii"),
+        key.decode("ascii"),
+        None if origin is None else origin.decode("ascii"),
+        None if api_key is None else api_key.decode("ascii"),
+        forwarded_for,
+    )
+
+
+class DeadlineHttpProtocol(asyncio.Protocol):
+    """The listening protocol: one small object per accepted connection until its first head.
+
+    A plain WebSocket upgrade (:func:`parse_upgrade_head`) is handed straight to the WebSocket
+    protocol (``uvicorn.Config(ws=...)``, which must offer ``upgrade_head``), which answers it
+    with a pre-built ``101``: no httptools parser, uvicorn protocol, scope or websockets
+    ``Request``/``Headers``/``Response`` is made for it. Every other request, with the bytes
+    received so far, goes to :class:`AsgiHttpProtocol` (uvicorn's protocol with the limits
+    and deadlines), and so to the ASGI app or the websockets handshake as before.
+
+    The limits of the head hold here too: its deadline (``REQUEST_HEAD_TIMEOUT``, carried over
+    on a hand-over), ``MAX_CONNECTIONS_PER_IP`` (the refusal itself is answered by
+    :class:`AsgiHttpProtocol`), and a head over ``MAX_REQUEST_HEAD`` / ``MAX_REQUEST_URL`` (handed
+    over, which refuses it).
+    """
+
+    __slots__ = ("_address", "_app_state", "_buffer", "_config", "_deadline", "_server_state", "transport")
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._config = config
+        self._server_state = server_state
+        self._app_state = app_state
+        self.transport: asyncio.Transport | None = None
+        self._buffer = b""  # the head so far, while it arrives in several segments
+        self._deadline: asyncio.TimerHandle | None = None
+        self._address: str | None = None  # counted in CONNECTIONS_PER_ADDRESS
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        node = self._app_state.get("node")
+        if node is None:
+            self._hand_over(b"", fresh=True)
+            return
+        limits: Config = node.config
+        cap = limits.max_connections_per_ip
+        if cap:
+            peer = transport.get_extra_info("peername")
+            host = str(peer[0]) if isinstance(peer, tuple) and peer else None
+            if host is not None and host not in trusted_proxies(limits.trusted_proxies):
+                if CONNECTIONS_PER_ADDRESS.count(host) >= cap:
+                    self._hand_over(b"", fresh=True)  # which answers 429, as it always did
+                    return
+                CONNECTIONS_PER_ADDRESS.add(host)
+                self._address = host
+        connections = self._server_state.connections
+        connections.add(self)
+        OPEN_FILES.check(len(connections), node.metrics, log)
+        self._deadline = node.loop.call_later(limits.request_head_timeout, self._head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        end = buffer.find(b"\r\n\r\n")
+        limits: Config = self._app_state["node"].config
+        if end < 0:
+            # Past the head or URL limit the ASGI side counts and refuses it as it arrives.
+            size = min(LEAN_HEAD_BYTES, limits.max_request_head, limits.max_request_url)
+            if len(buffer) <= size and b"GET /".startswith(buffer[:5]):
+                self._buffer = buffer  # an upgrade, perhaps: wait for the rest of the head
+            else:
+                self._hand_over(buffer)
+            return
+        self._buffer = b""
+        if end + 4 > min(LEAN_HEAD_BYTES, limits.max_request_head) or not buffer.startswith(b"GET /"):
+            self._hand_over(buffer)
+            return
+        head = parse_upgrade_head(buffer[: end + 2])
+        if head is None or len(head.target) > limits.max_request_url:
+            self._hand_over(buffer)
+            return
+        protocol_class: Any = self._config.ws_protocol_class
+        if getattr(protocol_class, "upgrade_head", None) is None:
+            self._hand_over(buffer)
+            return
+        transport = self.transport
+        assert transport is not None
+        address, self._address = self._address, None  # the WebSocket connection releases it
+        self._forget()
+        protocol = protocol_class(server_state=self._server_state, app_state=self._app_state, handshake=False)
+        protocol.connection_made(transport)
+        transport.set_protocol(protocol)
+        protocol.upgrade_head(head, buffer[end + 4 :], address)
+
+    def eof_received(self) -> bool | None:
+        return None  # the client is done before its head ended: close (as uvicorn does)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._forget()
+        if self._address is not None:
+            CONNECTIONS_PER_ADDRESS.release(self._address)
+            self._address = None
+        self._buffer = b""
+
+    def shutdown(self) -> None:
+        """uvicorn is stopping: nothing was asked of this connection yet, so it is closed."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _forget(self) -> None:
+        """This object leaves the connection: its deadline and its place in uvicorn's set."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._server_state.connections.discard(self)
+        self.transport = None
+
+    def _hand_over(self, received: bytes, fresh: bool = False) -> None:
+        """Give the connection to :class:`AsgiHttpProtocol` with the bytes ``received`` so far.
+
+        ``fresh``: it starts as if it had accepted the connection itself (and refuses an address
+        over its cap); otherwise it takes over the address counted here and the head deadline.
+        """
+        transport = self.transport
+        assert transport is not None
+        due = self._deadline.when() if self._deadline is not None else None
+        address, self._address = self._address, None
+        self._forget()
+        protocol = AsgiHttpProtocol(
+            config=self._config, server_state=self._server_state, app_state=self._app_state
+        )
+        transport.set_protocol(protocol)
+        if fresh:
+            protocol.connection_made(transport)
+        else:
+            protocol.adopt(transport, address, due)
+        if received and not transport.is_closing():
+            protocol.data_received(received)
+
+    def _head_timeout(self) -> None:
+        # As AsgiHttpProtocol._head_timeout: counted; a line only when a head began.
+        self._deadline = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        node = self._app_state["node"]
+        node.metrics.http_refused_head_timeout += 1
+        if self._buffer:
+            _throttle.log(
+                log,
+                logging.INFO,
+                "head_timeout",
+                "closing HTTP connection from %s: request head not complete within %g s",
+                _peer(transport),
+                node.config.request_head_timeout,
+            )
+        transport.close()
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "?"

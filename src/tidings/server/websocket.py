@@ -12,26 +12,38 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Generator
-from typing import Any, cast
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 import orjson
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN, Protocol
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
+from websockets.utils import accept_key
 
-from ..auth.tokens import AuthError
+from ..auth.tokens import AuthError, Principal
+from ..metrics import GOODBYE_CODES
 from ..node import SWEEP_INTERVAL, Node
 from ..protocol import errors
-from ..protocol.codec import parse_vsn
+from ..protocol.codec import Serializer, parse_vsn
 from ..protocol.frames import close_frame
-from ..session import Session
+from ..session import Session, discard
 from .edge import ANONYMOUS_KEY_PREFIX, CONNECTIONS_PER_ADDRESS, origin_policy, trusted_proxies
 
-__all__ = ["WEBSOCKET_PATHS", "WebSocketConnection"]
+if TYPE_CHECKING:
+    from .http_protocol import UpgradeHead
+
+__all__ = [
+    "SWITCHING_PROTOCOLS",
+    "WEBSOCKET_PATHS",
+    "WebSocketConnection",
+    "open_server_protocol",
+    "query_values",
+    "switching_protocols",
+]
 
 log = logging.getLogger("tidings.websocket")
 
@@ -41,6 +53,12 @@ UNBOUNDED_MARK = 2**31 - 1  # the highest write-buffer mark uvloop takes (a C in
 ORIGIN_NOT_ALLOWED = "Origin not allowed"
 TOO_MANY_FROM_ADDRESS = "Too many connections from this address"
 TOO_MANY_ANONYMOUS = "Too many anonymous connections from this address"
+_TWICE = "\0twice"  # stands for a header given twice where one is read (websockets raises then)
+#: The whole ``101`` but its Sec-WebSocket-Accept value (no Date: optional on 1xx, RFC 9110 6.6.1).
+SWITCHING_PROTOCOLS = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: %s\r\n\r\n"
+)
 
 
 _AT_EOF = StreamReader.at_eof.__code__
@@ -57,10 +75,6 @@ def _at_frame_boundary(parser: Generator[None]) -> bool:
         if gen.gi_code is _AT_EOF:
             return True
     return False
-
-
-def _discard(frame: bytes) -> None:
-    """Writer of a closed connection."""
 
 
 class _Fragments:
@@ -88,12 +102,16 @@ class WebSocketConnection(Session, asyncio.Protocol):
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
         node: Node | None = None,
+        handshake: bool = True,
     ) -> None:
+        """``handshake=False``: the HTTP layer answers nothing itself and calls
+        :meth:`upgrade_head` next; the framing protocol starts OPEN."""
         node = node if node is not None else (app_state or {})["node"]
         Session.__init__(self, node)
         self._server_state = server_state
         self.transport: asyncio.Transport | None = None
-        self.ws = ServerProtocol(max_size=node.config.max_frame_size)
+        max_size = node.config.max_frame_size
+        self.ws = ServerProtocol(max_size=max_size) if handshake else open_server_protocol(max_size)
         self._frag: _Fragments | None = None
         self._address: str | None = None  # counted in CONNECTIONS_PER_ADDRESS until connection_lost
 
@@ -221,6 +239,14 @@ class WebSocketConnection(Session, asyncio.Protocol):
     def resume_writing(self) -> None:
         pass
 
+    def said_goodbye(self) -> bool:
+        """The client sent a close of its own with 1000, 1001 or no code, and not realtime-js's
+        ``heartbeat timeout`` (after which it reconnects): not counted as a reconnect later."""
+        close = self.ws.close_rcvd
+        if close is None:
+            return False  # dropped, timed out, or closed by this server (before any reply)
+        return int(close.code) in GOODBYE_CODES and close.reason != "heartbeat timeout"
+
     # -- uvicorn graceful shutdown -----------------------------------------------------------
 
     def shutdown(self) -> None:
@@ -253,32 +279,88 @@ class WebSocketConnection(Session, asyncio.Protocol):
         if rest and not self.closed and ws.state is OPEN:
             self.data_received(rest)
 
+    def upgrade_head(self, head: UpgradeHead, rest: bytes = b"", address: str | None = None) -> None:
+        """The lean upgrade: a request head that :func:`~.http_protocol.parse_upgrade_head`
+        found valid (Sec-WebSocket-Key, version 13, Upgrade and Connection tokens).
+
+        The same checks as :meth:`handshake`, in the same order, with the same answers; the
+        ``101`` is a template with only Sec-WebSocket-Accept filled in. No extension or
+        subprotocol is negotiated (as before: the server offers none).
+        """
+        self._address = address
+        path, _, query = head.target.partition("?")
+        vsn, apikey = query_values(query)
+        admitted = self._admit(path, vsn, head.api_key or apikey, head.origin, head.forwarded_for)
+        if admitted is None:
+            self.flush_protocol()
+            return
+        transport = self.transport
+        assert transport is not None
+        self.serializer, self.principal, self.user = admitted
+        node = self.node
+        node.register(self, self.user)
+        transport.set_write_buffer_limits(high=node.config.max_unsent_bytes)
+        transport.write(switching_protocols(head.key))
+        self.write = transport.write
+        if rest and not self.closed:
+            self.data_received(rest)
+
     def handshake(self, request: Request) -> None:
         """Route, authenticate and limit an upgrade request, then accept or refuse it."""
-        node = self.node
         url = urlsplit(request.path)
-        if url.path.rstrip("/") not in WEBSOCKET_PATHS:
-            self.refuse(404, "Not Found", delay=False)
-            return
         query = parse_qs(url.query)
-        serializer = parse_vsn(query.get("vsn", [None])[0])
+        headers = request.headers
+        origin = _TWICE if len(headers.get_all("origin")) > 1 else headers.get("origin")
+        token = _TWICE if len(headers.get_all("x-api-key")) > 1 else headers.get("x-api-key")
+        admitted = self._admit(
+            url.path,
+            query.get("vsn", [None])[0],
+            token or query.get("apikey", [None])[0],
+            origin,
+            headers.get_all("x-forwarded-for"),
+        )
+        if admitted is None:
+            return
+        response = self.ws.accept(request)
+        if response.status_code != 101:
+            self.ws.send_response(response)
+            return
+        self.ws.send_response(response)
+        self.serializer, self.principal, self.user = admitted
+        node = self.node
+        node.register(self, self.user)
+        assert self.transport is not None
+        self.transport.set_write_buffer_limits(high=node.config.max_unsent_bytes)
+        self.flush_protocol()
+        self.write = self.transport.write
+
+    def _admit(
+        self, path: str, vsn: str | None, token: str | None, origin: str | None, forwarded_for: list[str]
+    ) -> tuple[Serializer, Principal, str | None] | None:
+        """Route, authenticate and limit an upgrade; ``None`` when it was refused (answered)."""
+        node = self.node
+        if path.rstrip("/") not in WEBSOCKET_PATHS:
+            self.refuse(404, "Not Found", delay=False)
+            return None
+        serializer = parse_vsn(vsn)
         if serializer is None:
             self.refuse(400, "Unsupported protocol version", delay=False)
-            return
+            return None
         if node.draining:
             self.refuse(503, "Server is restarting", delay=False)
-            return
+            return None
         config = node.config
         if len(node.sessions) >= config.max_connections:
             log.warning("refusing connection: MAX_CONNECTIONS (%d) reached", config.max_connections)
             self.refuse(503, "Too many connections", delay=False)
-            return
-        origin = request.headers.get("origin")
+            return None
+        if origin is _TWICE:
+            raise MultipleValuesError("origin")  # as before: the connection is dropped unanswered
         if origin is not None and not origin_policy(config.allowed_origins).allows(origin):
             node.metrics.http_refused_origin += 1
             self.refuse(403, ORIGIN_NOT_ALLOWED)
-            return
-        client, forwarded = self._client_address(request)
+            return None
+        client, forwarded = self._client_address(forwarded_for)
         per_ip = config.max_connections_per_ip
         if forwarded and client is not None and per_ip and self._address is None:
             # Behind a trusted proxy: count the client the proxy names, not the proxy.
@@ -287,21 +369,22 @@ class WebSocketConnection(Session, asyncio.Protocol):
             if CONNECTIONS_PER_ADDRESS.count(client) > per_ip:
                 node.metrics.http_refused_per_ip += 1
                 self.refuse(429, TOO_MANY_FROM_ADDRESS)
-                return
-        token = request.headers.get("x-api-key") or query.get("apikey", [None])[0]
+                return None
+        if token is _TWICE:
+            raise MultipleValuesError("x-api-key")  # as before: the connection is dropped unanswered
         if node.verifier.enabled and not token:
             self.refuse(401, errors.HTTP_API_KEY_MISSING)
-            return
+            return None
         try:
             principal = node.verifier.verify(token)
         except AuthError as exc:
             self.refuse(401, exc.http_message)
-            return
+            return None
         user = principal.sub
         per_user = config.max_connections_per_user
         if user is not None and per_user and node.users[user] >= per_user:
             self.refuse(429, errors.HTTP_TOO_MANY_CONNECTED)
-            return
+            return None
         anonymous_per_ip = config.max_anonymous_connections_per_ip
         if user is None and client is not None and anonymous_per_ip:
             # No `sub` (the anon key): such connections count per client address instead.
@@ -309,22 +392,10 @@ class WebSocketConnection(Session, asyncio.Protocol):
             if node.users[user] >= anonymous_per_ip:
                 node.metrics.http_refused_anonymous_per_ip += 1
                 self.refuse(429, TOO_MANY_ANONYMOUS)
-                return
-        response = self.ws.accept(request)
-        if response.status_code != 101:
-            self.ws.send_response(response)
-            return
-        self.ws.send_response(response)
-        self.serializer = serializer
-        self.principal = principal
-        self.user = user
-        node.register(self, user)
-        assert self.transport is not None
-        self.transport.set_write_buffer_limits(high=node.config.max_unsent_bytes)
-        self.flush_protocol()
-        self.write = self.transport.write
+                return None
+        return serializer, principal, user
 
-    def _client_address(self, request: Request) -> tuple[str | None, bool]:
+    def _client_address(self, forwarded_for: list[str]) -> tuple[str | None, bool]:
         """The client's address, and whether a trusted proxy's ``X-Forwarded-For`` named it."""
         if self._address is not None:
             return self._address, False  # the peer, counted by the HTTP layer
@@ -334,7 +405,6 @@ class WebSocketConnection(Session, asyncio.Protocol):
         proxies = trusted_proxies(self.node.config.trusted_proxies)
         if host is None or host not in proxies:
             return host, False
-        forwarded_for = request.headers.get_all("x-forwarded-for")
         if not forwarded_for:
             return None, False  # a trusted proxy that names no client: nothing to count by
         return proxies.forwarded_client(",".join(forwarded_for)), True
@@ -401,7 +471,7 @@ class WebSocketConnection(Session, asyncio.Protocol):
             else:
                 self._hold_fragment(len(data))
         elif opcode is Opcode.PONG:
-            self.node.metrics.pong(data)  # times the monitor's RTT pings (metrics.Monitor.ping)
+            self.node.metrics.pong(data)  # times the monitor's RTT pings (server.monitor.Monitor.ping)
 
     def _hold_fragment(self, size: int) -> bool:
         """Count ``size`` more buffered fragment bytes; over the process cap, close (1009)."""
@@ -473,10 +543,99 @@ class WebSocketConnection(Session, asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self.write = _discard
+        self.write = discard
         self.leave_all()
         if self.principal is not None:
             self.node.unregister(self, self.user)
+
+
+def switching_protocols(key: str) -> bytes:
+    """The ``101`` answering a (valid) Sec-WebSocket-Key."""
+    return SWITCHING_PROTOCOLS % accept_key(key).encode()
+
+
+def query_values(query: str) -> tuple[str | None, str | None]:
+    """The first ``vsn`` and ``apikey`` values of a query string, as ``parse_qs`` reads them
+    (``&``-separated, ``+`` and ``%XX`` decoded, fields without ``=`` or with an empty value
+    skipped), without building its dict of lists."""
+    vsn: str | None = None
+    apikey: str | None = None
+    for field in query.split("&"):
+        name, eq, value = field.partition("=")
+        if not eq or not value:
+            continue
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        if name == "vsn":
+            if vsn is None:
+                vsn = unquote_plus(value) if "%" in value or "+" in value else value
+        elif name == "apikey" and apikey is None:
+            apikey = unquote_plus(value) if "%" in value or "+" in value else value
+    return vsn, apikey
+
+
+#: Members of a websockets protocol that hold one connection's state: made anew for each.
+_OWN_MEMBERS = frozenset({"reader", "events", "writes", "parser"})
+#: Members copied from the template: the server side's settings, and the state of a connection
+#: that has just opened (immutable values, replaced rather than changed in place).
+_SHARED_MEMBERS = frozenset(
+    {
+        "id",
+        "logger",
+        "debug",
+        "side",
+        "_state",
+        "state",
+        "max_size",
+        "cur_size",
+        "expect_continuation_frame",
+        "origin",
+        "extensions",
+        "subprotocol",
+        "close_rcvd",
+        "close_sent",
+        "close_rcvd_then_sent",
+        "handshake_exc",
+        "eof_sent",
+        "parser_exc",
+        "origins",
+        "available_extensions",
+        "available_subprotocols",
+        "select_subprotocol",
+    }
+)
+_templates: dict[int, dict[str, Any] | None] = {}
+
+
+def open_server_protocol(max_size: int) -> ServerProtocol:
+    """A websockets :class:`ServerProtocol` in the OPEN state, for a handshake answered here.
+
+    It is what ``ServerProtocol(state=OPEN, max_size=max_size)`` makes, copied from one made
+    once per ``max_size``: the constructor's uuid4 (a system call, for log lines only), logger
+    lookup and set-up are not redone for every connection. The members that hold a connection's
+    state (reader, events, writes, parser) are made anew. If the websockets version has a
+    member not known here, the constructor is used instead.
+    """
+    template = _templates.get(max_size, {})
+    if not template and max_size not in _templates:
+        made = ServerProtocol(max_size=max_size, state=OPEN)
+        members = dict(vars(made))
+        if set(members) <= (_OWN_MEMBERS | _SHARED_MEMBERS) and _OWN_MEMBERS <= set(members):
+            template = {k: v for k, v in members.items() if k not in _OWN_MEMBERS}
+            template["extensions"] = ()  # never changed in place: one empty sequence for all
+            _templates[max_size] = template
+        else:
+            _templates[max_size] = None
+    if template is None:
+        return ServerProtocol(max_size=max_size, state=OPEN)
+    ws: ServerProtocol = object.__new__(ServerProtocol)
+    vars(ws).update(template)
+    ws.reader = StreamReader()
+    ws.events = []
+    ws.writes = []
+    ws.parser = ws.parse()
+    next(ws.parser)
+    return ws
 
 
 def _phrase(status: int) -> str:

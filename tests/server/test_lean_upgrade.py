@@ -1,0 +1,217 @@
+"""The lean WebSocket upgrade (issue 14): recognised from the request head with one parse.
+
+Against a real server over raw TCP:
+
+* every upgrade request, well-formed or not, gets the answer the previous path gave (websockets'
+  ``Request``/``Headers``/``ServerProtocol.accept`` behind uvicorn's httptools protocol). The
+  expected answers below were recorded from that path (commit e052691) with
+  ``python tests/server/test_lean_upgrade.py record``;
+* every split of an upgrade request head, and of the frames that follow it in the same
+  segments, gives the same answer (hypothesis chooses the splits);
+* requests that are not upgrades still reach the ASGI app, also when their head is split.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.server import ServerProcess
+from tidings.auth.tokens import mint_token
+
+SECRET = "lean-upgrade-test-secret-that-is-long-enough-for-hs256"
+ALLOWED = "https://ok.example"
+WAIT = 10.0
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+ACCEPT = base64.b64encode(
+    hashlib.sha1((KEY + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+).decode()
+TOKEN = mint_token(SECRET, role="authenticated", sub="lean-user", exp_in=3600)
+WS = "/realtime/v1/websocket?vsn=2.0.0&apikey=" + TOKEN
+ENV = {
+    "JWT_SECRET": SECRET,
+    "ALLOWED_ORIGINS": ALLOWED,
+    "CONNECT_ERROR_BACKOFF_MS": "0",
+    "REQUEST_HEAD_TIMEOUT": "2s",
+    "MAX_REQUEST_HEAD": "4096",
+    "MAX_REQUEST_URL": "2048",
+    "MAX_CONNECTIONS_PER_IP": "0",
+    "LOG_LEVEL": "warning",
+}
+
+GOOD = [
+    "Host: 127.0.0.1",
+    "Upgrade: websocket",
+    "Connection: Upgrade",
+    f"Sec-WebSocket-Key: {KEY}",
+    "Sec-WebSocket-Version: 13",
+]
+
+
+def head(target: str = WS, lines: list[str] | None = None, request_line: str | None = None) -> bytes:
+    """A request head: ``GET target HTTP/1.1`` and ``lines`` (the good upgrade headers by default)."""
+    first = request_line if request_line is not None else f"GET {target} HTTP/1.1"
+    return ("\r\n".join([first, *(GOOD if lines is None else lines)]) + "\r\n\r\n").encode()
+
+
+def without(name: str, *extra: str) -> list[str]:
+    """The good headers less ``name``, plus ``extra``."""
+    return [line for line in GOOD if not line.lower().startswith(name.lower() + ":")] + list(extra)
+
+
+#: name -> the raw request. Well-formed, malformed and borderline upgrade requests.
+CASES: dict[str, bytes] = {
+    "good": head(),
+    "good_lowercase_names": head(
+        lines=[line.split(":")[0].lower() + ":" + line.split(":", 1)[1] for line in GOOD]
+    ),
+    "good_no_space_after_colon": head(lines=[line.replace(": ", ":") for line in GOOD]),
+    "good_trailing_whitespace": head(lines=[line + " \t" for line in GOOD]),
+    "good_upgrade_mixed_case": head(lines=without("Upgrade", "Upgrade: WebSocket")),
+    "good_connection_list": head(lines=without("Connection", "Connection: keep-alive, Upgrade")),
+    "good_extensions_ignored": head(
+        lines=[*GOOD, "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"]
+    ),
+    "good_subprotocol_ignored": head(lines=[*GOOD, "Sec-WebSocket-Protocol: chat, superchat"]),
+    "good_allowed_origin": head(lines=[*GOOD, f"Origin: {ALLOWED}"]),
+    "good_x_api_key": head("/realtime/v1/websocket?vsn=1.0.0", lines=[*GOOD, f"x-api-key: {TOKEN}"]),
+    "good_socket_path": head("/socket/websocket?vsn=2.0.0&apikey=" + TOKEN),
+    "good_short_path": head("/websocket?apikey=" + TOKEN),
+    "good_trailing_slash": head("/realtime/v1/websocket/?vsn=2.0.0&apikey=" + TOKEN),
+    "good_no_host": head(lines=without("Host")),
+    "good_forwarded_for_untrusted": head(
+        lines=[*GOOD, "X-Forwarded-For: 10.1.2.3", "X-Forwarded-For: 10.1.2.4"]
+    ),
+    "good_many_headers": head(lines=[*GOOD, *(f"X-Filler-{i}: {i}" for i in range(30))]),
+    "bad_origin": head(lines=[*GOOD, "Origin: https://evil.example"]),
+    "two_origins": head(lines=[*GOOD, f"Origin: {ALLOWED}", f"Origin: {ALLOWED}"]),
+    "no_token": head("/realtime/v1/websocket?vsn=2.0.0"),
+    "bad_token": head("/realtime/v1/websocket?vsn=2.0.0&apikey=not-a-jwt"),
+    "two_x_api_keys": head(
+        "/realtime/v1/websocket", lines=[*GOOD, f"x-api-key: {TOKEN}", f"x-api-key: {TOKEN}"]
+    ),
+    "bad_vsn": head("/realtime/v1/websocket?vsn=3.0.0&apikey=" + TOKEN),
+    "wrong_path": head("/realtime/v1/elsewhere?apikey=" + TOKEN),
+    "post": head(request_line=f"POST {WS} HTTP/1.1"),
+    "http_1_0": head(request_line=f"GET {WS} HTTP/1.0"),
+    "no_key": head(lines=without("Sec-WebSocket-Key")),
+    "key_not_base64": head(lines=without("Sec-WebSocket-Key", "Sec-WebSocket-Key: !!!!!!!!!!!!!!!!!!!!!!==")),
+    "key_15_bytes": head(
+        lines=without("Sec-WebSocket-Key", "Sec-WebSocket-Key: " + base64.b64encode(b"x" * 15).decode())
+    ),
+    "key_17_bytes": head(
+        lines=without("Sec-WebSocket-Key", "Sec-WebSocket-Key: " + base64.b64encode(b"x" * 17).decode())
+    ),
+    "key_no_padding": head(lines=without("Sec-WebSocket-Key", "Sec-WebSocket-Key: " + KEY.rstrip("="))),
+    "two_keys": head(lines=[*GOOD, f"Sec-WebSocket-Key: {KEY}"]),
+    "no_version": head(lines=without("Sec-WebSocket-Version")),
+    "version_8": head(lines=without("Sec-WebSocket-Version", "Sec-WebSocket-Version: 8")),
+    "two_versions": head(lines=[*GOOD, "Sec-WebSocket-Version: 13"]),
+    "upgrade_h2c": head(lines=without("Upgrade", "Upgrade: h2c")),
+    "upgrade_two_protocols": head(lines=without("Upgrade", "Upgrade: websocket, h2c")),
+    "upgrade_twice": head(lines=[*GOOD, "Upgrade: websocket"]),
+    "no_upgrade_header": head(lines=without("Upgrade")),
+    "connection_keep_alive_only": head(lines=without("Connection", "Connection: keep-alive")),
+    "no_connection_header": head(lines=without("Connection")),
+    "two_connection_headers": head(
+        lines=without("Connection", "Connection: keep-alive", "Connection: Upgrade")
+    ),
+    "bad_subprotocol_syntax": head(lines=[*GOOD, "Sec-WebSocket-Protocol: a b"]),
+    "content_length_body": head(lines=[*GOOD, "Content-Length: 4"]) + b"abcd",
+    "chunked_body": head(lines=[*GOOD, "Transfer-Encoding: chunked"]) + b"0\r\n\r\n",
+    "space_before_colon": head(lines=[*GOOD, "X-Odd : 1"]),
+    "obs_fold": head(lines=[*GOOD, "X-Folded: a", " b"]),
+    "absolute_form_target": head("http://127.0.0.1" + WS),
+    "fragment_in_target": head(WS + "#frag"),
+    "header_too_large": head(lines=[*GOOD, "X-Big: " + "b" * 5000]),
+    "url_too_long": head(WS + "&pad=" + "u" * 2100),
+    "not_http": b"HELLO THERE\r\n\r\n",
+}
+
+
+def answer(port: int, raw: bytes | list[bytes], linger: float = 3.0) -> dict[str, Any]:
+    """Send ``raw`` (in pieces, each written and flushed apart) and read the answer.
+
+    The answer: status, headers without ``Date`` (names lowercased, in order), body (for a
+    ``Content-Length``) and, for a 101, the first server frame after an immediate ``phx_join``
+    is not asked for. ``None`` status: the server closed without answering.
+    """
+    pieces = [raw] if isinstance(raw, bytes) else raw
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in pieces:
+            sock.sendall(piece)
+            if len(pieces) > 1:
+                time.sleep(0.002)  # a segment of its own (usually): the splits are what is tested
+        data = b""
+        deadline = time.monotonic() + linger
+        while b"\r\n\r\n" not in data and time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            data += chunk
+        if b"\r\n\r\n" not in data:
+            return {"status": None, "received": data.decode("latin-1")}
+        head_bytes, _, rest = data.partition(b"\r\n\r\n")
+        lines = head_bytes.decode("latin-1").split("\r\n")
+        headers = [
+            (name.strip().lower(), value.strip())
+            for name, _, value in (line.partition(":") for line in lines[1:])
+            if name.strip().lower() != "date"
+        ]
+        status = int(lines[0].split(" ")[1])
+        length = int(dict(headers).get("content-length", "0"))
+        while len(rest) < length and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return {"status": status, "headers": sorted(headers), "body": rest[:length].decode("latin-1")}
+
+
+def _normalized(result: dict[str, Any]) -> dict[str, Any]:
+    """Header order and the headers the lean 101 leaves out (``Date``) do not matter."""
+    if "headers" not in result:
+        return result
+    return {**result, "headers": sorted((str(name), str(value)) for name, value in result["headers"])}
+
+
+# -- the expected answers (recorded from the previous path) ---------------------------------------
+
+EXPECTED_PATH = __file__.rsplit(".", 1)[0] + "_answers.json"
+
+
+def expected() -> dict[str, Any]:
+    with open(EXPECTED_PATH) as f:
+        return dict(json.load(f))
+
+
+@pytest.fixture(scope="module")
+def lean_server() -> Iterator[ServerProcess]:
+    with ServerProcess(env=ENV) as server:
+        yield server
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_upgrade_request_gets_the_answer_it_got_before(lean_server: ServerProcess, name: str) -> None:
+    assert _normalized(answer(lean_server.port, CASES[name])) == _normalized(expected()[name])
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["record"]:
+    with ServerProcess(env=ENV) as recorder:
+        recorded = {name: answer(recorder.port, raw) for name, raw in CASES.items()}
+    with open(EXPECTED_PATH, "w") as out:
+        json.dump(recorded, out, indent=1, sort_keys=True)
+        out.write("\n")
+    print(json.dumps({k: v.get("status") for k, v in recorded.items()}, indent=0))
