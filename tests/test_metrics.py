@@ -9,11 +9,13 @@ import pytest
 
 from tests.support.session_pair import SessionPair, parse_frames
 from tidings.auth.tokens import Principal
+from tidings.broker import make_broker
 from tidings.config import Config, ConfigError, load_config
 from tidings.metrics import DELIVERY_BUCKETS, RECEIVED_KINDS, Histogram
 from tidings.node import Node
 from tidings.protocol.codec import Serializer
 from tidings.server.metrics_http import render_prometheus
+from tidings.server.monitor import Monitor
 
 # -- histogram ------------------------------------------------------------------------------------
 
@@ -99,17 +101,18 @@ def test_fan_out_counts_bytes_and_times_delivery_once_per_fan_out() -> None:
 
 
 def test_replication_gauges_have_a_setter_and_stay_absent_until_set() -> None:
-    node = Node(Config())
-    text = render_prometheus(node)
+    node = Node(Config(), make_broker(Config()))
+    monitor = Monitor(node)
+    text = render_prometheus(node, monitor)
     assert "tidings_replication_lag_seconds" not in text
     assert "tidings_replication_slot_bytes" not in text
     node.metrics.set_replication(lag_seconds=1.5, slot_bytes=4096)
     node.metrics.set_replication(lag_seconds=None)  # None leaves a gauge as it is
-    text = render_prometheus(node)
+    text = render_prometheus(node, monitor)
     assert "tidings_replication_lag_seconds 1.5" in text
     assert "tidings_replication_slot_bytes 4096" in text
     node.metrics.count_changes(3, 300)
-    assert 'tidings_messages_sent_total{kind="postgres_changes"} 3' in render_prometheus(node)
+    assert 'tidings_messages_sent_total{kind="postgres_changes"} 3' in render_prometheus(node, monitor)
 
 
 # -- reconnects -----------------------------------------------------------------------------------
@@ -216,7 +219,7 @@ def test_prometheus_text_follows_the_conventions() -> None:
     c.join("realtime:room")
     pair.node.publish_broadcast(False, "room", "e", {"n": 1})
     pair.node.sweep()
-    families = parse_exposition(render_prometheus(pair.node))
+    families = parse_exposition(render_prometheus(pair.node, pair.monitor))
     for name, (kind, samples) in families.items():
         assert name.startswith("tidings_")
         assert samples, name
@@ -262,7 +265,7 @@ def test_api_metrics_json_has_the_fields_of_the_guide() -> None:
         pair.node.publish_broadcast(False, "orders", "e", {"n": n})
     c.send_raw("garbage")
     pair.node.sweep()
-    snap = pair.node.monitor.snapshot()
+    snap = pair.monitor.snapshot()
     for field in (
         "activeConnections",
         "totalMessages",

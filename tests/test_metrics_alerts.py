@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from tidings.alerts import MIN_CONNECTIONS, MIN_MESSAGES, Alerts, AlertStats
+from tidings.broker import make_broker
 from tidings.config import Config
 from tidings.node import Node
+from tidings.server.monitor import Monitor
 
 
 def names(changes: list[tuple[str, Any]]) -> list[tuple[str, str]]:
@@ -80,12 +82,14 @@ def test_transitions_are_logged_with_fields(caplog: pytest.LogCaptureFixture) ->
 
 
 def test_the_node_evaluates_alerts_every_sweep() -> None:
-    node = Node(Config(alert_failure_rate=0.01))
+    config = Config(alert_failure_rate=0.01)
+    node = Node(config, make_broker(config))
+    monitor = Monitor(node)  # registered on the node's tick, as the server's lifespan does
     node.sweep()
     node.metrics.malformed += 25
     node.sweep()
-    assert list(node.monitor.alerts.active) == ["failure_rate"]
-    assert node.monitor.snapshot()["alerts"][0]["name"] == "failure_rate"
+    assert list(monitor.alerts.active) == ["failure_rate"]
+    assert monitor.snapshot()["alerts"][0]["name"] == "failure_rate"
 
 
 class _Hook(http.server.BaseHTTPRequestHandler):

@@ -19,7 +19,16 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from tidings.auth.policy import ChannelPolicy
 
-__all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "format_duration", "load_config"]
+__all__ = [
+    "SECRET_PASSWORD",
+    "SECRET_VALUE",
+    "SETTINGS",
+    "Config",
+    "ConfigError",
+    "Setting",
+    "format_duration",
+    "load_config",
+]
 
 
 class ConfigError(ValueError):
@@ -231,6 +240,11 @@ def _jwks(value: str) -> dict[str, Any] | None:
     return obj
 
 
+#: :attr:`Setting.secret` kinds: the whole value is secret / the password of a URL is.
+SECRET_VALUE = "value"
+SECRET_PASSWORD = "password"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Setting:
     """One knob: its field name, env var, parser and doc line."""
@@ -240,6 +254,9 @@ class Setting:
     parse: Callable[[str], Any]
     default: Any
     doc: str
+    #: :data:`SECRET_VALUE` (the value is a secret) or :data:`SECRET_PASSWORD` (a URL whose
+    #: password is): never logged, masked by ``check-config``. "" for the rest.
+    secret: str = ""
 
     @property
     def flag(self) -> str:
@@ -503,6 +520,7 @@ SETTINGS: tuple[Setting, ...] = (
         _optional_str,
         None,
         "HS256/384/512 secret. Unset (and no JWKS): the server is open to everyone.",
+        secret=SECRET_VALUE,
     ),
     Setting(
         "jwt_jwks",
@@ -542,6 +560,7 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "When set, /metrics, /api/metrics and the dashboard need a bearer JWT signed with it (HS256); "
         "unset, they are open but never name private channels.",
+        secret=SECRET_VALUE,
     ),
     Setting(
         "max_token_bytes",
@@ -601,6 +620,7 @@ SETTINGS: tuple[Setting, ...] = (
         _database_url,
         None,
         "PostgreSQL for Postgres Changes (postgresql://user:pass@host/db); needs wal_level=logical.",
+        secret=SECRET_PASSWORD,
     ),
     Setting(
         "db_pool_size",
@@ -664,6 +684,7 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "Redis for scale-out (redis://host:port/db): nodes share channels, history and presence. "
         "A Redis Cluster node is detected and used with sharded pub/sub.",
+        secret=SECRET_PASSWORD,
     ),
     Setting(
         "node_timeout",
@@ -720,6 +741,7 @@ SETTINGS: tuple[Setting, ...] = (
         _optional_str,
         None,
         "POST alert transitions (firing/resolved) as JSON to this URL.",
+        secret=SECRET_VALUE,
     ),
     Setting("log_level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info", "Log level."),
     Setting("log_format", "LOG_FORMAT", _choice("plain", "json"), "plain", "Log line format."),
@@ -821,14 +843,18 @@ class Config:
         """A copy with ``changes`` applied (already-typed values)."""
         return dataclasses.replace(self, **changes)
 
+    def secret_values(self) -> list[str | None]:
+        """The values of the secret settings (:attr:`Setting.secret`), for the log redactor."""
+        return [getattr(self, s.field) for s in SETTINGS if s.secret]
+
     def describe(self) -> list[tuple[str, str, str]]:
         """``(ENV_VAR, value, doc)`` rows; secrets are masked."""
         rows = []
         for s in SETTINGS:
             value = getattr(self, s.field)
-            if s.field in ("jwt_secret", "metrics_jwt_secret", "alert_webhook_url") and value:
+            if s.secret == SECRET_VALUE and value:
                 shown = "(set)"
-            elif s.field in ("database_url", "redis_url") and value:
+            elif s.secret == SECRET_PASSWORD and value:
                 shown = _mask_password(str(value))
             else:
                 shown = s.show(value)

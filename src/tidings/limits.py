@@ -1,8 +1,22 @@
-"""Rate limits as token buckets. Pure: the caller passes the clock."""
+"""Rate limits as token buckets (pure: the caller passes the clock), and the open-files limit."""
 
 from __future__ import annotations
 
-__all__ = ["TokenBucket"]
+import resource
+
+__all__ = ["TokenBucket", "raise_open_files_limit"]
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft open-files limit to the hard limit; returns the new soft limit.
+
+    The server and the load generator both hold one descriptor per connection.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
 
 
 class TokenBucket:

@@ -1,7 +1,13 @@
-"""One Tidings node: hub, history, auth, limits and the shared timers of every connection.
+"""One Tidings node: the one door between connections and everything they share.
 
-Connections (``session.Session``) call into the node; the node never blocks. A single periodic
-sweeper checks heartbeat deadlines and token expiry for all connections (no timer per connection).
+Connections (``session.Session``) call the node's verbs: :meth:`Node.join_now` / :meth:`Node.join_read`
+and :meth:`Node.attach` to join, :meth:`Node.leave`, :meth:`Node.track` / :meth:`Node.untrack`,
+:meth:`Node.publish_broadcast` / :meth:`Node.publish_presence`, :meth:`Node.may_read` /
+:meth:`Node.may_write`. The node knows them only through the small :class:`Member` and
+:class:`Subscriber` protocols, and the broker only through :class:`~tidings.broker.base.Broker`.
+The node never blocks. A single periodic sweeper checks heartbeat deadlines and token expiry for
+all connections (no timer per connection); what else runs once a second registers with
+:meth:`Node.on_tick` (the RTT monitor, ``server/monitor.py``).
 """
 
 from __future__ import annotations
@@ -14,31 +20,36 @@ import math
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
-from .auth.tokens import Verifier
-from .broker.base import Broker, Envelope, PublishDone
-from .broker.memory import MemoryBroker
+from .auth.tokens import Principal, Verifier
+from .broker.base import Broker, Envelope, JoinRead, PublishDone, ReplayQuery
 from .config import Config
-from .hub import Hub
+from .hub import Hub, Writer
 from .limits import TokenBucket
 from .logs import flush_suppressed, redact, secrets_of, set_log_rate_limit
-from .metrics import Monitor, NodeMetrics
-from .protocol.codec import Outbound, encode_change
+from .metrics import NodeMetrics
+from .protocol.codec import Outbound, Serializer, encode_change
 from .protocol.join import TOPIC_PREFIX
 
-if TYPE_CHECKING:
-    from .cdc.service import PostgresChanges
-    from .session import Channel, Session
-
-__all__ = ["Node", "group_key"]
+__all__ = [
+    "SWEEP_INTERVAL",
+    "ChangeFeed",
+    "ChannelAccess",
+    "Member",
+    "Node",
+    "Subscriber",
+    "VerifiedRoleAccess",
+    "group_key",
+]
 
 RECENT_CHANGES = 10_000  # change ids remembered to drop re-deliveries from the slot
 REPLICATION_LAG_WARNING = 64 * 1024 * 1024  # bytes of unconfirmed WAL worth a log line
+STOP_TIMEOUT = 10.0  # seconds stop_tasks() waits for background tasks to finish their clean-up
 
 log = logging.getLogger("tidings.node")
 
@@ -51,10 +62,129 @@ def group_key(private: bool, sub_topic: str) -> str:
     return ("x:" if private else "p:") + sub_topic
 
 
-class Node:
-    """State shared by every connection of this process."""
+class Member(Protocol):
+    """A connection, as the node sees it (``session.Session`` is one)."""
 
-    def __init__(self, config: Config, broker: Broker | None = None) -> None:
+    serializer: Serializer
+    #: Writes one complete WebSocket frame (the transport's ``write`` while open).
+    write: Writer
+
+    @property
+    def closed(self) -> bool:
+        """The connection is closed (or closing)."""
+
+    @property
+    def last_seen(self) -> int:
+        """The sweeper tick at which the client last sent anything."""
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close the connection with a WebSocket close code."""
+
+    def watch(self, tick: int) -> bool:
+        """The sweeper's tick while in :attr:`Node.watched`; False stops the calls."""
+
+    def peer_host(self) -> str:
+        """The client's address ("" when unknown)."""
+
+    def said_goodbye(self) -> bool:
+        """The client closed the connection itself, on purpose (not a reconnect: see metrics)."""
+
+
+class Subscriber(Hashable, Protocol):
+    """A channel instance joined on this node (``session.Channel`` is one)."""
+
+    #: Presence key of the channel; "" until the first track generates one.
+    presence_key: str
+
+    @property
+    def cid(self) -> int:
+        """Node-unique id (:meth:`Node.new_channel_id`)."""
+
+    @property
+    def key(self) -> str:
+        """Fan-out group (:func:`group_key`)."""
+
+    @property
+    def topic(self) -> str:
+        """``realtime:<sub_topic>``."""
+
+    @property
+    def closed(self) -> bool:
+        """The channel was left."""
+
+    @property
+    def principal(self) -> Principal:
+        """The identity the channel runs as (its token)."""
+
+    @property
+    def session(self) -> Member:
+        """The connection the channel belongs to."""
+
+    def token_expired(self, exp: float, now: float) -> None:
+        """Called by the sweeper when a scheduled expiry (:meth:`Node.schedule_expiry`) is due."""
+
+    def messages_lost(self) -> None:
+        """The broker lost messages of the channel it cannot replay: tell the client."""
+
+
+class ChangeFeed(Protocol):
+    """Postgres Changes, as the node uses them (``cdc.service.PostgresChanges`` is one)."""
+
+    def binding_id(self, binding: dict[str, Any]) -> int:
+        """The stable id of a ``postgres_changes`` binding."""
+
+    async def subscribe(
+        self, owner: Hashable, bindings: Sequence[tuple[int, dict[str, Any]]], claims: dict[str, Any] | None
+    ) -> None:
+        """Register ``owner``'s bindings (raises ``cdc.index.SubscriptionError``)."""
+
+    def unsubscribe(self, owner: Hashable) -> None:
+        """Drop every binding of ``owner``."""
+
+    async def slot_lag_bytes(self) -> int | None:
+        """WAL bytes the slot has not confirmed (``None`` when unknown)."""
+
+
+class ChannelAccess(Protocol):
+    """Who may read and write a private channel: the node's authorization seam.
+
+    ``extension`` is ``"broadcast"`` or ``"presence"`` (``auth.policy.EXTENSIONS``).
+    """
+
+    def may_read(self, principal: Principal, sub_topic: str, extension: str) -> bool:
+        """``principal`` may join ``sub_topic`` (and receive its ``extension``)."""
+
+    def may_write(self, principal: Principal, sub_topic: str, extension: str) -> bool:
+        """``principal`` may broadcast (``extension="broadcast"``) or track presence on it."""
+
+
+class VerifiedRoleAccess:
+    """Private channels without a policy: any verified role but ``anon`` reads and writes them;
+    everyone does when tokens are not verified (open mode)."""
+
+    __slots__ = ("verifier",)
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+
+    def may_read(self, principal: Principal, sub_topic: str, extension: str) -> bool:
+        """See the class doc."""
+        return not self.verifier.enabled or principal.role not in ("anon", "")
+
+    def may_write(self, principal: Principal, sub_topic: str, extension: str) -> bool:
+        """See the class doc."""
+        return not self.verifier.enabled or principal.role not in ("anon", "")
+
+
+class Node:
+    """State shared by every connection of this process.
+
+    Args:
+        config: the settings.
+        broker: between nodes (``broker.make_broker`` picks it; the node knows the interface only).
+    """
+
+    def __init__(self, config: Config, broker: Broker) -> None:
         self.config = config
         self.verifier = Verifier(
             config.jwt_secret,
@@ -63,25 +193,25 @@ class Node:
             max_token_bytes=config.max_token_bytes,
             cache_bytes=config.token_cache_bytes,
         )
+        #: Who may read and write private channels (join, broadcast, track, REST, history).
+        self.authorizer: ChannelAccess = VerifiedRoleAccess(self.verifier)
         self.hub = Hub()
-        self.broker = broker or MemoryBroker(
-            config.history_size, config.history_ttl, config.history_max_channels, config.history_max_bytes
-        )
+        self.broker = broker
         self.broker.bind(self.deliver, self.report_gap)
         self.node_id = self.broker.node_id
         self.metrics = NodeMetrics()
         # Channel instances by id, so a broadcast coming back from the broker can skip its sender.
-        self.channel_ids: dict[int, Channel] = {}
+        self.channel_ids: dict[int, Subscriber] = {}
         self._next_cid = 0
         # The sequence number of the envelope being fanned out (read by joins still buffering).
         self.delivering_seq: int | None = None
-        # Long-poll HTTP history requests waiting for the next message of a channel, and how
-        # many polls hold each channel's broker subscription.
-        self.waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self.poll_refs: Counter[str] = Counter()
-        self.polls_closed = False
+        # One-shot callbacks waiting for the next broadcast of a key (HTTP long-polls), and how
+        # many holders besides channels keep each key's broker subscription (hold / let_go).
+        self._next_broadcast: dict[str, list[Callable[[], None]]] = {}
+        self._holds: Counter[str] = Counter()
         # Postgres Changes, when DATABASE_URL is set (attached by the app before start()).
-        self.cdc: PostgresChanges | None = None
+        self.cdc: ChangeFeed | None = None
+        self._on_change: Callable[[Any], None] | None = None
         self._recent_changes: OrderedDict[str, None] = OrderedDict()
         self.replication_lag_bytes: int | None = None
         now = time.monotonic()
@@ -95,34 +225,32 @@ class Node:
         # Non-broadcast messages (heartbeats, joins, pushes, garbage) one connection may send a
         # second before the rest are dropped: far above any real client, far below a flood.
         self.control_limit = max(100, 10 * config.max_messages_per_second)
-        self.sessions: set[Session] = set()
+        self.sessions: set[Member] = set()
         self.users: Counter[str] = Counter()
-        # Connections the sweeper calls each tick (Session.watch): an unfinished fragmented
+        # Connections the sweeper calls each tick (Member.watch): an unfinished fragmented
         # message, a join's catch-up beyond MAX_UNSENT_BYTES. A set, not a slot or timer each.
-        self.watched: set[Session] = set()
+        self.watched: set[Member] = set()
         # Connections still holding a join's catch-up beyond MAX_UNSENT_BYTES: the least unsent
         # bytes seen and the tick they were seen (server.websocket, end_catchup).
-        self.catchups: dict[Session, tuple[int, int]] = {}
+        self.catchups: dict[Member, tuple[int, int]] = {}
         self.fragment_bytes = 0  # bytes of unfinished fragmented messages, all connections
         # Join error replies waiting out CHANNEL_ERROR_BACKOFF_MS, per connection that has any.
-        self.pending_join_errors: Counter[Session] = Counter()
+        self.pending_join_errors: Counter[Member] = Counter()
         self.tick = 0
         self.draining = False
         self.started_at = time.time()
-        self._expiry: list[tuple[float, int, Channel]] = []
+        self._expiry: list[tuple[float, int, Subscriber]] = []
         self._expiry_seq = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._tick_callbacks: list[Callable[[], None]] = []
+        self._drain_callbacks: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.max_payload_bytes = config.max_payload_size_kb * 1024
         # Silent for more than 2 heartbeat intervals -> closed; counted in sweeper ticks.
         self.idle_ticks = max(2, math.ceil(2 * config.heartbeat_interval / SWEEP_INTERVAL))
-        # Once a second from the sweeper: RTT pings, samples for /api/metrics, alerts.
-        self.monitor = Monitor(self)
         # Logs never carry these (the log handler's Redactor masks them).
-        redact(
-            *secrets_of(config.jwt_secret, config.alert_webhook_url, config.database_url, config.redis_url)
-        )
+        redact(*secrets_of(*config.secret_values()))
         set_log_rate_limit(config.log_rate_limit)
 
     @property
@@ -143,8 +271,12 @@ class Node:
         await self.broker.start()
         self._sweeper = self._loop.create_task(self._sweep_forever(), name="tidings-sweeper")
 
-    async def stop(self) -> None:
-        """Stop the sweeper (connections are closed by the drain)."""
+    async def stop_tasks(self) -> None:
+        """Stop the sweeper, then cancel the background tasks and wait for them to finish.
+
+        Their clean-up runs while the broker is still up (the change-feed leader resigns its
+        lease through it); a task still busy after :data:`STOP_TIMEOUT` is left behind.
+        """
         if self._sweeper is not None:
             self._sweeper.cancel()
             try:
@@ -152,8 +284,20 @@ class Node:
             except asyncio.CancelledError:
                 pass
             self._sweeper = None
-        for task in list(self._background):
+        tasks = list(self._background)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            _, busy = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            if busy:
+                log.warning("%d background tasks did not stop within %.0f s", len(busy), STOP_TIMEOUT)
+
+    async def stop(self) -> None:
+        """Stop the tasks (:meth:`stop_tasks`), then the broker (connections are closed by the drain).
+
+        The composition root stops what it attached (Postgres Changes) between the two.
+        """
+        await self.stop_tasks()
         await self.broker.stop()
 
     async def _sweep_forever(self) -> None:
@@ -164,8 +308,16 @@ class Node:
             except Exception:
                 log.exception("sweeper failed")
 
+    def on_tick(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` at the end of every sweep, once a second (the RTT monitor)."""
+        self._tick_callbacks.append(callback)
+
+    def on_drain(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once, when the node starts draining (waiting long-polls answer)."""
+        self._drain_callbacks.append(callback)
+
     def sweep(self, now: float | None = None) -> None:
-        """One pass: idle connections, expired channel tokens, old history.
+        """One pass: idle connections, expired channel tokens, old history, then the tick callbacks.
 
         ``now`` (wall-clock seconds) is for tests that fake the time; the sweeper passes none.
         """
@@ -185,13 +337,17 @@ class Node:
             exp, _, channel = heapq.heappop(heap)
             channel.token_expired(exp, now)
         if self.tick % 10 == 0:
-            if isinstance(self.broker, MemoryBroker):
-                self.broker.sweep(now)
+            self.broker.sweep(now)
             if self.cdc is not None:
                 self.loop.create_task(self.refresh_replication_lag())
-        self.monitor.tick()
+        self.metrics.tick()
+        for callback in self._tick_callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("tick callback %r failed", callback)
 
-    def schedule_expiry(self, channel: Channel, exp: float) -> None:
+    def schedule_expiry(self, channel: Subscriber, exp: float) -> None:
         """Check ``channel``'s token at ``exp`` (stale entries are ignored by the channel)."""
         self._expiry_seq += 1
         heap = self._expiry
@@ -208,7 +364,8 @@ class Node:
         if self.draining:
             return
         self.draining = True
-        self.wake_polls()
+        for callback in self._drain_callbacks:
+            callback()
         window = self.config.drain_window if window is None else window
         pending = list(self.sessions)
         log.info("draining %d connections over %.1f s", len(pending), window)
@@ -226,25 +383,25 @@ class Node:
             close_batch(0)
 
     def background(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a node-lifetime task; it is cancelled by :meth:`stop`."""
+        """Run a node-lifetime task; :meth:`stop_tasks` cancels it and waits for it."""
         task = self.loop.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     # -- connections -------------------------------------------------------------------------
 
-    def register(self, session: Session, user: str | None) -> None:
-        """Count an accepted connection."""
+    def register(self, session: Member, user: str | None) -> None:
+        """Count an accepted connection (``user``: what MAX_CONNECTIONS_PER_USER counts it as)."""
         self.sessions.add(session)
         if user is not None:
             self.users[user] += 1
         self.metrics.connections_total += 1
-        self.metrics.connection_opened(session, user)
+        self.metrics.connection_opened(user or session.peer_host() or None)
 
-    def unregister(self, session: Session, user: str | None) -> None:
+    def unregister(self, session: Member, user: str | None) -> None:
         """Forget a closed connection."""
         self.sessions.discard(session)
-        self.metrics.connection_closed(session, user)
+        self.metrics.connection_closed(user or session.peer_host() or None, session.said_goodbye())
         if user is not None:
             left = self.users[user] - 1
             if left > 0:
@@ -252,12 +409,132 @@ class Node:
             else:
                 del self.users[user]
 
+    # -- authorization -----------------------------------------------------------------------
+
+    def may_read(
+        self, principal: Principal, private: bool, sub_topic: str, extension: str = "broadcast"
+    ) -> bool:
+        """``principal`` may join (and read) the channel; public channels are open to every token."""
+        return not private or self.authorizer.may_read(principal, sub_topic, extension)
+
+    def may_write(
+        self, principal: Principal, private: bool, sub_topic: str, extension: str = "broadcast"
+    ) -> bool:
+        """``principal`` may broadcast (or, ``extension="presence"``, track) on the channel."""
+        return not private or self.authorizer.may_write(principal, sub_topic, extension)
+
     # -- channels ----------------------------------------------------------------------------
 
     def new_channel_id(self) -> int:
         """A node-unique id for a channel instance."""
         self._next_cid += 1
         return self._next_cid
+
+    def open_channel(self, channel: Subscriber) -> None:
+        """A channel instance starts joining: known by id (``self: false``), counted, and its
+        token's expiry scheduled."""
+        self.channel_ids[channel.cid] = channel
+        self.metrics.joins += 1
+        exp = channel.principal.exp
+        if exp is not None:
+            self.schedule_expiry(channel, exp)
+
+    def join_now(
+        self, channel: Subscriber, write: Writer, replay: ReplayQuery | None, presence: bool, owner: str
+    ) -> JoinRead | None:
+        """Join at once when the broker answers a join's reads without I/O (the memory broker):
+        ``channel`` then receives fan-out through ``write``. ``None``, with nothing done, when
+        the broker needs I/O: then :meth:`attach` a buffering writer and :meth:`join_read`."""
+        read = self.broker.join_now(channel.key, replay, presence, owner)
+        if read is not None:
+            self.hub.add(channel.key, channel.topic, channel, channel.session.serializer, write)
+        return read
+
+    def attach(self, channel: Subscriber, write: Writer) -> None:
+        """Fan out ``channel``'s group to it through ``write`` (replacing an earlier writer)."""
+        self.hub.add(channel.key, channel.topic, channel, channel.session.serializer, write)
+
+    async def join_read(
+        self, channel: Subscriber, replay: ReplayQuery | None, presence: bool, owner: str
+    ) -> JoinRead:
+        """Subscribe the node to ``channel``'s group in the broker, then read the replay, the
+        presence state and the baseline position (``broker.base.Broker.join``)."""
+        return await self.broker.join(channel.key, replay, presence, owner)
+
+    def leave(self, channel: Subscriber) -> None:
+        """``channel`` is gone: no more fan-out, its presence leaves, the broker subscription is
+        dropped once nothing on this node needs it."""
+        key = channel.key
+        self.channel_ids.pop(channel.cid, None)
+        group = self.hub.remove(key, channel)
+        if group is None:
+            return
+        if group.presence is not None:
+            diff = group.presence.untrack(channel)
+            if diff is not None:
+                self.broker.untrack(key, channel.cid)
+                self.publish_presence(key, channel.topic, diff)
+            if not group.presence and not group.v1 and not group.v2:
+                self.hub.groups.pop(key, None)
+        self.release(key)
+
+    # -- presence ----------------------------------------------------------------------------
+
+    def track(self, channel: Subscriber, state: dict[str, Any]) -> dict[str, Any] | None:
+        """Track ``channel``'s presence with ``state``; returns the diff to publish (``None``:
+        nothing changed). Raises ``LookupError`` when the channel's group is not on this node."""
+        group = self.hub.groups.get(channel.key)
+        if group is None:
+            raise LookupError(channel.key)
+        presence = self.hub.presence_for(group)
+        if not channel.presence_key:
+            channel.presence_key = self.hub.refs()
+        diff = presence.track(channel, channel.presence_key, state)
+        meta = presence.meta_of(channel)
+        if diff is not None and meta is not None:
+            self.broker.track(channel.key, channel.cid, channel.presence_key, meta)
+        return diff
+
+    def untrack(self, channel: Subscriber) -> dict[str, Any] | None:
+        """Stop tracking ``channel``'s presence; returns the diff to publish, like :meth:`track`."""
+        group = self.hub.groups.get(channel.key)
+        if group is None:
+            raise LookupError(channel.key)
+        diff = self.hub.presence_for(group).untrack(channel)
+        if diff is not None:
+            self.broker.untrack(channel.key, channel.cid)
+        return diff
+
+    # -- Postgres Changes for channels -------------------------------------------------------
+
+    @property
+    def changes_enabled(self) -> bool:
+        """Postgres Changes are configured (``DATABASE_URL``)."""
+        return self.cdc is not None
+
+    def change_binding_id(self, binding: dict[str, Any]) -> int:
+        """The id a ``postgres_changes`` binding gets in the join reply."""
+        assert self.cdc is not None
+        return self.cdc.binding_id(binding)
+
+    async def subscribe_changes(
+        self,
+        channel: Subscriber,
+        bindings: Sequence[tuple[int, dict[str, Any]]],
+        claims: dict[str, Any] | None,
+    ) -> None:
+        """Register ``channel``'s bindings (raises ``cdc.index.SubscriptionError``)."""
+        assert self.cdc is not None
+        await self.cdc.subscribe(channel, bindings, claims)
+
+    def unsubscribe_changes(self, channel: Subscriber) -> None:
+        """Drop ``channel``'s bindings (nothing when Postgres Changes are off)."""
+        if self.cdc is not None:
+            self.cdc.unsubscribe(channel)
+
+    def on_change(self, callback: Callable[[Any], None]) -> None:
+        """Hand every change envelope from the broker (a cluster's change feed) to ``callback``."""
+        self._on_change = callback
 
     # -- broadcast ---------------------------------------------------------------------------
 
@@ -268,7 +545,7 @@ class Node:
         event: str,
         payload: Any,
         msg_id: str | None = None,
-        exclude: Channel | None = None,
+        exclude: Subscriber | None = None,
         done: PublishDone | None = None,
         sender: str = "",
     ) -> None:
@@ -334,16 +611,13 @@ class Node:
                 t0 = metrics.published_at.pop(env.id, None)
                 if t0 is not None:
                     metrics.delivery_latency.observe(time.perf_counter() - t0)
-            waiters = self.waiters.pop(env.key, None)
-            if waiters:
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_result(None)
+            waiting = self._next_broadcast.pop(env.key, None)
+            if waiting:
+                for callback in waiting:
+                    callback()
         elif env.kind == Envelope.CHANGE:
-            if self.cdc is not None:
-                from .cdc.cluster import decode_change
-
-                self.cdc.dispatch(decode_change(env.payload))
+            if self._on_change is not None:
+                self._on_change(env.payload)
         elif env.kind == Envelope.PRESENCE:
             out = Outbound(env.topic, "presence_diff", env.payload)
             sent = self.hub.fanout(env.key, out)
@@ -377,6 +651,7 @@ class Node:
         data_json = orjson.dumps(data)
         frames: dict[tuple[str, tuple[int, ...], int], bytes] = {}
         sent = nbytes = 0
+        channel: Subscriber
         for channel, ids in matches.items():
             if channel.closed:
                 continue
@@ -419,41 +694,41 @@ class Node:
             return
         log.warning("messages of %s were lost between nodes; closing its channels so clients recover", key)
         for member in list(group.members()):
-            channel: Channel = member  # type: ignore[assignment]
-            channel.session.error_channel(channel)
+            channel: Subscriber = member  # type: ignore[assignment]
+            channel.messages_lost()
 
     def release(self, key: str) -> None:
         """Drop the broker subscription of ``key`` once nothing on this node needs it."""
-        if key not in self.hub.groups and not self.poll_refs.get(key):
+        if key not in self.hub.groups and not self._holds.get(key):
             self.broker.unsubscribe(key)
 
-    def wake_polls(self) -> None:
-        """Shutting down: answer every waiting long-poll now (each returns what it has)."""
-        self.polls_closed = True
-        for waiters in list(self.waiters.values()):
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+    # -- waiting for broadcasts without a channel (HTTP long-polls: server/polls.py) ---------
 
-    async def wait_for_message(self, key: str, timeout: float) -> None:
-        """Wait (at most ``timeout`` s) for the next broadcast on ``key`` (HTTP long-poll)."""
-        if self.polls_closed:
-            return
-        fut: asyncio.Future[None] = self.loop.create_future()
-        self.waiters.setdefault(key, []).append(fut)
-        self.poll_refs[key] += 1
-        try:
-            await self.broker.subscribe(key)
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            pass
-        finally:
-            waiters = self.waiters.get(key)
-            if waiters is not None and fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    del self.waiters[key]
-            self.poll_refs[key] -= 1
-            if self.poll_refs[key] <= 0:
-                del self.poll_refs[key]
-            self.release(key)
+    async def hold(self, key: str) -> None:
+        """Keep ``key``'s broker subscription without a channel, until :meth:`let_go`; returns
+        once it is live."""
+        self._holds[key] += 1
+        await self.broker.subscribe(key)
+
+    def let_go(self, key: str) -> None:
+        """Undo one :meth:`hold` (the subscription goes once nothing else needs it)."""
+        self._holds[key] -= 1
+        if self._holds[key] <= 0:
+            del self._holds[key]
+        self.release(key)
+
+    def next_broadcast(self, key: str, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once, after the next broadcast of ``key`` was fanned out here."""
+        self._next_broadcast.setdefault(key, []).append(callback)
+
+    def forget_broadcast(self, key: str, callback: Callable[[], None]) -> None:
+        """Withdraw a :meth:`next_broadcast` callback that was not called."""
+        waiting = self._next_broadcast.get(key)
+        if waiting is not None and callback in waiting:
+            waiting.remove(callback)
+            if not waiting:
+                del self._next_broadcast[key]
+
+    def waiting_for_broadcast(self) -> int:
+        """:meth:`next_broadcast` callbacks not called yet."""
+        return sum(len(w) for w in self._next_broadcast.values())

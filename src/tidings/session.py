@@ -3,7 +3,11 @@
 :class:`Session` holds no socket. It receives decoded text/binary messages and writes complete
 WebSocket frames through :meth:`Session.write`; the I/O subclass (``server.websocket``) supplies
 ``write`` and ``close``. Peer input never raises out of here: bad messages are logged and dropped,
-or answered with the documented error reply.
+or answered with the documented error reply; a bug met while handling one closes the connection
+with 1011 and is counted (``tidings_internal_errors_total``).
+
+Everything shared (channels, presence, publishing, authorization, Postgres Changes) goes through
+the verbs of :class:`~tidings.node.Node`; a session never reaches the node's hub or broker.
 """
 
 from __future__ import annotations
@@ -16,8 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .auth.tokens import AuthError, Principal
-from .broker.base import FAILED, sender_scope
-from .broker.memory import MemoryBroker
+from .broker.base import FAILED, ReplayQuery, sender_scope
 from .cdc.index import SubscriptionError
 from .history import ReplayResult
 from .limits import TokenBucket
@@ -36,7 +39,7 @@ from .protocol.codec import (
 )
 from .protocol.join import JoinConfig, JoinError, name_too_long, parse_join
 
-__all__ = ["Channel", "Session"]
+__all__ = ["Channel", "Session", "discard"]
 
 log = logging.getLogger("tidings.session")
 
@@ -50,8 +53,8 @@ DELAYED_REPLY_MAX_BYTES = 4096
 _OK: dict[str, Any] = {}
 
 
-def _discard(frame: bytes) -> None:
-    """The writer of a session with no open transport."""
+def discard(frame: bytes) -> None:
+    """The writer of a session with no open transport (before the handshake, after the close)."""
 
 
 class Channel:
@@ -100,6 +103,10 @@ class Channel:
             return
         self.session.shutdown_channel(self, errors.token_expired_message(int(now - exp)))
 
+    def messages_lost(self) -> None:
+        """The broker lost messages of this channel it cannot replay: ``phx_error`` (clients rejoin)."""
+        self.session.error_channel(self)
+
 
 class Session:
     """Phoenix protocol state of one connection (no I/O)."""
@@ -131,7 +138,7 @@ class Session:
         self.closed = False
         # Writes one complete WebSocket frame. The I/O layer sets it to ``transport.write`` so
         # replies and fan-out cost one call; it is reset to a no-op once the connection closes.
-        self.write: Callable[[bytes], object] = _discard
+        self.write: Callable[[bytes], object] = discard
 
     # -- provided by the I/O layer -----------------------------------------------------------
 
@@ -146,6 +153,10 @@ class Session:
 
     def watch(self, tick: int) -> bool:
         """Called by the node's sweeper each tick while in ``node.watched``; False stops it."""
+        return False
+
+    def said_goodbye(self) -> bool:
+        """The client closed the connection itself, on purpose (the I/O layer knows; see metrics)."""
         return False
 
     def begin_catchup(self) -> None:
@@ -188,41 +199,54 @@ class Session:
             log.debug("MalformedWebSocketMessage: %s", Clipped(exc))
 
     def dispatch(self, msg: Message, size: int) -> None:
-        """Route one decoded message."""
-        node = self.node
-        node.metrics.receive(msg.event, size)
-        topic, event = msg.topic, msg.event
-        if event != "broadcast" and self.over_control_rate():
-            log.debug("dropping %s on %s: control message flood", Clipped(event), Clipped(topic))
-            return
-        if topic == "phoenix":
-            if event == "heartbeat":
-                self.reply(msg, "ok", _OK)
-            return
-        if event == "phx_join":
-            self.join(msg)
-            return
-        channel = self.channels.get(topic)
-        if channel is None:
-            status = "ok" if event == "phx_leave" else "error"
-            response = _OK if event == "phx_leave" else {"reason": errors.UNMATCHED_TOPIC}
-            self.reply(msg, status, response, topic)
-            return
-        if event == "broadcast":
-            self.broadcast(channel, msg, size)
-        elif event == "presence":
-            self.presence(channel, msg, size)
-        elif event == "phx_leave":
-            # Reply and phx_close in one write: realtime-py re-joins as soon as it handles the
-            # reply, and a phx_close read after that would close the new join (no join_ref check).
-            self.node.metrics.sent_reply += 1
-            reply = encode_reply(self.serializer, msg.join_ref, msg.ref, topic, "ok", _OK)
-            self.write(reply + encode_close(self.serializer, channel.join_ref, topic))
-            self.leave(channel)
-        elif event == "access_token":
-            self.access_token(channel, msg)
-        else:
-            log.debug("ignoring event %r on %s", Clipped(event), Clipped(topic))
+        """Route one decoded message; a bug on the way closes the connection with 1011."""
+        try:
+            node = self.node
+            node.metrics.receive(msg.event, size)
+            topic, event = msg.topic, msg.event
+            if event != "broadcast" and self.over_control_rate():
+                log.debug("dropping %s on %s: control message flood", Clipped(event), Clipped(topic))
+                return
+            if topic == "phoenix":
+                if event == "heartbeat":
+                    self.reply(msg, "ok", _OK)
+                return
+            if event == "phx_join":
+                self.join(msg)
+                return
+            channel = self.channels.get(topic)
+            if channel is None:
+                status = "ok" if event == "phx_leave" else "error"
+                response = _OK if event == "phx_leave" else {"reason": errors.UNMATCHED_TOPIC}
+                self.reply(msg, status, response, topic)
+                return
+            if event == "broadcast":
+                self.broadcast(channel, msg, size)
+            elif event == "presence":
+                self.presence(channel, msg, size)
+            elif event == "phx_leave":
+                # Reply and phx_close in one write: realtime-py re-joins as soon as it handles the
+                # reply, and a phx_close read after that would close the new join (no join_ref check).
+                self.node.metrics.sent_reply += 1
+                reply = encode_reply(self.serializer, msg.join_ref, msg.ref, topic, "ok", _OK)
+                self.write(reply + encode_close(self.serializer, channel.join_ref, topic))
+                self.leave(channel)
+            elif event == "access_token":
+                self.access_token(channel, msg)
+            else:
+                log.debug("ignoring event %r on %s", Clipped(event), Clipped(topic))
+        except Exception:
+            self.internal_error(msg)
+
+    def internal_error(self, msg: Message) -> None:
+        """Handling ``msg`` raised: a bug, never the client's fault. Counted, logged with its
+        traceback (rate-limited like every line), and the connection is closed with 1011 (as
+        websockets does when its handler fails): its state may be inconsistent."""
+        self.node.metrics.internal_errors += 1
+        log.exception(
+            "internal error handling %s on %s; closing the connection", Clipped(msg.event), Clipped(msg.topic)
+        )
+        self.close(1011, "internal error")
 
     # -- join / leave ------------------------------------------------------------------------
 
@@ -258,36 +282,34 @@ class Session:
         except AuthError as exc:
             self.refuse_join(msg, exc.reason)
             return
-        if cfg.private and not self.may_read_private(principal):
-            self.refuse_join(msg, self.unauthorized_reason(cfg.sub_topic))
+        if not node.may_read(principal, cfg.private, cfg.sub_topic):
+            self.refuse_join(msg, errors.unauthorized_read_reason(cfg.sub_topic))
             return
         bindings: tuple[tuple[int, dict[str, Any]], ...] = ()
         if cfg.postgres_changes:
-            if node.cdc is None:
+            if not node.changes_enabled:
                 self.refuse_join(msg, errors.POSTGRES_CHANGES_UNAVAILABLE)
                 return
-            bindings = tuple((node.cdc.binding_id(b), b) for b in cfg.postgres_changes)
+            bindings = tuple((node.change_binding_id(b), b) for b in cfg.postgres_changes)
         # Each binding echoed verbatim plus its id: the clients compare them field by field.
         response: dict[str, Any] = {"postgres_changes": [{**b, "id": bid} for bid, b in bindings]}
         channel = Channel(self, cfg, msg.join_ref, principal)
         channel.changes = bindings
         self.channels[channel.topic] = channel
-        node.channel_ids[channel.cid] = channel
-        node.metrics.joins += 1
-        if principal.exp is not None:
-            node.schedule_expiry(channel, principal.exp)
-        broker = node.broker
-        if isinstance(broker, MemoryBroker) and not (bindings and cfg.changes_wait):
-            node.hub.add(channel.key, channel.topic, channel, self.serializer, self.write)
-            replay = self.replay_request(cfg)
-            result = broker.replay_now(channel.key, *replay) if replay else None
-            state = broker.presence_state_now(channel.key) if channel.presence_enabled else None
-            # The ring is created (and pinned) if the channel has none: a baseline to recover from.
-            position = broker.position_now(channel.key, self.sender(principal))
-            catchup = result is not None or state is not None
+        node.open_channel(channel)
+        replay = self.replay_request(cfg)
+        # An in-process broker answers at once: the join completes in this call, no task. The
+        # channel's numbering is started if it has none: a baseline to recover from.
+        read = (
+            None
+            if bindings and cfg.changes_wait
+            else node.join_now(channel, self.write, replay, channel.presence_enabled, self.sender(principal))
+        )
+        if read is not None:
+            catchup = read.replay is not None or read.presence is not None
             if catchup:
                 self.begin_catchup()
-            self.complete_join(channel, msg, response, result, state, position)
+            self.complete_join(channel, msg, response, read.replay, read.presence, read.position)
             if catchup:
                 self.end_catchup()
             if bindings:
@@ -300,7 +322,7 @@ class Session:
             def buffer(frame: bytes) -> None:
                 pending.append((node.delivering_seq, frame))
 
-            node.hub.add(channel.key, channel.topic, channel, self.serializer, buffer)
+            node.attach(channel, buffer)
             node.loop.create_task(self.join_async(channel, msg, cfg, response, pending))
 
     async def join_async(
@@ -312,7 +334,7 @@ class Session:
         pending: list[tuple[int | None, bytes]],
     ) -> None:
         """Finish a join that needs I/O: the broker's, or a Postgres subscription to wait for."""
-        broker = self.node.broker
+        node = self.node
         if channel.changes and cfg.changes_wait:
             # postgres_changes_options.wait: answer the join only once changes are live.
             try:
@@ -330,11 +352,9 @@ class Session:
                     self.refuse_join(msg, error)
                 return
         try:
-            await broker.subscribe(channel.key)
-            replay = self.replay_request(cfg)
-            result = await broker.replay(channel.key, *replay) if replay else None
-            state = await broker.presence_state(channel.key) if channel.presence_enabled else None
-            position = await broker.position(channel.key, self.sender(channel.principal))
+            read = await node.join_read(
+                channel, self.replay_request(cfg), channel.presence_enabled, self.sender(channel.principal)
+            )
         except Exception:
             log.exception("join %s failed in the broker", channel.topic)
             if not channel.closed:
@@ -343,16 +363,16 @@ class Session:
             return
         if channel.closed or self.closed:
             return
-        catchup = result is not None or state is not None or bool(pending)
+        catchup = read.replay is not None or read.presence is not None or bool(pending)
         if catchup:
             self.begin_catchup()
-        last = self.complete_join(channel, msg, response, result, state, position)
+        last = self.complete_join(channel, msg, response, read.replay, read.presence, read.position)
         for seq, frame in pending:
             if seq is None or seq > last:
                 self.write(frame)
         if catchup:
             self.end_catchup()
-        self.node.hub.add(channel.key, channel.topic, channel, self.serializer, self.write)
+        node.attach(channel, self.write)
         if channel.changes and not cfg.changes_wait:
             await self.subscribe_changes(channel)
         elif channel.changes:
@@ -364,11 +384,10 @@ class Session:
         Transient failures (database unreachable) are retried; bad parameters are not.
         With ``announce=False`` a failure raises :class:`SubscriptionError` instead.
         """
-        cdc = self.node.cdc
-        assert cdc is not None
+        node = self.node
         for attempt in range(CHANGES_ATTEMPTS):
             try:
-                await cdc.subscribe(channel, channel.changes, channel.principal.claims)
+                await node.subscribe_changes(channel, channel.changes, channel.principal.claims)
             except SubscriptionError as exc:
                 if exc.transient and attempt + 1 < CHANGES_ATTEMPTS and not channel.closed:
                     await asyncio.sleep(CHANGES_RETRY_DELAY)
@@ -378,7 +397,7 @@ class Session:
                 self.changes_status(channel, "error", str(exc))
                 return
             if channel.closed:
-                cdc.unsubscribe(channel)
+                node.unsubscribe_changes(channel)
             elif announce:
                 self.changes_status(channel, "ok", "Subscribed to PostgreSQL")
             return
@@ -402,14 +421,14 @@ class Session:
         }
         self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "system", payload))
 
-    def replay_request(self, cfg: JoinConfig) -> tuple[int | None, float | None, int, str | None] | None:
-        """``(since_seq, since_time, limit, epoch)`` for the broker, or ``None`` when none is asked."""
+    def replay_request(self, cfg: JoinConfig) -> ReplayQuery | None:
+        """What the join asks to be replayed, or ``None`` when it asks for nothing."""
         if cfg.replay is None:
             return None
         limit = min(cfg.replay.limit, self.node.config.replay_max)
         if cfg.replay.since_seq is not None:
-            return cfg.replay.since_seq, None, limit, cfg.replay.epoch
-        return None, (cfg.replay.since or 0) / 1000.0, limit, None
+            return ReplayQuery(cfg.replay.since_seq, None, limit, cfg.replay.epoch)
+        return ReplayQuery(None, (cfg.replay.since or 0) / 1000.0, limit, None)
 
     def complete_join(
         self,
@@ -505,20 +524,9 @@ class Session:
         node = self.node
         if self.channels.get(channel.topic) is channel:
             del self.channels[channel.topic]
-        node.channel_ids.pop(channel.cid, None)
-        if channel.changes and node.cdc is not None:
-            node.cdc.unsubscribe(channel)
-        group = node.hub.remove(channel.key, channel)
-        if group is None:
-            return
-        if group.presence is not None:
-            diff = group.presence.untrack(channel)
-            if diff is not None:
-                node.broker.untrack(channel.key, channel.cid)
-                node.publish_presence(channel.key, channel.topic, diff)
-            if not group.presence and not group.v1 and not group.v2:
-                node.hub.groups.pop(channel.key, None)
-        node.release(channel.key)
+        if channel.changes:
+            node.unsubscribe_changes(channel)
+        node.leave(channel)
 
     def leave_all(self) -> None:
         """Tear every channel down (the connection is gone)."""
@@ -553,15 +561,6 @@ class Session:
             return self.principal
         return self.node.verifier.verify(token)
 
-    def may_read_private(self, principal: Principal) -> bool:
-        """Private channels need an authenticated role when auth is on (no RLS database here)."""
-        return not self.node.verifier.enabled or principal.role not in ("anon", "")
-
-    @staticmethod
-    def unauthorized_reason(sub_topic: str) -> str:
-        """The join error for a private channel the token may not read."""
-        return f"Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}"
-
     def access_token(self, channel: Channel, msg: Message) -> None:
         """Token refresh on a joined channel; never replied to (spec 7.3)."""
         token = msg.payload.get("access_token")
@@ -572,15 +571,13 @@ class Session:
         except AuthError as exc:
             self.shutdown_channel(channel, exc.message)
             return
-        if channel.private and not self.may_read_private(principal):
-            self.shutdown_channel(
-                channel, f"You no longer have permission to read from this Channel topic: {channel.sub_topic}"
-            )
+        if not self.node.may_read(principal, channel.private, channel.sub_topic):
+            self.shutdown_channel(channel, errors.read_permission_revoked_message(channel.sub_topic))
             return
         channel.principal = principal
         if principal.exp is not None:
             self.node.schedule_expiry(channel, principal.exp)
-        if channel.changes and self.node.cdc is not None:
+        if channel.changes and self.node.changes_enabled:
             # Column privileges follow the role of the newest token.
             self.node.loop.create_task(self.resubscribe_changes(channel))
 
@@ -640,7 +637,7 @@ class Session:
             if channel.ack:
                 self.reply(msg, "error", {"reason": errors.PAYLOAD_TOO_LARGE}, channel.topic)
             return
-        if channel.private and not self.may_read_private(channel.principal):
+        if not node.may_write(channel.principal, channel.private, channel.sub_topic):
             return  # write not allowed: dropped silently, as Supabase does
         msg_id = payload.get("id")
         done = None
@@ -689,32 +686,24 @@ class Session:
             node.metrics.rate_limited += 1
             self.shutdown_channel(channel, errors.PRESENCE_RATE_LIMIT)
             return
-        group = node.hub.groups.get(channel.key)
-        if group is None:  # cannot happen while joined; keep the invariant loud in logs
+        try:
+            if kind == "track":
+                state = payload.get("payload", {})
+                if not isinstance(state, dict):
+                    self.reply(msg, "error", {"reason": errors.PRESENCE_PAYLOAD_NOT_MAP}, channel.topic)
+                    return
+                if size > node.max_payload_bytes:
+                    self.shutdown_channel(channel, errors.TRACK_SIZE_EXCEEDED)
+                    return
+                if not node.may_write(channel.principal, channel.private, channel.sub_topic, "presence"):
+                    self.reply(msg, "error", _OK, channel.topic)
+                    return
+                diff = node.track(channel, state)
+            else:
+                diff = node.untrack(channel)
+        except LookupError:  # no group while joined: cannot happen; keep the invariant loud in logs
             log.error("presence on %s without a group", channel.topic)
             return
-        presence = node.hub.presence_for(group)
-        if kind == "track":
-            state = payload.get("payload", {})
-            if not isinstance(state, dict):
-                self.reply(msg, "error", {"reason": errors.PRESENCE_PAYLOAD_NOT_MAP}, channel.topic)
-                return
-            if size > node.max_payload_bytes:
-                self.shutdown_channel(channel, errors.TRACK_SIZE_EXCEEDED)
-                return
-            if channel.private and not self.may_read_private(channel.principal):
-                self.reply(msg, "error", _OK, channel.topic)
-                return
-            if not channel.presence_key:
-                channel.presence_key = node.hub.refs()
-            diff = presence.track(channel, channel.presence_key, state)
-            meta = presence.meta_of(channel)
-            if diff is not None and meta is not None:
-                node.broker.track(channel.key, channel.cid, channel.presence_key, meta)
-        else:
-            diff = presence.untrack(channel)
-            if diff is not None:
-                node.broker.untrack(channel.key, channel.cid)
         self.reply(msg, "ok", _OK, channel.topic)
         if diff is not None:
             node.publish_presence(channel.key, channel.topic, diff)

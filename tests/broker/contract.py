@@ -1,15 +1,19 @@
-"""One broker contract, run against every implementation (memory and Redis).
+"""One broker contract, run against every implementation (memory, Redis, Redis Cluster).
 
 Each test takes ``make``: an async factory returning started brokers that share one cluster.
+The interface as the node uses it is covered: publish, replay, position, presence, the join's
+reads (``join``, and ``join_now`` for in-process brokers), ``sweep``, ``pending``, and the
+``ChangeBus`` of the brokers that span nodes (change fan-out, ordered fence, the lease).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tidings.broker.base import DUPLICATE, Broker, Envelope
+from tidings.broker.base import DUPLICATE, Broker, Envelope, ReplayQuery
 from tidings.broker.memory import MemoryBroker
 from tidings.history import MemoryHistory
 
@@ -207,6 +211,88 @@ async def check_presence_state_and_diffs(make: MakeBroker) -> None:
     assert state["alice"]["metas"][0]["phx_ref"] == "r2"
 
 
+async def check_join_reads_after_the_subscription(make: MakeBroker) -> None:
+    b = await make()
+    inbox = Inbox(b)
+    seqs = [await publish(b, "p:joinme", "e", {"n": i}, f"j{i}") for i in range(3)]
+    b.track("p:joinme", 1, "alice", {"phx_ref": "r1"})
+    await _eventually(lambda: b.presence_state("p:joinme"), lambda s: "alice" in s)
+    query = ReplayQuery(seqs[0], None, 10)
+    read = b.join_now("p:joinme", query, True, "sub:joiner")
+    # An in-process broker answers at once; one that needs I/O does nothing until awaited.
+    assert (read is not None) == b.synchronous
+    if read is None:
+        read = await b.join("p:joinme", query, True, "sub:joiner")
+    assert read.replay is not None and [r.seq for r in read.replay.records] == seqs[1:]
+    assert read.replay.complete
+    assert read.presence is not None and [m["phx_ref"] for m in read.presence["alice"]["metas"]] == ["r1"]
+    assert read.position[0] == seqs[-1] and read.position[1] == read.replay.epoch
+    # The join subscribed b: what is published next reaches it live.
+    live = await publish(b, "p:joinme", "e", {"n": 9}, "j9")
+    await _eventually_true(lambda: any(e.seq == live for e in inbox.envelopes))
+    assert [e.key for e in inbox.envelopes if e.seq == live] == ["p:joinme"]
+    bare = await b.join("p:quiet", None, False)
+    assert bare.replay is None and bare.presence is None
+    assert bare == await b.join("p:quiet", None, False)  # the baseline is kept, not started again
+
+
+async def check_sweep_keeps_subscribed_channels_and_pending_drains(make: MakeBroker) -> None:
+    broker = await make()
+    await broker.subscribe("p:kept")
+    seq = await publish(broker, "p:kept", "e", {}, "k1")
+    position = await broker.position("p:kept")
+    broker.sweep(time.time() + 3600)  # long after every ttl: a subscribed channel keeps its numbering
+    assert await broker.position("p:kept") == position and position[0] == seq
+    fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    broker.publish("p:kept", "realtime:kept", "e", {}, "k2", None, fut.set_result)
+    assert broker.pending() >= 0
+    await asyncio.wait_for(fut, 5)
+    await _eventually_true(lambda: broker.pending() == 0)
+    assert broker.pending() == 0
+
+
+async def check_change_bus_fans_out_in_order_and_leases_once(make: MakeBroker) -> None:
+    a, b = await make(), await make()  # two nodes of one cluster (the memory broker has none)
+    bus_a, bus_b = a.change_bus, b.change_bus
+    if bus_a is None or bus_b is None:
+        # One process: Postgres Changes deliver locally, there is nothing to lease.
+        assert a.synchronous and bus_b is None
+        return
+    inbox = Inbox(b)
+    await bus_b.subscribe("cdc")
+    answered: list[Any] = []
+    for n in range(3):
+        bus_a.publish_change("cdc", {"n": n}, answered.append)
+    fenced: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    bus_a.after_queued(fenced.set_result)
+    await asyncio.wait_for(fenced, 5)
+    assert len(answered) == 3 and not any(isinstance(r, Exception) for r in answered)  # answered first
+    got = await inbox.wait(3)
+    assert [(e.kind, e.payload) for e in got] == [(Envelope.CHANGE, {"n": n}) for n in range(3)]
+    assert {e.origin for e in got} == {a.node_id}
+    # The lease: one holder at a time; renewing keeps it; resigning frees it at once.
+    assert await bus_a.lease("test:lease", 5.0)
+    assert not await bus_b.lease("test:lease", 5.0)
+    assert await bus_a.lease("test:lease", 5.0)
+    await bus_b.resign("test:lease")  # not the holder: nothing happens
+    assert not await bus_b.lease("test:lease", 5.0)
+    await bus_a.resign("test:lease")
+    assert await bus_b.lease("test:lease", 5.0)
+    assert not await bus_a.lease("test:lease", 5.0)
+    # A lease not renewed expires.
+    assert await bus_a.lease("test:short", 0.2)
+    await _eventually_true(lambda: bus_b.lease("test:short", 0.2))
+
+
+async def _eventually_true(ok: Callable[[], bool | Awaitable[bool]]) -> None:
+    async with asyncio.timeout(5):
+        while True:
+            value = ok()
+            if value if isinstance(value, bool) else await value:
+                return
+            await asyncio.sleep(0.02)
+
+
 async def _eventually(
     get: Callable[[], Awaitable[dict[str, Any]]], ok: Callable[[dict[str, Any]], bool]
 ) -> dict[str, Any]:
@@ -230,4 +316,7 @@ CHECKS = [
     check_any_since_seq_is_answered,
     check_replay_since_time_gives_newest,
     check_presence_state_and_diffs,
+    check_join_reads_after_the_subscription,
+    check_sweep_keeps_subscribed_channels_and_pending_drains,
+    check_change_bus_fans_out_in_order_and_leases_once,
 ]

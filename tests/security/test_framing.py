@@ -21,6 +21,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
 
 from tests.support.server import ServerProcess
+from tidings.broker import make_broker
 from tidings.config import Config
 from tidings.node import Node
 from tidings.server.websocket import WebSocketConnection
@@ -132,7 +133,8 @@ _NODE: Node | None = None
 def node() -> Node:
     global _NODE
     if _NODE is None:
-        _NODE = Node(Config(channel_error_backoff=0.0, connect_error_backoff=0.0))
+        config = Config(channel_error_backoff=0.0, connect_error_backoff=0.0)
+        _NODE = Node(config, make_broker(config))
     return _NODE
 
 

@@ -18,9 +18,11 @@ from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
 from tidings.auth.tokens import ANONYMOUS, Principal
+from tidings.broker import make_broker
 from tidings.config import Config
 from tidings.node import Node
 from tidings.protocol.codec import KIND_USER_BROADCAST, KIND_USER_BROADCAST_PUSH, Serializer
+from tidings.server.monitor import Monitor
 from tidings.session import Session
 
 __all__ = [
@@ -264,7 +266,8 @@ class ClientEnd:
 
 
 class SessionPair:
-    """One node and the in-memory clients connected to it.
+    """One node (with the broker its config asks for, and its monitor, as the server wires them)
+    and the in-memory clients connected to it.
 
     Args:
         config: node settings; backoffs default to 0 so join errors are answered at once.
@@ -272,7 +275,9 @@ class SessionPair:
 
     def __init__(self, config: Config | None = None, **settings: Any) -> None:
         base = config or Config(channel_error_backoff=0.0, connect_error_backoff=0.0)
-        self.node = Node(base.replace(**settings) if settings else base)
+        config = base.replace(**settings) if settings else base
+        self.node = Node(config, make_broker(config))
+        self.monitor = Monitor(self.node)
 
     def connect(
         self,

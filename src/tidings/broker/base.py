@@ -14,23 +14,63 @@ Delivery guarantees, stated once for every implementation:
   holds everything after ``since_seq`` in that epoch.
 * Live delivery between nodes is at-most-once; what a node misses (a Redis reconnect) is filled
   from history, and what history no longer holds is reported (``gap`` callback), never silent.
+* A join's reads (:meth:`Broker.join`) come after the node's subscription is live, so a message
+  published meanwhile is either in the replay or delivered live (the node drops what is both).
+  An in-process broker answers them at once (:meth:`Broker.join_now`): a join is then complete
+  inside the call that received it, with no task and no await.
+
+The change feed of Postgres Changes between nodes is a separate, smaller contract,
+:class:`ChangeBus`: the brokers that span nodes offer it (:attr:`Broker.change_bus`).
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from ..history import ReplayResult
 
-__all__ = ["DUPLICATE", "FAILED", "Broker", "Envelope", "PublishDone", "sender_scope"]
+__all__ = [
+    "DUPLICATE",
+    "FAILED",
+    "Broker",
+    "ChangeBus",
+    "Envelope",
+    "JoinRead",
+    "PresenceState",
+    "PublishDone",
+    "ReplayQuery",
+    "sender_scope",
+]
 
 #: ``done`` results besides a sequence number: the id was already published / publishing failed.
 DUPLICATE = 0
 FAILED = -1
 
 PublishDone = Callable[[int], None]
+#: A ``presence_state`` payload: presence key -> ``{"metas": [meta, ...]}``.
+PresenceState = dict[str, dict[str, list[dict[str, Any]]]]
+
+
+class ReplayQuery(NamedTuple):
+    """What a rejoin asks to be replayed: after ``since_seq`` (of ``epoch``), or since ``since_time``."""
+
+    since_seq: int | None
+    since_time: float | None
+    limit: int
+    epoch: str | None = None
+
+
+class JoinRead(NamedTuple):
+    """What a join reads from the broker: the replay asked for, ``presence_state``, the baseline.
+
+    ``position`` is the channel's newest sequence number and the epoch of its numbering.
+    """
+
+    replay: ReplayResult | None
+    presence: PresenceState | None
+    position: tuple[int, str]
 
 
 def sender_scope(role: str, sub: str | None, host: str) -> str:
@@ -109,6 +149,47 @@ class Broker(abc.ABC):
     async def stop(self) -> None:  # noqa: B027 - optional hook
         """Disconnect."""
 
+    def sweep(self, now: float) -> None:  # noqa: B027 - optional hook
+        """Periodic upkeep from the node's sweeper (every few seconds): expire old history.
+
+        ``now`` is wall-clock seconds (tests pass a fake one).
+        """
+
+    def pending(self) -> int:
+        """Commands queued for the broker and not answered yet (0 when it queues none).
+
+        Part of ``tidings_queued_messages`` and the queue-backlog alert.
+        """
+        return 0
+
+    @property
+    def change_bus(self) -> ChangeBus | None:
+        """The change feed between nodes, when this broker spans nodes; ``None`` when it does not
+        (one process: Postgres Changes stream the slot and deliver locally)."""
+        return None
+
+    def join_now(
+        self, key: str, replay: ReplayQuery | None, presence: bool, owner: str = ""
+    ) -> JoinRead | None:
+        """:meth:`join` answered at once, or ``None`` (nothing done) when the reads need I/O.
+
+        In-process brokers answer here, so the node completes a join inside the call that
+        received it: no task, no await, nothing delivered in between.
+        """
+        return None
+
+    async def join(self, key: str, replay: ReplayQuery | None, presence: bool, owner: str = "") -> JoinRead:
+        """Subscribe this node to ``key`` (:meth:`subscribe`), then read what a join needs.
+
+        In this order, once the subscription is live: the ``replay`` asked for (``None``: none),
+        the ``presence_state`` when ``presence``, and the :meth:`position` (charged to ``owner``).
+        """
+        await self.subscribe(key)
+        result = await self.replay(key, *replay) if replay is not None else None
+        state = await self.presence_state(key) if presence else None
+        position = await self.position(key, owner)
+        return JoinRead(result, state, position)
+
     @abc.abstractmethod
     def publish(
         self,
@@ -177,3 +258,33 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def presence_state(self, key: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
         """The cluster-wide ``presence_state`` payload of ``key``."""
+
+
+class ChangeBus(Protocol):
+    """Postgres Changes between nodes: one node streams the slot, every node delivers.
+
+    The node holding the lease (:meth:`lease`) publishes each streamed change with
+    :meth:`publish_change`; every node subscribed to the key (:meth:`subscribe`), the publisher
+    included, receives it as an :attr:`Envelope.CHANGE` through :meth:`Broker.bind`'s callback.
+    Commands run in the order they are queued: ``after_queued(done)`` is called once every publish
+    queued before it was answered, which is when the slot position may be confirmed.
+    """
+
+    node_id: str
+
+    async def subscribe(self, key: str) -> None:
+        """Start receiving ``key``'s envelopes on this node."""
+
+    def publish_change(self, key: str, change: dict[str, Any], done: Callable[[Any], None]) -> None:
+        """Send one change (JSON-ready data) to every node subscribed to ``key``; then ``done(result)``,
+        an exception instance when it could not be handed over."""
+
+    def after_queued(self, done: Callable[[Any], None]) -> None:
+        """Call ``done(result)`` once every command queued before it was answered (in order)."""
+
+    async def lease(self, name: str, ttl: float) -> bool:
+        """Take the lease ``name`` for ``ttl`` seconds when it is free, or renew it when this node
+        holds it; True when this node holds it afterwards. Raises when the bus is unreachable."""
+
+    async def resign(self, name: str) -> None:
+        """Give up the lease ``name`` if this node holds it (another node may take it at once)."""

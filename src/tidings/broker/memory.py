@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from ..history import MemoryHistory, ReplayResult
-from .base import DUPLICATE, Broker, Envelope, PublishDone
+from .base import DUPLICATE, Broker, Envelope, JoinRead, PublishDone, ReplayQuery
 
 __all__ = ["MemoryBroker"]
 
@@ -95,6 +95,15 @@ class MemoryBroker(Broker):
     async def position(self, key: str, owner: str = "") -> tuple[int, str]:
         return self.position_now(key, owner)
 
+    def join_now(self, key: str, replay: ReplayQuery | None, presence: bool, owner: str = "") -> JoinRead:
+        """Every join is answered at once; the ring is created (and pinned) when it has none."""
+        result = self.replay_now(key, *replay) if replay is not None else None
+        state = self.presence_state_now(key) if presence else None
+        return JoinRead(result, state, self.position_now(key, owner))
+
+    async def join(self, key: str, replay: ReplayQuery | None, presence: bool, owner: str = "") -> JoinRead:
+        return self.join_now(key, replay, presence, owner)
+
     def track(self, key: str, owner: int, presence_key: str, meta: dict[str, Any]) -> None:
         self._presence.setdefault(key, {})[owner] = (presence_key, meta)
 
@@ -126,5 +135,5 @@ class MemoryBroker(Broker):
         }
 
     def sweep(self, now: float | None = None) -> None:
-        """Expire old history."""
+        """Expire old history (``now``: wall-clock seconds, the current time by default)."""
         self.history.sweep(time.time() if now is None else now)

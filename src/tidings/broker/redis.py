@@ -54,7 +54,7 @@ from redis.exceptions import (
 )
 
 from ..history import HistoryRecord, ReplayResult
-from .base import DUPLICATE, FAILED, Broker, Envelope, PublishDone
+from .base import DUPLICATE, FAILED, Broker, ChangeBus, Envelope, PublishDone
 
 __all__ = ["RedisBroker"]
 
@@ -125,6 +125,22 @@ end
 return {seq, redis.call('GET', KEYS[2])}
 """
 
+# KEYS: lease. ARGV: node id, ttl ms. 1 when this node holds the lease afterwards.
+LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+RESIGN_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
 
 def _epoch_base(epoch: str) -> int | None:
     """The number an epoch's numbering started after (``"<base>-<node>"``)."""
@@ -176,7 +192,7 @@ class _Shard:
 
 
 class RedisBroker(Broker):
-    """Broker for ``--redis-url``.
+    """Broker for ``--redis-url``; also the cluster's :class:`~tidings.broker.base.ChangeBus`.
 
     Args:
         url: ``redis://host:port/db``.
@@ -299,6 +315,15 @@ class RedisBroker(Broker):
             log.warning("could not remove this node's presence from Redis (%s)", exc)
         await self._close_shards()
         await self.redis.aclose()
+
+    @property
+    def change_bus(self) -> ChangeBus:
+        """This broker: Postgres Changes travel between nodes through the same Redis."""
+        return self
+
+    def pending(self) -> int:
+        """Commands queued for the next pipeline round trip."""
+        return len(self._ops)
 
     # -- command queue -----------------------------------------------------------------------
 
@@ -971,8 +996,22 @@ class RedisBroker(Broker):
         await self.redis.delete(nkey)
         await self.redis.zrem(f"{self.prefix}:nodes", node)
 
-    # -- for the HTTP history endpoint and tests ---------------------------------------------
+    # -- leases (ChangeBus) ------------------------------------------------------------------
+
+    def _lease_key(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    async def lease(self, name: str, ttl: float) -> bool:
+        """Take or renew the lease ``name`` (a key holding the node id, expiring after ``ttl``)."""
+        held = await self.redis.eval(LEASE_LUA, 1, self._lease_key(name), self.node_id, int(ttl * 1000))
+        return bool(held)
+
+    async def resign(self, name: str) -> None:
+        """Delete the lease ``name`` if this node holds it."""
+        await self.redis.eval(RESIGN_LUA, 1, self._lease_key(name), self.node_id)
+
+    # -- for tests ---------------------------------------------------------------------------
 
     async def call(self, fn: Callable[[aioredis.Redis], Awaitable[Any]]) -> Any:
-        """Run ``fn(redis)`` (used by tests and the CDC lease)."""
+        """Run ``fn(redis)`` (tests reach Redis directly through it)."""
         return await fn(self.redis)

@@ -1,10 +1,12 @@
 """Postgres Changes in a cluster: one node streams the slot, every node delivers.
 
-The node holding a lease in Redis streams the replication slot and publishes each change to the
-``cdc`` broker channel; every node (the leader included) matches the changes it receives against
-its own subscriptions. The slot position is confirmed only once Redis took every change of a
-transaction, so a leader that dies loses nothing: the next leader (within about one lease time)
-streams again from the last confirmed position, and nodes drop re-sent changes by their id.
+The cluster's :class:`~tidings.broker.base.ChangeBus` (the Redis broker) carries both the lease
+and the changes; this module knows that interface only. The node holding the lease streams the
+replication slot and publishes each change to the ``cdc`` broker channel; every node (the leader
+included) matches the changes it receives against its own subscriptions. The slot position is
+confirmed only once Redis took every change of a transaction, so a leader that dies loses nothing:
+the next leader (within about one lease time) streams again from the last confirmed position, and
+nodes drop re-sent changes by their id.
 """
 
 from __future__ import annotations
@@ -13,31 +15,16 @@ import asyncio
 import logging
 from typing import Any
 
-from ..broker.redis import RedisBroker
+from ..broker.base import ChangeBus
 from .changes import Change
 from .service import PostgresChanges, PostgresChangesError
 
-__all__ = ["CHANGES_KEY", "ChangeFeedLeader", "decode_change", "encode_change"]
+__all__ = ["CHANGES_KEY", "LEASE", "ChangeFeedLeader", "decode_change", "encode_change"]
 
 log = logging.getLogger("tidings.cdc.cluster")
 
 CHANGES_KEY = "cdc"
-
-# KEYS: lease. ARGV: node id, ttl ms. 1 when this node holds the lease afterwards.
-RENEW_LUA = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-RESIGN_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+LEASE = "cdc:leader"  # the replication lease: whoever holds it streams the slot
 
 
 def encode_change(change: Change) -> dict[str, Any]:
@@ -77,19 +64,18 @@ class ChangeFeedLeader:
 
     Args:
         cdc: this node's Postgres Changes service (its subscriptions are this node's).
-        broker: the cluster's Redis broker.
+        broker: the cluster's change bus (the Redis broker).
         lease_ttl: seconds a lease lasts without renewal; a dead leader is replaced after it.
         first_delay: seconds before the first attempt (lets clients rejoin after a restart).
     """
 
     def __init__(
-        self, cdc: PostgresChanges, broker: RedisBroker, lease_ttl: float = 6.0, first_delay: float = 0.0
+        self, cdc: PostgresChanges, broker: ChangeBus, lease_ttl: float = 6.0, first_delay: float = 0.0
     ) -> None:
         self.cdc = cdc
         self.broker = broker
         self.lease_ttl = lease_ttl
         self.first_delay = first_delay
-        self.lease_key = f"{broker.prefix}:cdc:leader"
         self.leader = False
         self._failed = False
         cdc.forwarder = self
@@ -109,6 +95,10 @@ class ChangeFeedLeader:
             confirm(end_lsn)
 
         self.broker.after_queued(done)
+
+    def received(self, raw: dict[str, Any]) -> None:
+        """A change from the bus (``Node.on_change``): match it against this node's subscriptions."""
+        self.cdc.dispatch(decode_change(raw))
 
     def _published(self, result: Any) -> None:
         if isinstance(result, Exception) and not self._failed:
@@ -132,13 +122,7 @@ class ChangeFeedLeader:
 
     async def _step(self) -> None:
         try:
-            held = bool(
-                await self.broker.call(
-                    lambda r: r.eval(
-                        RENEW_LUA, 1, self.lease_key, self.broker.node_id, int(self.lease_ttl * 1000)
-                    )
-                )
-            )
+            held = await self.broker.lease(LEASE, self.lease_ttl)
         except Exception as exc:  # Redis down: nobody can confirm changes anyway
             log.warning("cannot renew the replication lease (%s)", exc)
             held = False
@@ -160,7 +144,7 @@ class ChangeFeedLeader:
     async def _resign(self) -> None:
         await self.cdc.stop_streaming()
         try:
-            await self.broker.call(lambda r: r.eval(RESIGN_LUA, 1, self.lease_key, self.broker.node_id))
+            await self.broker.resign(LEASE)
         except Exception:
             pass
         self.leader = False

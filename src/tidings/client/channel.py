@@ -13,9 +13,10 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import random
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tidings.protocol.codec import Message, Serializer
 
@@ -45,9 +46,14 @@ from .sendqueue import OutboundMessage
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from .client import RealtimeClient
+    from .callbacks import Callbacks
+    from .connection import Connection
+    from .dedup import LRUSet
+    from .http import HistoryClient
+    from .metrics import Metrics
+    from .settings import ClientSettings
 
-__all__ = ["RealtimeChannel"]
+__all__ = ["ChannelHost", "RealtimeChannel"]
 
 logger = logging.getLogger("tidings.client")
 
@@ -58,6 +64,33 @@ SystemCallback = Callable[[SystemMessage], object]
 GapCallback = Callable[[RecoveryGap], object]
 
 PRESENCE_EVENTS = ("sync", "join", "leave")
+
+
+class ChannelHost(Protocol):
+    """What a channel uses of its client (:class:`~tidings.client.RealtimeClient` is the one);
+    named here so this module needs no import of the client's."""
+
+    settings: ClientSettings
+    connection: Connection[RealtimeChannel]
+    callbacks: Callbacks
+    access_token: str
+    history: HistoryClient
+    metrics: Metrics
+    dedup: LRUSet
+    rng: random.Random | None
+
+    @property
+    def serializer(self) -> Serializer:
+        """The wire format of the connection."""
+
+    @property
+    def connected(self) -> bool:
+        """True while the WebSocket is open."""
+
+    def start(self) -> None:
+        """Start the connection manager in the background."""
+
+
 POSTGRES_EVENTS = ("*", "INSERT", "UPDATE", "DELETE")
 
 
@@ -103,7 +136,7 @@ class RealtimeChannel:
 
     def __init__(
         self,
-        client: RealtimeClient,
+        client: ChannelHost,
         name: str,
         *,
         private: bool = False,

@@ -11,6 +11,8 @@ __all__ = [
     "HTTP_API_KEY_MISSING",
     "HTTP_TOO_MANY_CONNECTED",
     "HTTP_TOO_MANY_JOINS",
+    "HTTP_UNAUTHORIZED",
+    "METRICS_TOKEN_REQUIRED",
     "MISSING_PARTITION",
     "PAYLOAD_TOO_LARGE",
     "POSTGRES_CHANGES_UNAVAILABLE",
@@ -56,6 +58,9 @@ TRACK_SIZE_EXCEEDED = "Track message size exceeded"
 HTTP_API_KEY_MISSING = "API key is missing"
 HTTP_TOO_MANY_CONNECTED = "Too many connected users"
 HTTP_TOO_MANY_JOINS = "Too many joins per second"
+HTTP_UNAUTHORIZED = "Unauthorized"
+"""REST API: a token that does not verify (401), a private channel the token may not write (403)."""
+METRICS_TOKEN_REQUIRED = "Unauthorized: a bearer token signed with METRICS_JWT_SECRET is required"
 
 # Realtime Authorization (private channels; lib/realtime_web/channels/realtime_channel.ex).
 DATABASE_UNAVAILABLE = "UnableToConnectToProject: Realtime was unable to connect to the project database"

@@ -1,10 +1,17 @@
-"""Process lifecycle: build the node and the ASGI app, run uvicorn with the lean WebSocket class.
+"""Process lifecycle and the composition root: build the node and the ASGI app, run uvicorn.
+
+This is the one module that picks concrete parts (the broker through ``broker.make_broker``,
+Postgres Changes and, in a cluster, its lease-holding leader) and wires them to the node; every
+other module knows them by their interfaces. The lifespan hands requests and connections the
+node, its monitor and its long-polls (``server/state.py``).
 
 Start-up order (one process): the optional extras a setting needs, the listening socket, the
 broker (Redis), Postgres Changes, then uvicorn on the bound socket. Whatever fails stops the process
 with one logged line and a non-zero status (:class:`StartupError`), never a traceback, and the
 replication slot is created last, once nothing else can fail (and dropped again if this start
 created it and is cut short). A SIGINT/SIGTERM after start drains and exits with status 0.
+Shutdown runs the other way: the node's background tasks are awaited (the change-feed leader
+resigns its lease through the broker), then Postgres Changes stop, then the broker.
 """
 
 from __future__ import annotations
@@ -17,37 +24,39 @@ import importlib.util
 import json
 import logging
 import os
-import resource
 import signal
 import socket
 from collections.abc import AsyncIterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
 
 from ..auth.keys import quiet_pyjwt_key_length_warning, short_secret_warning
-from ..broker.base import Broker
+from ..broker import make_broker
 from ..config import Config
-from ..logs import redact
+from ..limits import raise_open_files_limit
 from ..node import Node
 from .edge import install_accept_error_filter
 from .http_api import build_routes, cors_middleware, quiet_disconnects
 from .http_protocol import DeadlineHttpProtocol
+from .state import lifespan_state
 from .websocket import WebSocketConnection
+
+if TYPE_CHECKING:
+    from ..cdc.service import PostgresChanges
 
 __all__ = [
     "StartupError",
     "app_from_env",
     "build_app",
     "check_extras",
-    "make_broker",
-    "raise_open_files_limit",
     "run",
     "start_node",
     "stop_node",
     "uvicorn_config",
+    "uvicorn_options",
 ]
 
 CONFIG_ENV = "TIDINGS_CONFIG_JSON"
@@ -74,15 +83,6 @@ def check_extras(config: Config) -> None:
             raise StartupError(f"{env} needs the {extra} extra: pip install 'tidings[{extra}]'")
 
 
-def raise_open_files_limit() -> int:
-    """Raise the soft open-files limit to the hard limit; returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
-    return soft
-
-
 def build_app(config: Config, node: Node | None = None) -> Starlette:
     """The ASGI app; its lifespan hands WebSocket connections the :class:`Node` they share.
 
@@ -94,7 +94,7 @@ def build_app(config: Config, node: Node | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         if node is not None:
             app.state.node = node
-            yield {"node": node}
+            yield lifespan_state(node)
             return
         try:
             own = await start_node(config)
@@ -103,11 +103,10 @@ def build_app(config: Config, node: Node | None = None) -> Starlette:
             raise
         app.state.node = own
         try:
-            yield {"node": own}
+            yield lifespan_state(own)
         finally:
             await stop_node(own)
 
-    redact(config.metrics_jwt_secret)
     install_accept_error_filter()
     middleware = [cors_middleware(config.allowed_origins), quiet_disconnects()]
     return Starlette(routes=build_routes(), middleware=middleware, lifespan=lifespan)
@@ -138,13 +137,26 @@ async def start_node(config: Config) -> Node:
 
 
 async def stop_node(node: Node, *, drop_new_slot: bool = False) -> None:
-    """Stop the node and Postgres Changes; ``drop_new_slot`` drops a slot this start created."""
-    await node.stop()
-    cdc = node.cdc
+    """Stop in dependency order: the node's tasks (awaited), Postgres Changes, then the broker.
+
+    ``drop_new_slot`` drops a replication slot this start created.
+    """
+    await node.stop_tasks()
+    cdc = _changes_of(node)
     if cdc is not None:
         await cdc.stop()
         if drop_new_slot and cdc.created_slot:
             await cdc.drop_slot()
+    await node.stop()
+
+
+def _changes_of(node: Node) -> PostgresChanges | None:
+    """The Postgres Changes service :func:`start_changes` attached to ``node``."""
+    if node.cdc is None:
+        return None
+    from ..cdc.service import PostgresChanges
+
+    return node.cdc if isinstance(node.cdc, PostgresChanges) else None
 
 
 async def start_changes(node: Node, config: Config) -> None:
@@ -189,13 +201,14 @@ async def start_changes(node: Node, config: Config) -> None:
         config.db_resume_grace,
     )
 
-    if config.redis_url:  # imports redis only when it is configured (it is an extra)
-        from ..broker.redis import RedisBroker
+    bus = node.broker.change_bus
+    if bus is not None:
         from ..cdc.cluster import ChangeFeedLeader
 
         # A cluster: one node holds the lease and streams; every node delivers.
-        assert isinstance(node.broker, RedisBroker)
-        node.background(ChangeFeedLeader(cdc, node.broker, first_delay=config.db_resume_grace).run())
+        leader = ChangeFeedLeader(cdc, bus, first_delay=config.db_resume_grace)
+        node.on_change(leader.received)
+        node.background(leader.run())
         return
 
     async def stream_later() -> None:
@@ -210,21 +223,6 @@ async def start_changes(node: Node, config: Config) -> None:
     node.background(stream_later())
 
 
-def make_broker(config: Config) -> Broker | None:
-    """The Redis broker when ``REDIS_URL`` is set; ``None`` selects the embedded memory broker."""
-    if not config.redis_url:
-        return None
-    from ..broker.redis import RedisBroker
-
-    return RedisBroker(
-        config.redis_url,
-        config.history_size,
-        config.history_ttl,
-        node_timeout=config.node_timeout,
-        health_interval=min(2.0, config.node_timeout / 4),
-    )
-
-
 def app_from_env() -> Starlette:
     """App factory for worker processes: the parent passes the resolved config in the environment."""
     from ..logs import setup_logging
@@ -235,7 +233,7 @@ def app_from_env() -> Starlette:
     return build_app(config)
 
 
-def uvicorn_config(config: Config, node: Node | None = None) -> uvicorn.Config:
+def uvicorn_options(config: Config) -> dict[str, Any]:
     """uvicorn settings: uvloop, httptools, our WebSocket class, a drain-aware shutdown timeout."""
     try:
         import uvloop  # noqa: F401
@@ -243,20 +241,24 @@ def uvicorn_config(config: Config, node: Node | None = None) -> uvicorn.Config:
         loop = "uvloop"
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         loop = "asyncio"
-    return uvicorn.Config(
-        build_app(config, node),
-        host=config.host,
-        port=config.port,
-        loop=loop,
-        http=DeadlineHttpProtocol,
-        ws=WebSocketConnection,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(config.drain_window) + 5,
-        backlog=4096,
-        server_header=False,
-    )
+    return {
+        "host": config.host,
+        "port": config.port,
+        "loop": loop,
+        "http": DeadlineHttpProtocol,
+        "ws": WebSocketConnection,
+        "lifespan": "on",
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": int(config.drain_window) + 5,
+        "backlog": 4096,
+        "server_header": False,
+    }
+
+
+def uvicorn_config(config: Config, node: Node | None = None) -> uvicorn.Config:
+    """The uvicorn config serving :func:`build_app` with :func:`uvicorn_options`."""
+    return uvicorn.Config(build_app(config, node), **uvicorn_options(config))
 
 
 def listen(config: Config) -> socket.socket:
@@ -387,22 +389,8 @@ def _run(config: Config) -> None:
     log.info("%s (%d workers)", describe_start(config, port), config.workers)
     # Worker processes share the listening socket; each is a node of the Redis cluster.
     os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
-    base = uvicorn_config(config)
     uvicorn.run(
-        "tidings.server.app:app_from_env",
-        factory=True,
-        workers=config.workers,
-        host=config.host,
-        port=config.port,
-        loop=base.loop,
-        http=DeadlineHttpProtocol,
-        ws=WebSocketConnection,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=base.timeout_graceful_shutdown,
-        backlog=4096,
-        server_header=False,
+        "tidings.server.app:app_from_env", factory=True, workers=config.workers, **uvicorn_options(config)
     )
 
 

@@ -22,9 +22,11 @@ from ..auth.tokens import AuthError, Principal
 from ..broker.base import sender_scope
 from ..history import HistoryRecord, ReplayResult
 from ..node import Node, group_key
+from ..protocol import errors as reasons
 from ..protocol.join import name_too_long
 from .edge import origin_policy
 from .metrics_http import render_prometheus
+from .state import monitor_of, node_of, polls_of
 from .web import metrics_refusal, web_routes
 
 __all__ = ["QuietDisconnects", "build_routes", "cors_middleware", "quiet_disconnects"]
@@ -33,20 +35,15 @@ PREFIXES = ("/api", "/realtime/v1/api")
 MAX_BATCH = 1000
 
 
-def _node(request: Request) -> Node:
-    node: Node = request.state.node
-    return node
-
-
 def _authenticate(request: Request) -> Principal | Response:
-    node = _node(request)
+    node = node_of(request)
     auth = request.headers.get("authorization", "")
     token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
     token = token or request.headers.get("apikey") or request.query_params.get("apikey")
     try:  # open mode too: a token over MAX_TOKEN_BYTES is refused there as well
         return node.verifier.verify(token)
     except AuthError:
-        return JSONResponse({"message": "Unauthorized"}, status_code=401)
+        return JSONResponse({"message": reasons.HTTP_UNAUTHORIZED}, status_code=401)
 
 
 def _sender(request: Request, principal: Principal) -> str:
@@ -60,10 +57,6 @@ def _rate_limited(node: Node, count: int) -> Response | None:
         node.metrics.rate_limited += 1
         return JSONResponse({"message": "You have exceeded your rate limit"}, status_code=429)
     return None
-
-
-def _may_write(node: Node, principal: Principal, private: bool) -> bool:
-    return not private or not node.verifier.enabled or principal.role not in ("anon", "")
 
 
 def _name_errors(node: Node, topic: object, event: object, prefix: str = "") -> dict[str, list[str]]:
@@ -83,7 +76,7 @@ def _name_errors(node: Node, topic: object, event: object, prefix: str = "") -> 
 
 async def broadcast_batch(request: Request) -> Response:
     """``POST /api/broadcast`` with ``{"messages": [{topic, event, payload, private?, id?}]}``."""
-    node = _node(request)
+    node = node_of(request)
     principal = _authenticate(request)
     if isinstance(principal, Response):
         return principal
@@ -124,7 +117,7 @@ async def broadcast_batch(request: Request) -> Response:
     sender = _sender(request, principal)
     for m in messages:
         private = m.get("private") is True or str(m.get("private")).lower() == "true"
-        if not _may_write(node, principal, private):
+        if not node.may_write(principal, private, m["topic"]):
             continue  # unauthorised topics are skipped silently (still 202)
         node.publish_broadcast(
             private, m["topic"], m["event"], m["payload"], m.get("id") or None, sender=sender
@@ -134,7 +127,7 @@ async def broadcast_batch(request: Request) -> Response:
 
 async def broadcast_single(request: Request) -> Response:
     """``POST /api/broadcast/{subtopic}/events/{event}`` with the raw payload as the body."""
-    node = _node(request)
+    node = node_of(request)
     principal = _authenticate(request)
     if isinstance(principal, Response):
         return principal
@@ -169,8 +162,8 @@ async def broadcast_single(request: Request) -> Response:
     else:
         return JSONResponse({"message": f"Unsupported content type {content_type}"}, status_code=415)
     private = request.query_params.get("private", "false").lower() == "true"
-    if not _may_write(node, principal, private):
-        return JSONResponse({"message": "Unauthorized"}, status_code=403)
+    if not node.may_write(principal, private, sub_topic):
+        return JSONResponse({"message": reasons.HTTP_UNAUTHORIZED}, status_code=403)
     limited = _rate_limited(node, 1)
     if limited is not None:
         return limited
@@ -211,15 +204,14 @@ async def channel_messages(request: Request) -> Response:
     ``complete`` is true only when history provably holds every message after ``since_seq``: of
     the channel's current ``epoch`` (returned; pass it back as ``epoch``), nothing trimmed.
     """
-    node = _node(request)
+    node = node_of(request)
     principal = _authenticate(request)
     if isinstance(principal, Response):
         return principal
     sub_topic = request.path_params["subtopic"]
     private = request.query_params.get("private", "false").lower() == "true"
-    if private and not _may_write(node, principal, private):
-        reason = f"Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}"
-        return JSONResponse({"message": reason}, status_code=403)
+    if not node.may_read(principal, private, sub_topic):
+        return JSONResponse({"message": reasons.unauthorized_read_reason(sub_topic)}, status_code=403)
     try:
         since_seq = _int_param(request, "since_seq")
         since_ms = _int_param(request, "since")
@@ -240,7 +232,7 @@ async def channel_messages(request: Request) -> Response:
 
     result = await read()
     if not result.records and timeout > 0:
-        await node.wait_for_message(key, timeout)
+        await polls_of(request).wait(key, timeout)
         result = await read()
     last = result.records[-1].seq if result.records else since_seq
     return JSONResponse(
@@ -255,7 +247,7 @@ async def channel_messages(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     """``GET /api/health``: liveness plus a few gauges."""
-    node = _node(request)
+    node = node_of(request)
     return JSONResponse(
         {
             "status": "draining" if node.draining else "ok",
@@ -272,7 +264,8 @@ async def metrics(request: Request) -> Response:
     refusal = metrics_refusal(request)
     if refusal is not None:
         return refusal
-    return Response(render_prometheus(_node(request)), media_type="text/plain; version=0.0.4; charset=utf-8")
+    text = render_prometheus(node_of(request), monitor_of(request))
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def build_routes() -> list[Route]:

@@ -11,6 +11,7 @@ from ..alerts import ALERT_NAMES
 from ..logs import suppressed_lines
 from ..metrics import RECEIVED_KINDS, Histogram
 from ..node import Node
+from .monitor import Monitor
 
 __all__ = ["render_prometheus"]
 
@@ -40,6 +41,11 @@ _COUNTERS = (
     ("tidings_received_bytes_total", "Bytes of client messages received.", "bytes_in"),
     ("tidings_sent_bytes_total", "Bytes written by fan-out (broadcast, presence, changes).", "bytes_out"),
     ("tidings_rate_limited_total", "Messages and requests refused by rate limits.", "rate_limited"),
+    (
+        "tidings_internal_errors_total",
+        "Client messages whose handling raised (a bug): the connection was closed with 1011.",
+        "internal_errors",
+    ),
     (
         "tidings_slow_consumer_closes_total",
         "Connections closed as slow consumers (1013).",
@@ -189,10 +195,9 @@ def _history(lines: list[str], stats: dict[str, int]) -> None:
     )
 
 
-def render_prometheus(node: Node) -> str:
-    """Every metric of ``node`` as Prometheus exposition text."""
+def render_prometheus(node: Node, monitor: Monitor) -> str:
+    """Every metric of ``node`` (and its ``monitor``) as Prometheus exposition text."""
     m = node.metrics
-    monitor = node.monitor
     lines: list[str] = []
     for name, doc, attr in _COUNTERS:
         _metric(lines, name, "counter", doc, [("", getattr(m, attr))])
@@ -275,7 +280,7 @@ def render_prometheus(node: Node) -> str:
     for name, doc, value in gauges:
         _metric(lines, name, "gauge", doc, [("", value)])
     # Postgres Changes gauges: absent until the replication side has measured them.
-    lag_bytes = getattr(node, "replication_lag_bytes", None)
+    lag_bytes = node.replication_lag_bytes
     optional = (
         ("tidings_replication_lag_bytes", "WAL bytes the replication slot has not confirmed yet.", lag_bytes),
         (

@@ -23,8 +23,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..node import Node
+from ..protocol import errors
 from .edge import bearer_token, metrics_token_valid
+from .state import monitor_of, node_of
 
 __all__ = ["STATIC_DIR", "api_config", "api_metrics", "metrics_refusal", "static_file", "web_routes"]
 
@@ -34,11 +35,6 @@ _NO_STORE = {"Cache-Control": "no-store"}
 
 mimetypes.add_type("text/javascript", ".js")
 mimetypes.add_type("application/json", ".map")
-
-
-def _node(request: Request) -> Node:
-    node: Node = request.state.node
-    return node
 
 
 def _assets() -> frozenset[str]:
@@ -70,7 +66,7 @@ def metrics_refusal(request: Request, html: bool = False) -> Response | None:
     Anyone may while ``METRICS_JWT_SECRET`` is unset; then only a JWT signed with it, sent as
     ``Authorization: Bearer <jwt>`` or ``?token=<jwt>``.
     """
-    node = _node(request)
+    node = node_of(request)
     secret = node.config.metrics_jwt_secret
     if not secret:
         return None
@@ -81,8 +77,7 @@ def metrics_refusal(request: Request, html: bool = False) -> Response | None:
     headers = {"WWW-Authenticate": "Bearer", **_NO_STORE}
     if html:
         return Response(_TOKEN_PAGE, status_code=401, media_type="text/html", headers=headers)
-    message = "Unauthorized: a bearer token signed with METRICS_JWT_SECRET is required"
-    return JSONResponse({"error": message}, status_code=401, headers=headers)
+    return JSONResponse({"error": errors.METRICS_TOKEN_REQUIRED}, status_code=401, headers=headers)
 
 
 def _hide_private(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -135,8 +130,8 @@ async def api_metrics(request: Request) -> Response:
         points = int(request.query_params.get("history", "60"))
     except ValueError:
         return JSONResponse({"errors": {"history": ["must be a number"]}}, status_code=422)
-    node = _node(request)
-    snapshot = node.monitor.snapshot(history=max(0, min(points, 600)))
+    node = node_of(request)
+    snapshot = monitor_of(request).snapshot(history=max(0, min(points, 600)))
     if not node.config.metrics_jwt_secret:
         snapshot["topChannels"] = _hide_private(snapshot["topChannels"])
     return JSONResponse(snapshot, headers=_NO_STORE)
@@ -144,13 +139,13 @@ async def api_metrics(request: Request) -> Response:
 
 async def api_config(request: Request) -> Response:
     """``GET /api/config``: what a browser page needs to know to pick its transport."""
-    node = _node(request)
+    node = node_of(request)
     return JSONResponse(
         {
             "version": _version(),
             "node": node.node_id,
             # Postgres Changes are offered when DATABASE_URL is set and the service is attached.
-            "postgresChanges": getattr(node, "cdc", None) is not None,
+            "postgresChanges": node.changes_enabled,
             "authRequired": node.verifier.enabled,
             "heartbeatIntervalMs": int(node.config.heartbeat_interval * 1000),
             "historySize": node.config.history_size,
