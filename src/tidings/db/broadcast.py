@@ -418,7 +418,7 @@ class _Transaction:
 class _Ledger:
     """The transactions of one reader, in stream order, until each can be confirmed."""
 
-    __slots__ = ("alive", "on_failure", "open", "queue", "stream")
+    __slots__ = ("alive", "confirmable", "flushing", "on_failure", "open", "queue", "stream")
 
     def __init__(self, on_failure: Callable[[], None]) -> None:
         self.stream: ReplicationStream | None = None  # set once the reader exists
@@ -426,6 +426,8 @@ class _Ledger:
         self.queue: collections.deque[_Transaction] = collections.deque()
         self.open: _Transaction | None = None
         self.alive = True
+        self.confirmable = 0  # the highest position ready to confirm
+        self.flushing = False
 
     def current(self) -> _Transaction:
         txn = self.open
@@ -447,8 +449,17 @@ class _Ledger:
         queue, last = self.queue, 0
         while queue and queue[0].waiting == 0:
             last = queue.popleft().end_lsn
-        if last and self.stream is not None:
-            self.stream.confirm(last)
+        if last:
+            # One confirm per loop iteration, not per transaction: each wakes the reader thread.
+            self.confirmable = last
+            if not self.flushing:
+                self.flushing = True
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flushing = False
+        if self.alive and self.stream is not None:
+            self.stream.confirm(self.confirmable)
 
     def is_alive(self) -> bool:
         """False once stopped, or once a publish failed."""
@@ -457,7 +468,7 @@ class _Ledger:
     @property
     def settled(self) -> bool:
         """Every transaction handed over was confirmed (or this ledger gave up)."""
-        return not self.alive or (not self.queue and self.open is None)
+        return not self.alive or (not self.queue and self.open is None and not self.flushing)
 
     def fail(self) -> None:
         if self.alive:
