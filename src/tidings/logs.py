@@ -35,6 +35,7 @@ __all__ = [
     "Clipped",
     "clip_text",
     "escape_control",
+    "first_line",
     "flush_suppressed",
     "redact",
     "secrets_of",
@@ -55,6 +56,14 @@ LIMIT_WINDOW = 10.0  # seconds of the line limiter's window
 MAX_LIMITED_KINDS = 1024  # line kinds tracked at once; beyond, new kinds of a logger share one
 # C0 (but tab), DEL, C1 (NEL among them) and the Unicode line and paragraph separators.
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, else its type's name: what a log line or a
+    one-line start-up failure shows of a database or network error (drivers add hints and
+    context on further lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def secrets_of(*values: str | None) -> list[str]:

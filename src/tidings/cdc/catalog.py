@@ -22,6 +22,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from tidings.cdc.values import PgType, builtin_type, catalog_type, unknown_type
+from tidings.logs import first_line
 
 __all__ = [
     "CheckFailed",
@@ -87,11 +88,6 @@ def describe_dsn(dsn: str) -> str:
     except psycopg2.ProgrammingError:
         return "<invalid database URL>"
     return f"{p.get('host', 'localhost')}:{p.get('port', '5432')}/{p.get('dbname', p.get('user', ''))}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def connect(dsn: str, **kwargs: Any) -> Any:
@@ -229,7 +225,7 @@ def ensure_slot(conn: Any, slot: str) -> bool:
     except psycopg2.errors.DuplicateObject:
         return False
     except psycopg2.errors.ConfigurationLimitExceeded as exc:
-        raise PostgresChangesError(f"cannot create replication slot '{slot}': {_first_line(exc)}") from None
+        raise PostgresChangesError(f"cannot create replication slot '{slot}': {first_line(exc)}") from None
     log.info("created logical replication slot %s (pgoutput)", slot)
     return True
 
@@ -491,8 +487,8 @@ def visible_keys(
                     except psycopg2.Error:
                         conn.close()  # the pool drops a closed connection
     except psycopg2.errors.QueryCanceled as exc:
-        raise CheckFailed(_first_line(exc)) from None
+        raise CheckFailed(first_line(exc)) from None
     except (psycopg2.OperationalError, psycopg2.InterfaceError):
         raise
     except psycopg2.Error as exc:
-        raise CheckFailed(_first_line(exc)) from None
+        raise CheckFailed(first_line(exc)) from None

@@ -36,6 +36,7 @@ from tidings.cdc import catalog
 from tidings.cdc.catalog import PostgresChangesError
 from tidings.cdc.changes import DEFAULT_MAX_RECORD_BYTES, Change, ChangeDecoder, TransactionEnd
 from tidings.cdc.pgoutput import format_lsn
+from tidings.logs import first_line
 
 __all__ = ["Batch", "ReplicationStream", "StreamDecoder"]
 
@@ -234,7 +235,7 @@ class ReplicationStream:
                     return
                 log.error("postgres changes: %s; retrying", exc)
             except Exception as exc:  # connection lost, server restarting, slot busy, ...
-                self.last_error = _first_line(exc)
+                self.last_error = first_line(exc)
                 if not self._stop.is_set():
                     log.warning("replication stream interrupted: %s", self.last_error)
             finally:
@@ -361,8 +362,3 @@ class ReplicationStream:
                 confirmed = self._confirmed
                 cur.send_feedback(write_lsn=confirmed, flush_lsn=confirmed, apply_lsn=confirmed, force=True)
                 last_status = time.monotonic()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

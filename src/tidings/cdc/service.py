@@ -83,6 +83,7 @@ from tidings.cdc.index import (
 )
 from tidings.cdc.replication import SESSION_OPTIONS, Batch, ReplicationStream
 from tidings.cdc.rls import Identity, RlsPipeline, identity_of
+from tidings.logs import first_line
 from tidings.protocol.filters import FilterError, bind_filter
 
 __all__ = ["Deliver", "Forwarder", "PostgresChanges", "PostgresChangesError", "SubscriptionError"]
@@ -152,7 +153,7 @@ class PostgresChanges:
                 application_name="tidings-cdc",
             )
         except psycopg2.ProgrammingError as exc:
-            raise PostgresChangesError(f"invalid database URL: {_first_line(exc)}") from None
+            raise PostgresChangesError(f"invalid database URL: {first_line(exc)}") from None
         self._where = catalog.describe_dsn(self._dsn)
         self._index = SubscriptionIndex()
         self._pool: ConnectionPool | None = None
@@ -204,7 +205,7 @@ class PostgresChanges:
             if await self._db(catalog.ensure_slot, self.slot):
                 self.created_slot = True
         except psycopg2.Error as exc:
-            raise PostgresChangesError(f"PostgreSQL at {self._where}: {_first_line(exc)}") from None
+            raise PostgresChangesError(f"PostgreSQL at {self._where}: {first_line(exc)}") from None
 
     async def drop_slot(self) -> None:
         """Drop the slot unless something streams from it (a start cut short created it).
@@ -227,7 +228,7 @@ class PostgresChanges:
         try:
             await asyncio.get_running_loop().run_in_executor(None, drop)
         except psycopg2.Error as exc:
-            log.warning("could not drop replication slot %s: %s", self.slot, _first_line(exc))
+            log.warning("could not drop replication slot %s: %s", self.slot, first_line(exc))
             return
         self.created_slot = False
         log.info("dropped replication slot %s: the start that created it did not finish", self.slot)
@@ -264,7 +265,7 @@ class PostgresChanges:
             raise
         except psycopg2.Error as exc:
             await self._shutdown()
-            raise PostgresChangesError(f"PostgreSQL at {self._where}: {_first_line(exc)}") from None
+            raise PostgresChangesError(f"PostgreSQL at {self._where}: {first_line(exc)}") from None
 
     async def stop(self, *, drain_timeout: float = 5.0) -> None:
         """Stop streaming and close connections.
@@ -363,7 +364,7 @@ class PostgresChanges:
                     columns = await self._columns(table, role)
                     compiled.append((table, _compile(bid, spec, columns, self._timezone)))
         except (psycopg2.Error, PostgresChangesError) as exc:
-            log.warning("postgres changes subscription failed: %s", _first_line(exc))
+            log.warning("postgres changes subscription failed: %s", first_line(exc))
             raise SubscriptionError(UNAVAILABLE, transient=True) from None
         self._index.remove(owner)
         for table, binding in compiled:
@@ -494,7 +495,7 @@ class PostgresChanges:
                 "cannot tell whether %s.%s has row level security (%s): checking its rows",
                 schema,
                 table,
-                _first_line(exc),
+                first_line(exc),
             )
             security = catalog.TableSecurity(True, {})
         self._rls_cache[key] = (time.monotonic(), security)
@@ -532,7 +533,7 @@ class PostgresChanges:
                 schema,
                 table,
                 ident.role,
-                _first_line(exc),
+                first_line(exc),
             )
             return set()
 
@@ -548,7 +549,7 @@ class PostgresChanges:
             try:
                 return await self._db(fn, *args)
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-                self._warn(("db",), "RLS checks wait for the database: %s", _first_line(exc))
+                self._warn(("db",), "RLS checks wait for the database: %s", first_line(exc))
             except RuntimeError:
                 # The executor was shut down under us (a failed start): _db makes a new one.
                 shut_down += 1
@@ -586,8 +587,3 @@ def _compile(bid: int, spec: BindingSpec, columns: list[ColumnInfo], timezone: s
     elif len(selectable) != len(columns):
         visible = frozenset(c.name for c in selectable)
     return Binding(bid, spec.events, bound, visible)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -48,7 +48,7 @@ from tidings.auth.policy import (
 from tidings.cdc import catalog
 from tidings.cdc.catalog import ConnectionPool
 from tidings.db.partitions import maintain_partitions
-from tidings.logs import Clipped
+from tidings.logs import Clipped, first_line
 from tidings.protocol import errors
 
 __all__ = [
@@ -90,11 +90,6 @@ class MissingPartition(AuthorizationUnavailable):
         super().__init__(errors.MISSING_PARTITION, errors.DATABASE_UNAVAILABLE_MESSAGE, detail)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _config_params(context: AuthorizationContext) -> list[Any]:
     return [context.role, context.topic, context.claims_json, context.sub, context.role, context.headers_json]
 
@@ -111,12 +106,12 @@ def _rollback(conn: Any, cur: Any) -> None:
 def _unavailable(exc: psycopg2.Error) -> AuthorizationUnavailable:
     if isinstance(exc, psycopg2.errors.QueryCanceled):
         return AuthorizationUnavailable(
-            f"QueryCanceled: {_first_line(exc)}", "Query was cancelled, please try again", _first_line(exc)
+            f"QueryCanceled: {first_line(exc)}", "Query was cancelled, please try again", first_line(exc)
         )
     if isinstance(exc, psycopg2.errors.CheckViolation):
-        return MissingPartition(_first_line(exc))
+        return MissingPartition(first_line(exc))
     return AuthorizationUnavailable(
-        errors.DATABASE_UNAVAILABLE, errors.DATABASE_UNAVAILABLE_MESSAGE, _first_line(exc)
+        errors.DATABASE_UNAVAILABLE, errors.DATABASE_UNAVAILABLE_MESSAGE, first_line(exc)
     )
 
 
@@ -126,7 +121,7 @@ def _policy_error(context: AuthorizationContext, check: str, exc: psycopg2.Error
         check,
         Clipped(context.topic),
         Clipped(context.role),
-        Clipped(_first_line(exc)),
+        Clipped(first_line(exc)),
     )
 
 
@@ -404,13 +399,13 @@ class RlsAuthorizer:
                 try:
                     await self._db(maintain_partitions)
                 except psycopg2.Error as repair:
-                    log.error("creating the partitions of realtime.messages failed: %s", _first_line(repair))
+                    log.error("creating the partitions of realtime.messages failed: %s", first_line(repair))
                     raise exc from None
             except (psycopg2.OperationalError, psycopg2.InterfaceError, RuntimeError) as exc:
                 raise AuthorizationUnavailable(
                     errors.DATABASE_UNAVAILABLE,
                     errors.DATABASE_UNAVAILABLE_MESSAGE,
-                    f"PostgreSQL at {self._where}: {_first_line(exc)}",
+                    f"PostgreSQL at {self._where}: {first_line(exc)}",
                 ) from None
         raise AssertionError("unreachable")
 

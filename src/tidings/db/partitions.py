@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from tidings.logs import first_line
+
 __all__ = [
     "DAYS_AHEAD",
     "DAYS_BEHIND",
@@ -185,7 +187,7 @@ def maintain_partitions(
                     # The day overlaps a partition of another name, or rows of a default partition.
                     cur.execute("ROLLBACK TO SAVEPOINT partition")
                     failed.append(name)
-                    log.warning("cannot create partition realtime.%s: %s", name, _first_line(exc))
+                    log.warning("cannot create partition realtime.%s: %s", name, first_line(exc))
                     continue
                 cur.execute("RELEASE SAVEPOINT partition")
                 created.append(name)
@@ -222,11 +224,6 @@ def _rollback(conn: Any, cur: Any) -> None:
         cur.execute("ROLLBACK")
     except psycopg2.Error:
         conn.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class PartitionMaintenance:
@@ -272,7 +269,7 @@ class PartitionMaintenance:
         try:
             report = await asyncio.to_thread(self._run_blocking)
         except Exception as exc:
-            self.last_error = _first_line(exc)
+            self.last_error = first_line(exc)
             raise
         finally:
             self.runs += 1
