@@ -61,7 +61,10 @@ NO_PARAMS = "No subscription params provided. Please provide at least a `schema`
             {"schema": "public", "table": "t", "select": ["a", 1, "b"]},
             BindingSpec("*", "public", "t", (), ("a", "b")),
         ),
-        ({"schema": "public", "table": "t", "select": []}, BindingSpec("*", "public", "t", (), ())),
+        # No column names: every column, as without select (not a key-only record).
+        ({"schema": "public", "table": "t", "select": []}, BindingSpec("*", "public", "t", (), None)),
+        ({"schema": "public", "table": "t", "select": [1, None]}, BindingSpec("*", "public", "t", (), None)),
+        ({"schema": "public", "select": []}, BindingSpec("*", "public", "*", (), None)),
     ],
 )
 def test_parse_binding(params: dict[str, Any], expected: BindingSpec) -> None:

@@ -334,6 +334,7 @@ async def test_select_and_column_privileges(db: Database, make_changes: Make) ->
     await pc.subscribe("user", [(2, binding("items", filter="n=gt.0"))], user)
     await pc.subscribe("picky", [(3, binding("items", select=["title"]))], None)
     await pc.subscribe("unknown-role", [(4, binding("items"))], {"role": "no_such_role"})
+    await pc.subscribe("empty-select", [(7, binding("items", select=[]))], None)  # every column
     with pytest.raises(SubscriptionError, match="invalid column for filter secret"):
         await pc.subscribe("user2", [(5, binding("items", filter="secret=eq.x"))], user)
     with pytest.raises(SubscriptionError, match="invalid column for select secret"):
@@ -344,9 +345,10 @@ async def test_select_and_column_privileges(db: Database, make_changes: Make) ->
     calls = [d for d in col.items if d.data["type"] == "INSERT"]
     assert len(calls) == 3 and len({d.change_id for d in calls}) == 1
     seen = {owner: d.data for d in calls for owner in d.matches}
-    assert set(seen) == {"admin", "user", "picky", "unknown-role"}
+    assert set(seen) == {"admin", "user", "picky", "unknown-role", "empty-select"}
     assert seen["admin"]["record"] == {"id": 1, "title": "t", "secret": "s", "n": 5}
     assert seen["admin"] is seen["unknown-role"]  # a role missing from the database is not restricted
+    assert seen["admin"] is seen["empty-select"]  # select: [] is no selection, not the key only
     assert seen["user"]["record"] == {"id": 1, "title": "t", "n": 5}
     assert [c["name"] for c in seen["user"]["columns"]] == ["id", "title", "n"]
     assert seen["picky"]["record"] == {"id": 1, "title": "t"}  # the primary key comes along

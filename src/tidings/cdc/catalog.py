@@ -28,6 +28,7 @@ __all__ = [
     "CheckFailed",
     "ColumnInfo",
     "ConnectionPool",
+    "NotYetVisible",
     "PostgresChangesError",
     "TableSecurity",
     "check_server",
@@ -57,6 +58,15 @@ class PostgresChangesError(RuntimeError):
 
 class CheckFailed(Exception):
     """An RLS visibility check failed for a reason other than a lost connection (one line)."""
+
+
+class NotYetVisible(Exception):
+    """An RLS check ran before the changes' transactions were visible to its snapshot: run it again.
+
+    The stream brings a commit once its WAL is flushed; the committing session leaves the list of
+    running transactions a moment later (after a synchronous standby acknowledged it, with
+    synchronous replication). Until then no other session sees its rows.
+    """
 
 
 def connection_dsn(dsn: str, *, ssl: bool = False, **extra: str) -> str:
@@ -425,9 +435,13 @@ def visible_keys(
     role: str,
     claims_json: str,
     keys: Sequence[Sequence[Any]],
+    xids: Sequence[int] = (),
 ) -> set[int]:
     """Indexes into *keys* (primary key values, in *key_columns* order) of the rows that *role*
     with these JWT claims may SELECT under the table's row level security policies.
+
+    *xids* are the 32-bit ids of the transactions that wrote the rows. The same statement (so the
+    same snapshot) checks that each of them is visible; :class:`NotYetVisible` says one is not yet.
 
     As Supabase does: in a transaction that is rolled back, ``SET LOCAL ROLE``, ``request.jwt.claims``
     (and the older ``request.jwt.claim.sub`` / ``request.jwt.claim.role``), then a ``SELECT`` by
@@ -436,6 +450,7 @@ def visible_keys(
     composites (JSON in the record), or of unknown type, is compared with ``to_jsonb``.
 
     Raises:
+        NotYetVisible: a transaction of *xids* is still running for this snapshot (try again).
         CheckFailed: the check itself failed: a role missing from the database, a role this
             connection may not switch to, no SELECT privilege, a policy raising, the statement
             timeout, ...
@@ -464,7 +479,12 @@ def visible_keys(
         "SELECT set_config('request.jwt.claims', %s, true), set_config('request.jwt.claim.sub', %s, true), "
         "set_config('request.jwt.claim.role', %s, true); "
         "SELECT k.n - 1 FROM unnest({arrays}) WITH ORDINALITY AS k({names}, n) "
-        "WHERE EXISTS (SELECT 1 FROM {schema}.{table} r WHERE {conditions})"
+        "WHERE EXISTS (SELECT 1 FROM {schema}.{table} r WHERE {conditions}) "
+        # -1: a writer is still running for this statement's snapshot. The 32-bit xid becomes a
+        # 64-bit one by its distance below the snapshot's xmax (it was assigned before it).
+        "UNION ALL SELECT -1 FROM unnest(%s::int8[]) AS x(xid), "
+        "(SELECT s, txid_snapshot_xmax(s) AS m FROM txid_current_snapshot() AS s) AS snap "
+        "WHERE NOT txid_visible_in_snapshot(m - ((m - x.xid) %% 4294967296 + 4294967296) %% 4294967296, s)"
     ).format(
         role=sql.Identifier(role),
         timeout=sql.Literal(RLS_STATEMENT_TIMEOUT_MS),
@@ -474,12 +494,12 @@ def visible_keys(
         table=sql.Identifier(table),
         conditions=sql.SQL(" AND ").join(conditions),
     )
-    params: list[Any] = [claims_json, "" if sub is None else str(sub), role, *arrays]
+    params: list[Any] = [claims_json, "" if sub is None else str(sub), role, *arrays, sorted(set(xids))]
     try:
         with conn.cursor() as cur:
             try:
                 cur.execute(query, params)
-                return {int(row[0]) for row in cur.fetchall()}
+                visible = {int(row[0]) for row in cur.fetchall()}
             finally:
                 if not conn.closed:
                     try:
@@ -492,3 +512,6 @@ def visible_keys(
         raise
     except psycopg2.Error as exc:
         raise CheckFailed(first_line(exc)) from None
+    if -1 in visible:
+        raise NotYetVisible()
+    return visible

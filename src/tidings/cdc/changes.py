@@ -107,6 +107,9 @@ class Change:
     """What filters test: the new record, or for DELETE the old record (``{}`` for error rows)."""
     filter_types: dict[str, str]
     primary_key: tuple[str, ...]
+    xid: int = 0
+    """The writing transaction's 32-bit id (from its Begin); 0 when unknown. RLS checks wait until
+    it is visible to their snapshot: the stream can bring a commit before other sessions see it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +244,7 @@ class ChangeDecoder:
             raise ValueError(f"change for relation {rel_id} before its Relation message")
         begin = self._begin
         commit_lsn = begin.final_lsn if begin is not None else 0
+        xid = begin.xid if begin is not None else 0
         index = self._index
         self._index += 1
 
@@ -287,6 +291,7 @@ class ChangeDecoder:
                 {},
                 info.filter_types,
                 info.primary_key,
+                xid,
             )
         if kind != "DELETE":
             data["record"] = record if record is not None else {}
@@ -305,6 +310,7 @@ class ChangeDecoder:
             row,
             info.filter_types,
             info.primary_key,
+            xid,
         )
 
 

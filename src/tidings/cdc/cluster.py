@@ -40,6 +40,7 @@ def encode_change(change: Change) -> dict[str, Any]:
         "row": change.row,
         "ft": change.filter_types,
         "pk": list(change.primary_key),
+        "x": change.xid,
     }
 
 
@@ -56,6 +57,7 @@ def decode_change(raw: dict[str, Any]) -> Change:
         row=raw["row"],
         filter_types=raw["ft"],
         primary_key=tuple(raw["pk"]),
+        xid=raw.get("x", 0),  # absent from a node of an older version
     )
 
 

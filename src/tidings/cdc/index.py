@@ -78,7 +78,7 @@ class BindingSpec:
     """Table name or ``*``."""
     conditions: tuple[Condition, ...]
     select: tuple[str, ...] | None
-    """Requested columns (plus the primary key), or None for all."""
+    """Requested columns (plus the primary key), or None for all (also for ``select: []``)."""
 
     @property
     def events(self) -> frozenset[str]:
@@ -125,7 +125,9 @@ def parse_binding(params: Mapping[str, Any]) -> BindingSpec:
     select: tuple[str, ...] | None = None
     raw_select = present.get("select")
     if isinstance(raw_select, list):
-        select = tuple(c for c in raw_select if isinstance(c, str))
+        # No column names at all (``[]``, or none of them strings) asks for nothing in particular:
+        # every column, as without ``select`` (not a key-only record).
+        select = tuple(c for c in raw_select if isinstance(c, str)) or None
     elif isinstance(raw_select, str):
         raise SubscriptionError(
             "Error parsing `select` params: expected a list of column name strings, "

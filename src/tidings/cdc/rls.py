@@ -113,8 +113,12 @@ class _Check:
     keys: list[tuple[Any, ...]] = field(default_factory=list)
     positions: dict[str, int] = field(default_factory=dict)
     visible: set[int] = field(default_factory=set)
+    xids: set[int] = field(default_factory=set)
+    """Transactions that wrote the rows: the check waits until its snapshot sees them."""
 
-    def add(self, key: tuple[Any, ...], token: str) -> int:
+    def add(self, key: tuple[Any, ...], token: str, xid: int) -> int:
+        if xid:
+            self.xids.add(xid)
         pos = self.positions.get(token)
         if pos is None:
             pos = self.positions[token] = len(self.keys)
@@ -148,8 +152,9 @@ class RlsPipeline:
         identity: owner -> its :class:`Identity`, or None once it unsubscribed.
         row_security: ``(schema, table)`` -> whether row level security is enabled (cached by the
             caller).
-        check: ``(schema, table, key columns, identity, keys)`` -> indexes of the visible keys;
-            must not raise (failures count as not visible).
+        check: ``(schema, table, key columns, identity, keys, xids)`` -> indexes of the visible
+            keys, judged by a snapshot that sees the writing transactions *xids*; must not raise
+            (failures count as not visible).
         deliver: hands one change to its (visible) owners.
         backlog: most changes queued by :meth:`put_change` before further ones are dropped.
     """
@@ -160,7 +165,9 @@ class RlsPipeline:
         match: Callable[[Change], Matched],
         identity: Callable[[Hashable], Identity | None],
         row_security: Callable[[str, str], Awaitable[bool]],
-        check: Callable[[str, str, tuple[str, ...], Identity, list[tuple[Any, ...]]], Awaitable[set[int]]],
+        check: Callable[
+            [str, str, tuple[str, ...], Identity, list[tuple[Any, ...]], list[int]], Awaitable[set[int]]
+        ],
         deliver: Callable[[Change, Matched], None],
         backlog: int = 10_000,
         run_items: int = 1024,
@@ -180,6 +187,8 @@ class RlsPipeline:
         self._last_drop_log = 0.0
         self.dropped = 0
         """Changes dropped by :meth:`put_change` because the backlog was full."""
+        self.hidden = 0
+        """Deliveries withheld: (change, subscriber) pairs whose row the subscriber may not see."""
 
     # -- producers (loop thread) -------------------------------------------------------------
 
@@ -279,7 +288,10 @@ class RlsPipeline:
         if checks:
             pending = list(checks.values())
             results = await asyncio.gather(
-                *(self._check(c.schema, c.table, c.key_columns, c.identity, c.keys) for c in pending)
+                *(
+                    self._check(c.schema, c.table, c.key_columns, c.identity, c.keys, sorted(c.xids))
+                    for c in pending
+                )
             )
             for c, visible in zip(pending, results, strict=True):
                 c.visible = visible
@@ -296,6 +308,16 @@ class RlsPipeline:
                 if gates is not None:
                     gate = gates.get(owner)
                     if gate is None or gate[1] not in gate[0].visible:
+                        self.hidden += 1
+                        if log.isEnabledFor(logging.DEBUG):
+                            log.debug(
+                                "postgres changes: change %s of %s.%s not visible to a subscriber "
+                                "with role %r (row level security)",
+                                change.id,
+                                change.schema,
+                                change.table,
+                                None if gate is None else gate[0].identity.role,
+                            )
                         continue
                 owners[owner] = bound
             if owners:
@@ -333,5 +355,5 @@ class RlsPipeline:
             check = checks.get(group)
             if check is None:
                 check = checks[group] = _Check(change.schema, change.table, change.primary_key, ident)
-            gates[owner] = (check, check.add(key, token))
+            gates[owner] = (check, check.add(key, token, change.xid))
         return _Delivery(change, matched, gates)

@@ -101,6 +101,7 @@ UNAVAILABLE = "UnableToConnectToProject: Realtime was unable to connect to the p
 _CACHE_SECONDS = 2.0  # how long subscribe() reuses catalog answers (bursts of joins)
 _RLS_BACKLOG = 10_000  # changes a cluster node queues for RLS checks before it drops some
 _WARN_SECONDS = 60.0  # the same RLS check failure is logged at most this often
+_VISIBLE_WAIT_SECONDS = 10.0  # longest wait for a streamed commit to become visible to RLS checks
 
 
 class Forwarder(Protocol):
@@ -173,6 +174,8 @@ class PostgresChanges:
         self.rls = rls
         self.rls_queries = 0
         """RLS visibility checks run (one transaction each)."""
+        self.rls_rechecks = 0
+        """RLS checks run again because their snapshot did not see the writing transaction yet."""
         self._identities: dict[Hashable, Identity] = {}
         self._rls_cache: dict[tuple[str, str], tuple[float, catalog.TableSecurity]] = {}
         self._warned: dict[tuple[str, ...], float] = {}
@@ -508,24 +511,52 @@ class PostgresChanges:
         key_columns: tuple[str, ...],
         ident: Identity,
         keys: list[tuple[Any, ...]],
+        xids: list[int],
     ) -> set[int]:
-        """Indexes of *keys* whose rows *ident* may select; failures count as not visible."""
+        """Indexes of *keys* whose rows *ident* may select; failures count as not visible.
+
+        The check is run again, with backoff, while a transaction of *xids* is not yet visible to
+        its snapshot (the stream can bring a commit before other sessions see it); after
+        ``_VISIBLE_WAIT_SECONDS`` the rows are judged as that snapshot sees them.
+        """
         if ident.role is None:
             return set()
-        self.rls_queries += 1
         hit = self._rls_cache.get((schema, table))  # filled by _row_security for this run
         key_types = hit[1].key_types if hit is not None else {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _VISIBLE_WAIT_SECONDS
+        delay = 0.001
         try:
-            return await self._db_retrying(
-                catalog.visible_keys,
-                schema,
-                table,
-                key_columns,
-                key_types,
-                ident.role,
-                ident.claims_json,
-                keys,
-            )
+            while True:
+                self.rls_queries += 1
+                try:
+                    return await self._db_retrying(
+                        catalog.visible_keys,
+                        schema,
+                        table,
+                        key_columns,
+                        key_types,
+                        ident.role,
+                        ident.claims_json,
+                        keys,
+                        xids,
+                    )
+                except catalog.NotYetVisible:
+                    self.rls_rechecks += 1
+                    if loop.time() + delay > deadline:
+                        self._warn(
+                            ("not-yet-visible", schema, table),
+                            "transactions writing %s.%s stayed invisible to other sessions for %.0f s "
+                            "after their commit streamed (a synchronous standby not answering?): "
+                            "their rows are judged as other sessions see them now",
+                            schema,
+                            table,
+                            _VISIBLE_WAIT_SECONDS,
+                        )
+                        xids = []
+                        continue
+                await asyncio.sleep(delay)
+                delay = min(0.05, delay * 2)
         except Exception as exc:  # whatever went wrong, the row is not shown
             self._warn(
                 ("visible", schema, table, ident.role, type(exc).__name__),
@@ -563,6 +594,11 @@ class PostgresChanges:
         if now - self._warned.get(key, -_WARN_SECONDS) >= _WARN_SECONDS:
             self._warned[key] = now
             log.warning("postgres changes: " + message, *args)
+
+    @property
+    def rls_hidden(self) -> int:
+        """Deliveries withheld by RLS checks: (change, subscriber) pairs whose row it may not see."""
+        return 0 if self._pipeline is None else self._pipeline.hidden
 
     @property
     def rls_dropped(self) -> int:
