@@ -80,6 +80,9 @@ def copy_checkout(dest: Path, *extra: str) -> None:
     for name in ("pyproject.toml", "README.md", *extra):
         shutil.copy2(ROOT / name, dest / name)
     shutil.rmtree(dest / "src", ignore_errors=True)
+    # setuptools reuses build/lib when it looks newer than src/; with copied mtimes a file edited
+    # just before an earlier build is then installed stale.
+    shutil.rmtree(dest / "build", ignore_errors=True)
     shutil.copytree(
         ROOT / "src",
         dest / "src",
