@@ -21,11 +21,21 @@ import sys
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import parse_qs
 
+import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from websockets.datastructures import Headers
+from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import OPEN
+from websockets.server import ServerProtocol
 
 from tests.support.server import ServerProcess
 from tidings.auth.tokens import mint_token
+from tidings.server.http_protocol import UpgradeHead, parse_upgrade_head
+from tidings.server.websocket import open_server_protocol, query_values, switching_protocols
 
 SECRET = "lean-upgrade-test-secret-that-is-long-enough-for-hs256"
 ALLOWED = "https://ok.example"
@@ -206,6 +216,251 @@ def lean_server() -> Iterator[ServerProcess]:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_upgrade_request_gets_the_answer_it_got_before(lean_server: ServerProcess, name: str) -> None:
     assert _normalized(answer(lean_server.port, CASES[name])) == _normalized(expected()[name])
+
+
+#: The accepted upgrades that the lean path answers; the other 101s come from websockets.
+LEAN = {name for name in CASES if name.startswith("good")} - {
+    "good_trailing_whitespace",
+    "good_subprotocol_ignored",
+}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, a in expected().items() if a["status"] == 101))
+def test_plain_upgrades_take_the_lean_path(lean_server: ServerProcess, name: str) -> None:
+    # The lean 101 is the template (no Date); requests left to websockets get its own, with Date.
+    with socket.create_connection(("127.0.0.1", lean_server.port), timeout=WAIT) as sock:
+        sock.sendall(CASES[name])
+        head = read_until(sock, b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert (b"\r\ndate:" not in head.lower()) == (name in LEAN), head
+
+
+# -- every split of the head (and of frames after it) gives the same answer ----------------------
+
+SPLIT_CASES = ["good", "good_allowed_origin", "bad_origin", "no_key", "wrong_path", "header_too_large"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(SPLIT_CASES), cuts=st.lists(st.integers(min_value=1, max_value=6000), max_size=6))
+def test_every_split_of_an_upgrade_head_gets_the_same_answer(
+    lean_server: ServerProcess, name: str, cuts: list[int]
+) -> None:
+    raw = CASES[name]
+    points = sorted({c for c in cuts if c < len(raw)})
+    pieces = [raw[i:j] for i, j in zip([0, *points], [*points, len(raw)], strict=True)]
+    assert _normalized(answer(lean_server.port, pieces)) == _normalized(expected()[name])
+
+
+def masked_text(data: bytes) -> bytes:
+    return Frame(Opcode.TEXT, data).serialize(mask=True)
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    deadline = time.monotonic() + WAIT
+    while marker not in data and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(min_value=1, max_value=2000), max_size=5))
+def test_a_join_in_the_same_segments_as_the_head_is_answered(
+    lean_server: ServerProcess, cuts: list[int]
+) -> None:
+    join = masked_text(orjson.dumps(["1", "1", "realtime:lean", "phx_join", {"config": {}}]))
+    raw = CASES["good"] + join
+    points = sorted({c for c in cuts if c < len(raw)})
+    with socket.create_connection(("127.0.0.1", lean_server.port), timeout=WAIT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i, j in zip([0, *points], [*points, len(raw)], strict=True):
+            sock.sendall(raw[i:j])
+            time.sleep(0.002)
+        data = read_until(sock, b'"status":"ok"')
+    assert data.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert f"Sec-WebSocket-Accept: {ACCEPT}".encode() in data
+    assert b'"phx_reply"' in data and b'"status":"ok"' in data
+
+
+# -- requests that are not upgrades reach the ASGI app ---------------------------------------------
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(min_value=1, max_value=60), max_size=4))
+def test_requests_that_are_not_upgrades_reach_the_app(lean_server: ServerProcess, cuts: list[int]) -> None:
+    raw = b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    points = sorted({c for c in cuts if c < len(raw)})
+    result = answer(
+        lean_server.port, [raw[i:j] for i, j in zip([0, *points], [*points, len(raw)], strict=True)]
+    )
+    assert result["status"] == 200
+    assert orjson.loads(result["body"])["status"] == "ok"
+
+
+def test_keep_alive_and_pipelined_requests_reach_the_app(lean_server: ServerProcess) -> None:
+    health = b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", lean_server.port), timeout=WAIT) as sock:
+        sock.sendall(health + health)  # two requests in one segment
+        data = read_until(sock, b"}")
+        while data.count(b"HTTP/1.1 200") < 2:
+            more = read_until(sock, b"}")
+            if not more:
+                break
+            data += more
+        assert data.count(b"HTTP/1.1 200") == 2
+        sock.sendall(b"POST /api/broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        assert read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 401")  # the app, asking for a key
+
+
+# -- pure parts: what the lean path accepts, websockets accepts the same way -----------------------
+
+_name = st.sampled_from(
+    [
+        "Host",
+        "Upgrade",
+        "Connection",
+        "Sec-WebSocket-Key",
+        "Sec-WebSocket-Version",
+        "Origin",
+        "x-api-key",
+        "X-Forwarded-For",
+        "Sec-WebSocket-Extensions",
+        "Sec-WebSocket-Protocol",
+        "Content-Length",
+        "X-Other",
+        "upgrade",
+        "CONNECTION",
+        "sec-websocket-key",
+    ]
+)
+_value = st.sampled_from(
+    [
+        "websocket",
+        "WebSocket",
+        "Upgrade",
+        "keep-alive, Upgrade",
+        "upgrade,keep-alive",
+        ",Upgrade",
+        "Upgrade,",
+        "13",
+        "8",
+        KEY,
+        KEY.rstrip("="),
+        "x" * 24,
+        "https://ok.example",
+        "a b",
+        "",
+        " websocket",
+        "websocket ",
+        "h2c",
+        "websocket, h2c",
+        "permessage-deflate",
+        "10.0.0.1",
+        "4",
+    ]
+)
+
+
+def _headers_as_uvicorn_reads_them(lines: list[tuple[str, str]]) -> Headers:
+    headers = Headers()
+    for name, value in lines:
+        headers[name] = value.strip(" \t")
+    return headers
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.tuples(_name, _value), max_size=9), st.sampled_from(["", " ", "\t"]))
+def test_the_lean_parser_accepts_only_what_websockets_accepts(
+    lines: list[tuple[str, str]], space: str
+) -> None:
+    head = (
+        "GET /realtime/v1/websocket?vsn=2.0.0 HTTP/1.1\r\n"
+        + "".join(f"{name}:{space}{value}\r\n" for name, value in lines)
+    ).encode()
+    parsed = parse_upgrade_head(head)
+    if parsed is None:
+        return
+    request = Request("/realtime/v1/websocket?vsn=2.0.0", _headers_as_uvicorn_reads_them(lines))
+    response = ServerProtocol().accept(request)
+    assert response.status_code == 101, response.body
+    assert (
+        response.headers["Sec-WebSocket-Accept"]
+        == switching_protocols(parsed.key).split(b": ")[-1].strip().decode()
+    )
+    assert (
+        "Sec-WebSocket-Extensions" not in response.headers
+        and "Sec-WebSocket-Protocol" not in response.headers
+    )
+    headers = request.headers
+    assert parsed.origin == headers.get("Origin") and parsed.api_key == headers.get("x-api-key")
+    assert parsed.forwarded_for == headers.get_all("X-Forwarded-For")
+
+
+def test_the_lean_parser_reads_a_browser_upgrade() -> None:
+    head = (
+        "GET /realtime/v1/websocket?apikey=k&vsn=2.0.0 HTTP/1.1\r\nHost: 127.0.0.1:4000\r\n"
+        "Connection: Upgrade\r\nPragma: no-cache\r\nUser-Agent: Mozilla/5.0 (X11) Chrome/120\r\n"
+        "Upgrade: websocket\r\nOrigin: http://localhost:3000\r\nSec-WebSocket-Version: 13\r\n"
+        "Accept-Language: en-US,en;q=0.9\r\nSec-WebSocket-Key: " + KEY + "\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    ).encode()
+    parsed = parse_upgrade_head(head)
+    assert parsed == UpgradeHead(
+        "/realtime/v1/websocket?apikey=k&vsn=2.0.0", KEY, "http://localhost:3000", None, []
+    )
+
+
+_query_part = st.sampled_from(
+    [
+        "vsn=2.0.0",
+        "vsn=1.0.0",
+        "vsn=",
+        "vsn",
+        "apikey=abc",
+        "apikey=a%2Bb",
+        "apikey=a+b",
+        "apikey=",
+        "ap%69key=x",
+        "vsn=%32.0.0",
+        "x=1",
+        "",
+        "apikey=second",
+        "vsn=3",
+        "v+sn=1",
+        "apikey=%zz",
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_query_part, max_size=6))
+def test_query_values_read_the_query_as_parse_qs_does(parts: list[str]) -> None:
+    query = "&".join(parts)
+    parsed = parse_qs(query)
+    assert query_values(query) == (parsed.get("vsn", [None])[0], parsed.get("apikey", [None])[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=300), max_size=12))
+def test_a_copied_open_protocol_frames_as_a_constructed_one(sizes: list[int]) -> None:
+    data = b"".join(
+        Frame(
+            Opcode.TEXT if i % 3 else Opcode.PING, bytes([65 + i % 26]) * (n if i % 3 else n % 126)
+        ).serialize(mask=True)
+        for i, n in enumerate(sizes)
+    ) + Frame(Opcode.CLOSE, Close(1000, "bye").serialize()).serialize(mask=True)
+    copied, made = open_server_protocol(1 << 20), ServerProtocol(max_size=1 << 20, state=OPEN)
+    for ws in (copied, made):
+        ws.receive_data(data)
+    assert [(e.opcode, e.data) for e in copied.events_received()] == [
+        (e.opcode, e.data) for e in made.events_received()
+    ]
+    assert copied.data_to_send() == made.data_to_send()  # pongs and the close reply
+    assert copied.state is made.state and copied.close_rcvd == made.close_rcvd
+    assert open_server_protocol(1 << 20).state is OPEN  # the template itself is untouched
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["record"]:

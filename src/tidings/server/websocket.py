@@ -514,9 +514,10 @@ class WebSocketConnection(Session, asyncio.Protocol):
     def flush_protocol(self) -> None:
         """Write what ``ws`` produced (handshake, pongs, close replies); EOF closes the socket."""
         transport = self.transport
-        if transport is None:
-            return
-        for chunk in self.ws.data_to_send():
+        ws = self.ws
+        if transport is None or not ws.writes:
+            return  # nothing to write (after most messages): no list swapped for another
+        for chunk in ws.data_to_send():
             if chunk:
                 transport.write(chunk)
             else:
@@ -604,7 +605,9 @@ _SHARED_MEMBERS = frozenset(
         "select_subprotocol",
     }
 )
-_templates: dict[int, dict[str, Any] | None] = {}
+#: max_size -> the members of an OPEN protocol in the constructor's order (``None``: a websockets
+#: version with members not known here, which gets the constructor).
+_templates: dict[int, tuple[tuple[str, Any], ...] | None] = {}
 
 
 def open_server_protocol(max_size: int) -> ServerProtocol:
@@ -613,26 +616,29 @@ def open_server_protocol(max_size: int) -> ServerProtocol:
     It is what ``ServerProtocol(state=OPEN, max_size=max_size)`` makes, copied from one made
     once per ``max_size``: the constructor's uuid4 (a system call, for log lines only), logger
     lookup and set-up are not redone for every connection. The members that hold a connection's
-    state (reader, events, writes, parser) are made anew. If the websockets version has a
+    state (reader, events, writes, parser) are made anew. They are set one by one in the
+    constructor's order, so the object keeps its compact attribute storage (no instance dict of
+    its own: ~0.6 KB less per connection than copying a dict). If the websockets version has a
     member not known here, the constructor is used instead.
     """
-    template = _templates.get(max_size, {})
-    if not template and max_size not in _templates:
+    template = _templates.get(max_size, ())
+    if template == () and max_size not in _templates:
         made = ServerProtocol(max_size=max_size, state=OPEN)
         members = dict(vars(made))
-        if set(members) <= (_OWN_MEMBERS | _SHARED_MEMBERS) and _OWN_MEMBERS <= set(members):
-            template = {k: v for k, v in members.items() if k not in _OWN_MEMBERS}
-            template["extensions"] = ()  # never changed in place: one empty sequence for all
-            _templates[max_size] = template
-        else:
-            _templates[max_size] = None
+        known = set(members) <= (_OWN_MEMBERS | _SHARED_MEMBERS) and _OWN_MEMBERS <= set(members)
+        if known:
+            members["extensions"] = ()  # never changed in place: one empty sequence for all
+        template = _templates[max_size] = tuple(members.items()) if known else None
     if template is None:
         return ServerProtocol(max_size=max_size, state=OPEN)
     ws: ServerProtocol = object.__new__(ServerProtocol)
-    vars(ws).update(template)
-    ws.reader = StreamReader()
-    ws.events = []
-    ws.writes = []
+    setattr_ = object.__setattr__
+    for name, value in template:
+        if name == "reader":
+            value = StreamReader()
+        elif name == "events" or name == "writes":
+            value = []
+        setattr_(ws, name, value)  # "parser" too: replaced below, once the reader is there
     ws.parser = ws.parse()
     next(ws.parser)
     return ws
