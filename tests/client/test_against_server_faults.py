@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.proxy import TcpProxy
 from tidings.client import Broadcast, ConnectionState, Quality, RealtimeClient
 
 from ..support.server import ServerProcess
 from .conftest import wait_until
-from .proxy import TcpProxy
 from .test_against_server import rest_broadcast
 
 

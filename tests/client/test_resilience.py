@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.support.proxy import TcpProxy
 from tidings.client import (
     Alert,
     Broadcast,
@@ -26,7 +27,6 @@ from tidings.client import (
 
 from .conftest import wait_until
 from .fake_server import FakeServer
-from .proxy import TcpProxy
 
 MakeClient = Callable[..., RealtimeClient]
 

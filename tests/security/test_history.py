@@ -22,8 +22,8 @@ import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection
 
-from tests.client.proxy import TcpProxy
 from tests.server.test_bad_input import WAIT, join, open_ws, recv_json, ws_url
+from tests.support.proxy import TcpProxy
 from tests.support.server import ServerProcess
 from tidings.auth.tokens import mint_token
 from tidings.client import Broadcast, RealtimeClient, RecoveryGap

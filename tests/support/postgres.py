@@ -20,7 +20,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.server import free_port
 
 __all__ = ["PostgresServer", "PostgresUnavailable", "find_bindir", "postgres_fixture"]
 
@@ -71,12 +72,6 @@ def find_bindir() -> Path:
     raise PostgresUnavailable("PostgreSQL server binaries (initdb, pg_ctl) not found")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PostgresServer:
     """One throwaway cluster. Start with :meth:`start`; :meth:`destroy` stops it and deletes its files.
 
@@ -87,7 +82,7 @@ class PostgresServer:
     def __init__(self, settings: dict[str, str] | None = None) -> None:
         self.bindir = find_bindir()
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
-        self.port = _free_port()
+        self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="tidings-pg-"))
         self.datadir = self.root / "data"
         self.sockdir = self.root / "sock"

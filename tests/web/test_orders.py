@@ -10,10 +10,10 @@ import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
 from tests.support.postgres import PostgresServer
+from tests.support.proxy import ThreadedProxy
 from tests.support.server import ServerProcess
 
 from .conftest import screenshot
-from .proxy import CuttingProxy
 
 WAIT_MS = 15_000
 
@@ -56,9 +56,9 @@ def test_an_order_change_shows_within_a_second(
 
 
 @pytest.fixture
-def proxied(tidings: Callable[..., ServerProcess]) -> Iterator[tuple[ServerProcess, CuttingProxy]]:
+def proxied(tidings: Callable[..., ServerProcess]) -> Iterator[tuple[ServerProcess, ThreadedProxy]]:
     srv = tidings()
-    proxy = CuttingProxy(srv.port).start()
+    proxy = ThreadedProxy(srv.port).start()
     try:
         yield srv, proxy
     finally:
@@ -66,7 +66,7 @@ def proxied(tidings: Callable[..., ServerProcess]) -> Iterator[tuple[ServerProce
 
 
 def test_cutting_the_websocket_falls_back_to_polling_and_recovers(
-    proxied: tuple[ServerProcess, CuttingProxy], browser: BrowserContext
+    proxied: tuple[ServerProcess, ThreadedProxy], browser: BrowserContext
 ) -> None:
     srv, proxy = proxied
     page = open_order(browser, proxy.http_url, "B2")
@@ -105,7 +105,7 @@ def test_cutting_the_websocket_falls_back_to_polling_and_recovers(
 
 
 def test_a_poor_connection_polls_as_well_and_applies_each_update_once(
-    proxied: tuple[ServerProcess, CuttingProxy], browser: BrowserContext
+    proxied: tuple[ServerProcess, ThreadedProxy], browser: BrowserContext
 ) -> None:
     srv, proxy = proxied
     proxy.ws_delay = 0.2  # each way: heartbeat round trips of 400 ms and more
