@@ -673,9 +673,11 @@ SETTINGS: tuple[Setting, ...] = (
         "db_rls",
         "DB_RLS",
         _bool,
-        False,
-        "Deliver INSERT/UPDATE of tables with row level security only to subscribers whose JWT role "
-        "and claims may read the row (a query per change and distinct claims).",
+        True,
+        "Postgres Changes of tables with row level security go only to subscribers whose JWT role and "
+        "claims may SELECT the row (a query per run of changes and distinct claims), and a DELETE "
+        "keeps only the key, as Supabase does. false sends every row to everyone who binds to the "
+        "table: unsafe for tables with row level security.",
     ),
     Setting(
         "redis_url",
@@ -825,7 +827,7 @@ class Config:
     db_messages_slot: str = "tidings_messages_slot"
     db_broadcast_rate: int = 10_000
     db_resume_grace: float = 5.0
-    db_rls: bool = False
+    db_rls: bool = True
     redis_url: str | None = None
     node_timeout: float = 10.0
     workers: int = 1

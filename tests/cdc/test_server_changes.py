@@ -204,3 +204,50 @@ async def test_restart_mid_stream_loses_nothing(
         while len({c["data"]["record"]["total"] for c in changes(client)} | set(seen)) < 10:
             await asyncio.sleep(0.05)
     assert sorted(set(seen) | {c["data"]["record"]["total"] for c in changes(client)}) == list(range(10))
+
+
+def slot_active(db: Database, slot: str) -> bool:
+    rows = db.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+    return bool(rows and rows[0][0])
+
+
+async def test_subscribed_to_postgresql_means_changes_flow(orders_db: Database) -> None:
+    """"Subscribed to PostgreSQL" comes once the stream is live, with or without DB_RESUME_GRACE.
+
+    A slot the server has just created has nothing to replay: it streams at once, whatever the
+    grace. A slot with WAL past its confirmed position is held for the grace (clients rejoin
+    first), and the subscriptions made meanwhile are announced only when it streams.
+    """
+    slot = unique_slot()
+    env = {"DATABASE_URL": orders_db.dsn, "DB_SLOT": slot, "DB_RESUME_GRACE": "60s"}
+    binding = {"event": "UPDATE", "schema": "public", "table": "orders", "filter": "id=eq.1"}
+    server = ServerProcess(env=env).start()
+    try:
+        client = await PhxClient.open(server.http_url)
+        await subscribe(client, "realtime:o1", binding)
+        assert slot_active(orders_db, slot)  # new slot: not held for the 60 s
+        assert "streaming in 0.0 s" in server.logs()
+        orders_db.execute("UPDATE orders SET total = 1 WHERE id = 1")
+        push = await client.wait(lambda m: m[3] == "postgres_changes", timeout=20)
+        assert push[4]["data"]["record"]["total"] == 1
+        server.stop(signal.SIGKILL)
+        orders_db.execute("UPDATE orders SET total = 2 WHERE id = 1")  # while down: to replay
+        server.env["DB_RESUME_GRACE"] = "3s"
+        server.start()
+        client = await PhxClient.open(server.http_url)
+        reply = await client.join("realtime:o1", {"postgres_changes": [binding]})
+        assert reply["status"] == "ok"
+        # The join is answered during the grace; the announcement waits for the stream.
+        await subscribe_announced(client, "realtime:o1")
+        assert slot_active(orders_db, slot)
+        assert "streaming in 3.0 s" in server.logs()
+        async with asyncio.timeout(20):
+            while 2 not in [c["data"]["record"]["total"] for c in changes(client)]:
+                await asyncio.sleep(0.05)  # replayed: the client had subscribed before it streamed
+    finally:
+        server.stop()
+
+
+async def subscribe_announced(client: PhxClient, topic: str) -> None:
+    system = await client.wait(lambda m: m[3] == "system" and m[2] == topic, timeout=20)
+    assert system[4]["status"] == "ok" and system[4]["message"] == "Subscribed to PostgreSQL"

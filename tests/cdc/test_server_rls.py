@@ -1,4 +1,5 @@
-"""DB_RLS through the real server: clients with different access tokens see only their rows."""
+"""Row level security through the real server (on by default): clients with different access
+tokens see only their rows; DB_RLS=false opts out."""
 
 from __future__ import annotations
 
@@ -53,15 +54,10 @@ async def join_as(server: ServerProcess, sub: str) -> PhxClient:
 
 
 def rls_env(db: Database) -> dict[str, str]:
+    """A server on *db* with the notes schema; DB_RLS is left at its default (on)."""
     ensure_role(db, "authenticated")
     db.execute(SCHEMA)
-    return {
-        "DATABASE_URL": db.dsn,
-        "DB_SLOT": unique_slot(),
-        "DB_RESUME_GRACE": "0",
-        "DB_RLS": "true",
-        "JWT_SECRET": SECRET,
-    }
+    return {"DATABASE_URL": db.dsn, "DB_SLOT": unique_slot(), "DB_RESUME_GRACE": "0", "JWT_SECRET": SECRET}
 
 
 async def check_alice_and_bob(db: Database, alice: PhxClient, bob: PhxClient) -> None:
@@ -86,6 +82,22 @@ async def test_each_client_gets_only_rows_its_token_may_read(db: Database) -> No
     try:
         alice, bob = await join_as(server, "alice"), await join_as(server, "bob")
         await check_alice_and_bob(db, alice, bob)
+    finally:
+        server.stop()
+
+
+async def test_db_rls_false_sends_every_row_to_everyone(db: Database) -> None:
+    """The explicit opt-out: no checks, and a DELETE carries the whole old row (unsafe for RLS tables)."""
+    server = ServerProcess(env={**rls_env(db), "DB_RLS": "false"}).start()
+    try:
+        alice, bob = await join_as(server, "alice"), await join_as(server, "bob")
+        db.execute("INSERT INTO notes VALUES (1, 'alice', 'for alice'), (2, 'bob', 'for bob')")
+        db.execute("DELETE FROM notes WHERE id = 1")
+        everything = [("notes", "INSERT", 1), ("notes", "INSERT", 2), ("notes", "DELETE", 1)]
+        async with asyncio.timeout(15):
+            while not (rows(alice) == everything and rows(bob) == everything):
+                await asyncio.sleep(0.05)
+        assert changes(bob)[-1]["old_record"] == {"id": 1, "owner": "alice", "body": "for alice"}
     finally:
         server.stop()
 

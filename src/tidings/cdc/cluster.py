@@ -117,6 +117,7 @@ class ChangeFeedLeader:
         try:
             while True:
                 await self._step()
+                self.cdc.release()  # changes flow now, through this node's stream or the leader's
                 await asyncio.sleep(interval)
         finally:
             if self.leader:

@@ -30,16 +30,20 @@ Setup, done by :meth:`PostgresChanges.start`:
   WAL while Tidings is down: drop it (``pg_drop_replication_slot``) when retiring Tidings.
 
 Authorization: subscriptions honour column privileges of the JWT ``role`` (when that role exists
-in the database). Rows are checked against row level security policies only with ``rls=True``
-(``DB_RLS``, off by default), as Supabase does:
+in the database). Rows are checked against row level security policies with ``rls=True``
+(``DB_RLS``, the default; ``rls=False`` is an opt-out, unsafe for tables with row level
+security), as Supabase does:
 
 * INSERT/UPDATE on a table with row level security enabled (``pg_class.relrowsecurity``, looked up
   at most every 2 s per table) reach a subscriber only if its role, with its JWT claims, may SELECT
   the row: in a transaction that is rolled back, ``SET LOCAL ROLE <role>``, ``request.jwt.claims``
   (plus ``request.jwt.claim.sub`` and ``request.jwt.claim.role``), then a SELECT by primary key.
   Subscribers with identical claims share one check; the rows of a run of queued changes are
-  checked together (one transaction per table and claims). The row is judged as it is when
-  checked, not as it was committed (like Supabase): a row deleted meanwhile is delivered to nobody.
+  checked together (one transaction per table and claims). The check waits until its snapshot
+  sees the transactions that wrote the rows (the stream can bring a commit before other sessions
+  see it). The row is judged as it is when checked, not as it was committed (like Supabase): a
+  row deleted meanwhile is delivered to nobody. Withheld deliveries are counted
+  (:attr:`PostgresChanges.rls_hidden`) and logged at debug level.
   A role missing from the database, a role this connection may not ``SET ROLE`` to (connect as a
   superuser, or ``GRANT authenticated TO <tidings user>``), a subscriber without a ``role`` claim,
   or a check that fails (no SELECT privilege, a policy raising, 10 s statement timeout): not
@@ -126,7 +130,8 @@ class PostgresChanges:
         deliver: called on the loop thread for each change with subscribers (see module doc).
         rls: deliver INSERT/UPDATE of tables with row level security only to subscribers whose
             role and claims may SELECT the row (see module doc); costs a query per change (run)
-            and distinct claims.
+            and distinct claims. On by default; False delivers every row to every subscriber of
+            the table.
     """
 
     def __init__(
@@ -138,7 +143,7 @@ class PostgresChanges:
         pool_size: int = 5,
         ssl: bool = False,
         deliver: Deliver,
-        rls: bool = False,
+        rls: bool = True,
     ) -> None:
         self.publication = publication
         self.slot = slot
@@ -165,6 +170,8 @@ class PostgresChanges:
         self._columns_cache: dict[tuple[str, str, str | None], tuple[float, list[ColumnInfo]]] = {}
         self._timezone: str | None = None
         self._stopped = False
+        self._held = False
+        self._released = asyncio.Event()
         self.created_slot = False
         """True when this instance created the slot (so a start cut short can drop it again)."""
         self.delivered = 0
@@ -209,6 +216,18 @@ class PostgresChanges:
                 self.created_slot = True
         except psycopg2.Error as exc:
             raise PostgresChangesError(f"PostgreSQL at {self._where}: {first_line(exc)}") from None
+
+    def hold(self) -> None:
+        """Streaming starts later (``DB_RESUME_GRACE``): until :meth:`release`, :meth:`subscribe`
+        registers at once but returns only then, so that whoever announces a subscription after
+        it ("Subscribed to PostgreSQL") does so once changes flow."""
+        self._held = True
+        self._released.clear()
+
+    def release(self) -> None:
+        """Changes flow now (or will not: a start that failed, a stop): waiting subscriptions return."""
+        self._held = False
+        self._released.set()
 
     async def drop_slot(self) -> None:
         """Drop the slot unless something streams from it (a start cut short created it).
@@ -284,6 +303,7 @@ class PostgresChanges:
             while not (stream.drained and stream.inflight == 0) and loop.time() < deadline:
                 await asyncio.sleep(0.01)  # queued batches are delivered meanwhile
         self._stopped = True
+        self.release()
         if self._pipeline is not None:
             while not self._pipeline.idle and loop.time() < deadline:
                 await asyncio.sleep(0.01)
@@ -345,6 +365,8 @@ class PostgresChanges:
         Each binding is ``(id, params)`` with params as the client sent them (spec 6.1). All are
         checked before any is registered: on error, *owner*'s registrations are unchanged. May be
         called before :meth:`start`: then the changes the stream replays at start are matched too.
+        While the stream is held (:meth:`hold`) it returns only once it is released, with the
+        bindings registered from the start.
 
         Raises:
             SubscriptionError: with the message for the client (``invalid column for filter x``,
@@ -374,6 +396,8 @@ class PostgresChanges:
             self._index.add(owner, table, binding)
         if self._pipeline is not None:
             self._identities[owner] = identity_of(claims)
+        if self._held:
+            await self._released.wait()
 
     def unsubscribe(self, owner: Hashable) -> None:
         """Drop every binding of *owner* (no error if it has none)."""

@@ -193,12 +193,17 @@ async def start_changes(node: Node, config: Config) -> None:
         raise StartupError(f"DATABASE_URL: {exc}", code=3) from None
     lag = await cdc.slot_lag_bytes()
     node.replication_lag_bytes = lag
+    # A slot just created, or one with no WAL past its confirmed position, has nothing to replay:
+    # streaming starts at once. Otherwise subscriptions are announced only once it streams.
+    grace = 0.0 if cdc.created_slot or lag == 0 else config.db_resume_grace
+    if grace:
+        cdc.hold()
     log.info(
         "Postgres Changes: publication %r, slot %r, %s bytes of WAL to catch up; streaming in %.1f s",
         config.db_publication,
         config.db_slot,
         "?" if lag is None else lag,
-        config.db_resume_grace,
+        grace,
     )
 
     bus = node.broker.change_bus
@@ -206,18 +211,20 @@ async def start_changes(node: Node, config: Config) -> None:
         from ..cdc.cluster import ChangeFeedLeader
 
         # A cluster: one node holds the lease and streams; every node delivers.
-        leader = ChangeFeedLeader(cdc, bus, first_delay=config.db_resume_grace)
+        leader = ChangeFeedLeader(cdc, bus, first_delay=grace)
         node.on_change(leader.received)
         node.background(leader.run())
         return
 
     async def stream_later() -> None:
-        await asyncio.sleep(config.db_resume_grace)
+        await asyncio.sleep(grace)
         try:
             await cdc.start()
         except PostgresChangesError as exc:
             log.error("Postgres Changes could not start streaming: %s", exc)
             return
+        finally:
+            cdc.release()
         log.info("Postgres Changes streaming")
 
     node.background(stream_later())
