@@ -285,6 +285,40 @@ def test_a_join_in_the_same_segments_as_the_head_is_answered(
     assert b'"phx_reply"' in data and b'"status":"ok"' in data
 
 
+# -- head deadlines on the lean path ---------------------------------------------------------------
+
+
+def test_an_unfinished_upgrade_head_is_cut_at_its_deadline_and_others_are_not(
+    lean_server: ServerProcess,
+) -> None:
+    raw = CASES["good"]
+    before = head_timeouts(lean_server)
+    with (
+        socket.create_connection(("127.0.0.1", lean_server.port), timeout=WAIT) as stalled,
+        socket.create_connection(("127.0.0.1", lean_server.port), timeout=WAIT) as idle,
+        socket.create_connection(("127.0.0.1", lean_server.port), timeout=WAIT) as honest,
+    ):
+        stalled.sendall(raw[:60])  # a head begun, never finished
+        time.sleep(1.0)  # within REQUEST_HEAD_TIMEOUT (2 s) of its connect: the honest one is in time
+        honest.sendall(raw)
+        assert read_until(honest, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
+        for sock in (stalled, idle):
+            assert read_until(sock, b"never") == b""  # closed by the server, unanswered
+        time.sleep(2.5)  # past the deadline the honest connection would have had
+        honest.sendall(masked_text(orjson.dumps(["1", "2", "phoenix", "heartbeat", {}])))
+        assert b'"status":"ok"' in read_until(honest, b'"status":"ok"')
+    assert head_timeouts(lean_server) >= before + 2
+
+
+def head_timeouts(server: ServerProcess) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=WAIT) as response:
+        text = response.read().decode()
+    prefix = 'tidings_http_refused_total{reason="head_timeout"} '
+    return next(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
 # -- requests that are not upgrades reach the ASGI app ---------------------------------------------
 
 
