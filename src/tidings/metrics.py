@@ -47,6 +47,8 @@ COUNTERS = (
     "bytes_in",
     "bytes_out",
     "catchup_allowances",
+    "changes_rls_hidden",
+    "changes_rls_rechecks",
     "connections_closed",
     "connections_near_fd_limit",
     "connections_refused",
@@ -188,6 +190,8 @@ class NodeMetrics:
     bytes_in: int
     bytes_out: int
     catchup_allowances: int
+    changes_rls_hidden: int
+    changes_rls_rechecks: int
     connections_closed: int
     connections_near_fd_limit: int
     connections_refused: int

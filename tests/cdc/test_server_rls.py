@@ -4,6 +4,7 @@ tokens see only their rows; DB_RLS=false opts out."""
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from typing import Any
 
 import pytest
@@ -77,11 +78,23 @@ async def check_alice_and_bob(db: Database, alice: PhxClient, bob: PhxClient) ->
     assert changes(bob)[-1]["old_record"] == {"id": 1}
 
 
+def metric(server: ServerProcess, name: str) -> float:
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
 async def test_each_client_gets_only_rows_its_token_may_read(db: Database) -> None:
     server = ServerProcess(env=rls_env(db)).start()
     try:
         alice, bob = await join_as(server, "alice"), await join_as(server, "bob")
         await check_alice_and_bob(db, alice, bob)
+        # alice's row withheld from bob and bob's from alice: counted
+        assert metric(server, "tidings_postgres_changes_rls_hidden_total") == 2
+        assert metric(server, "tidings_postgres_changes_rls_rechecks_total") >= 0
     finally:
         server.stop()
 

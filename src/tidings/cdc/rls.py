@@ -38,11 +38,28 @@ from typing import Any, Protocol
 from tidings.cdc.changes import Change, TransactionEnd
 from tidings.cdc.index import Binding
 
-__all__ = ["Identity", "RlsPipeline", "identity_of", "key_only", "row_key"]
+__all__ = ["Identity", "RlsCounters", "RlsPipeline", "identity_of", "key_only", "row_key"]
 
 log = logging.getLogger("tidings.cdc")
 
 Matched = dict[Hashable, list[Binding]]
+
+
+class RlsCounters(Protocol):
+    """Where RLS checks count (:class:`tidings.metrics.NodeMetrics` has these fields)."""
+
+    changes_rls_hidden: int
+    """Deliveries withheld: (change, subscriber) pairs whose row the subscriber may not see."""
+    changes_rls_rechecks: int
+    """Checks run again because their snapshot did not see the writing transaction yet."""
+
+
+class _OwnCounters:
+    """Counters of a service built without node metrics (tests, tools)."""
+
+    def __init__(self) -> None:
+        self.changes_rls_hidden = 0
+        self.changes_rls_rechecks = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +174,7 @@ class RlsPipeline:
             (failures count as not visible).
         deliver: hands one change to its (visible) owners.
         backlog: most changes queued by :meth:`put_change` before further ones are dropped.
+        counters: where withheld deliveries are counted; by default counters of its own.
     """
 
     def __init__(
@@ -171,6 +189,7 @@ class RlsPipeline:
         deliver: Callable[[Change, Matched], None],
         backlog: int = 10_000,
         run_items: int = 1024,
+        counters: RlsCounters | None = None,
     ) -> None:
         self._match = match
         self._identity = identity
@@ -187,8 +206,7 @@ class RlsPipeline:
         self._last_drop_log = 0.0
         self.dropped = 0
         """Changes dropped by :meth:`put_change` because the backlog was full."""
-        self.hidden = 0
-        """Deliveries withheld: (change, subscriber) pairs whose row the subscriber may not see."""
+        self.counters: RlsCounters = counters if counters is not None else _OwnCounters()
 
     # -- producers (loop thread) -------------------------------------------------------------
 
@@ -308,7 +326,7 @@ class RlsPipeline:
                 if gates is not None:
                     gate = gates.get(owner)
                     if gate is None or gate[1] not in gate[0].visible:
-                        self.hidden += 1
+                        self.counters.changes_rls_hidden += 1
                         if log.isEnabledFor(logging.DEBUG):
                             log.debug(
                                 "postgres changes: change %s of %s.%s not visible to a subscriber "

@@ -86,7 +86,7 @@ from tidings.cdc.index import (
     parse_binding,
 )
 from tidings.cdc.replication import SESSION_OPTIONS, Batch, ReplicationStream
-from tidings.cdc.rls import Identity, RlsPipeline, identity_of
+from tidings.cdc.rls import Identity, RlsCounters, RlsPipeline, identity_of
 from tidings.logs import first_line
 from tidings.protocol.filters import FilterError, bind_filter
 
@@ -132,6 +132,8 @@ class PostgresChanges:
             role and claims may SELECT the row (see module doc); costs a query per change (run)
             and distinct claims. On by default; False delivers every row to every subscriber of
             the table.
+        counters: where RLS checks count (the node's metrics: ``changes_rls_hidden``,
+            ``changes_rls_rechecks``); by default counters of its own.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class PostgresChanges:
         ssl: bool = False,
         deliver: Deliver,
         rls: bool = True,
+        counters: RlsCounters | None = None,
     ) -> None:
         self.publication = publication
         self.slot = slot
@@ -181,8 +184,6 @@ class PostgresChanges:
         self.rls = rls
         self.rls_queries = 0
         """RLS visibility checks run (one transaction each)."""
-        self.rls_rechecks = 0
-        """RLS checks run again because their snapshot did not see the writing transaction yet."""
         self._identities: dict[Hashable, Identity] = {}
         self._rls_cache: dict[tuple[str, str], tuple[float, catalog.TableSecurity]] = {}
         self._warned: dict[tuple[str, ...], float] = {}
@@ -195,6 +196,7 @@ class PostgresChanges:
                 check=self._visible,
                 deliver=self._deliver_matched,
                 backlog=_RLS_BACKLOG,
+                counters=counters,
             )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -566,7 +568,7 @@ class PostgresChanges:
                         xids,
                     )
                 except catalog.NotYetVisible:
-                    self.rls_rechecks += 1
+                    self._counters.changes_rls_rechecks += 1
                     if loop.time() + delay > deadline:
                         self._warn(
                             ("not-yet-visible", schema, table),
@@ -620,9 +622,19 @@ class PostgresChanges:
             log.warning("postgres changes: " + message, *args)
 
     @property
+    def _counters(self) -> RlsCounters:
+        assert self._pipeline is not None  # only RLS checks count
+        return self._pipeline.counters
+
+    @property
     def rls_hidden(self) -> int:
         """Deliveries withheld by RLS checks: (change, subscriber) pairs whose row it may not see."""
-        return 0 if self._pipeline is None else self._pipeline.hidden
+        return 0 if self._pipeline is None else self._pipeline.counters.changes_rls_hidden
+
+    @property
+    def rls_rechecks(self) -> int:
+        """RLS checks run again because their snapshot did not see the writing transaction yet."""
+        return 0 if self._pipeline is None else self._pipeline.counters.changes_rls_rechecks
 
     @property
     def rls_dropped(self) -> int:

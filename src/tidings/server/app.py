@@ -178,6 +178,7 @@ async def start_changes(node: Node, config: Config) -> None:
             ssl=config.db_ssl,
             deliver=node.deliver_change,
             rls=config.db_rls,
+            counters=node.metrics,
         )
     except PostgresChangesError as exc:
         raise StartupError(f"DATABASE_URL: {exc}", code=3) from None

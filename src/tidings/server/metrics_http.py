@@ -87,6 +87,16 @@ _COUNTERS = (
         "catchup_allowances",
     ),
     (
+        "tidings_postgres_changes_rls_hidden_total",
+        "Postgres Changes withheld by row level security (DB_RLS): one per change and subscriber.",
+        "changes_rls_hidden",
+    ),
+    (
+        "tidings_postgres_changes_rls_rechecks_total",
+        "RLS checks run again because their snapshot did not see the streamed commit yet.",
+        "changes_rls_rechecks",
+    ),
+    (
         "tidings_db_broadcasts_total",
         "Rows of realtime.messages published as broadcasts (Broadcast from Database).",
         "db_broadcasts",
