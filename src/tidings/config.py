@@ -649,10 +649,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "db_messages_slot",
         "DB_MESSAGES_SLOT",
-        _str,
-        "tidings_messages_slot",
-        "Permanent slot of Broadcast from Database (INSERTs of realtime.messages); drop it when "
-        "retiring Tidings.",
+        _optional_str,
+        None,
+        "Permanent slot of Broadcast from Database (INSERTs of realtime.messages); unset: "
+        "`<DB_SLOT>_messages`. Drop it when retiring Tidings.",
     ),
     Setting(
         "db_broadcast_rate",
@@ -824,7 +824,7 @@ class Config:
     db_ssl: bool = False
     db_publication: str = "supabase_realtime"
     db_slot: str = "tidings_slot"
-    db_messages_slot: str = "tidings_messages_slot"
+    db_messages_slot: str | None = None
     db_broadcast_rate: int = 10_000
     db_resume_grace: float = 5.0
     db_rls: bool = True

@@ -89,6 +89,7 @@ __all__ = [
     "MessageRow",
     "Publish",
     "ensure_messages_publication",
+    "messages_slot",
     "start_broadcast_from_database",
 ]
 
@@ -96,8 +97,9 @@ log = logging.getLogger("tidings.db.broadcast")
 
 PUBLICATION: Final = "supabase_realtime_messages_publication"
 """Supabase's name for the publication of ``realtime.messages``."""
-DEFAULT_SLOT: Final = "tidings_messages_slot"
-"""Default ``DB_MESSAGES_SLOT``: the permanent slot of this stream (not Postgres Changes' slot)."""
+DEFAULT_SLOT: Final = "tidings_slot_messages"
+"""The slot of this stream with the default settings (``DB_SLOT`` ``tidings_slot`` + ``_messages``;
+see :func:`messages_slot`); never Postgres Changes' own slot."""
 DEFAULT_RATE: Final = 10_000
 """Default ``DB_BROADCAST_RATE``: rows delivered per second at most."""
 REPLICATION_READY_TIMEOUT: Final = 60.0
@@ -698,6 +700,14 @@ class BroadcastFromDatabase:
         if stream is not None:
             await asyncio.get_running_loop().run_in_executor(None, stream.stop)
 
+    async def stop_when_cancelled(self) -> None:
+        """Wait until cancelled, then :meth:`stop`: a task for ``node.background``, whose
+        ``stop_tasks`` then drains this stream while the broker is still up."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
     def run_in_background(self, delay: float = 0.0, leader: LeaseHolder | None = None) -> None:
         """Stream from a task of its own until :meth:`stop`: after *delay* seconds on a single
         node (start failures are logged and retried), or while *leader* holds the lease."""
@@ -878,6 +888,12 @@ class BroadcastFromDatabase:
         return lag
 
 
+def messages_slot(config: Config) -> str:
+    """``DB_MESSAGES_SLOT``, else ``<DB_SLOT>_messages``: nodes (and tests) that give Postgres
+    Changes a slot of their own get one for this stream too."""
+    return config.db_messages_slot or f"{config.db_slot}_messages"
+
+
 async def start_broadcast_from_database(
     config: Config,
     publish: Publish,
@@ -906,7 +922,7 @@ async def start_broadcast_from_database(
     stream = BroadcastFromDatabase(
         config.database_url,
         publish,
-        slot=config.db_messages_slot,
+        slot=messages_slot(config),
         ssl=config.db_ssl,
         max_payload_bytes=config.max_payload_size_kb * 1024,
         max_topic_bytes=config.max_topic_length,

@@ -46,6 +46,7 @@ from .websocket import WebSocketConnection
 
 if TYPE_CHECKING:
     from ..cdc.service import PostgresChanges
+    from ..db.broadcast import LeaseHolder
 
 __all__ = [
     "StartupError",
@@ -129,7 +130,8 @@ async def start_node(config: Config) -> Node:
         raise StartupError(f"REDIS_URL: {exc}") from None
     if config.database_url:
         try:
-            await start_changes(node, config)
+            leader = await start_changes(node, config)
+            await start_broadcasts(node, config, leader)
         except BaseException:  # a refusal, or a signal during the checks
             await stop_node(node, drop_new_slot=True)
             raise
@@ -159,7 +161,7 @@ def _changes_of(node: Node) -> PostgresChanges | None:
     return node.cdc if isinstance(node.cdc, PostgresChanges) else None
 
 
-async def start_changes(node: Node, config: Config) -> None:
+async def start_changes(node: Node, config: Config) -> LeaseHolder | None:
     """Connect Postgres Changes; a bad database set-up raises :class:`StartupError` (one line).
 
     Streaming starts ``DB_RESUME_GRACE`` later: changes committed while Tidings was down are
@@ -215,7 +217,7 @@ async def start_changes(node: Node, config: Config) -> None:
         leader = ChangeFeedLeader(cdc, bus, first_delay=grace)
         node.on_change(leader.received)
         node.background(leader.run())
-        return
+        return leader
 
     async def stream_later() -> None:
         await asyncio.sleep(grace)
@@ -229,6 +231,23 @@ async def start_changes(node: Node, config: Config) -> None:
         log.info("Postgres Changes streaming")
 
     node.background(stream_later())
+    return None
+
+
+async def start_broadcasts(node: Node, config: Config, leader: LeaseHolder | None) -> None:
+    """Broadcast from Database (docs/broadcast-from-database.md): the ``realtime`` schema is
+    prepared, then ``realtime.messages`` streams to ``node.publish_broadcast`` (in a cluster while
+    *leader* holds the change-feed lease). A refusal raises :class:`StartupError` (one line)."""
+    from ..db.broadcast import BroadcastFromDatabaseError, start_broadcast_from_database
+    from ..db.privileges import DatabaseSetupError
+
+    try:
+        stream = await start_broadcast_from_database(
+            config, node.publish_broadcast, counters=node.metrics, leader=leader
+        )
+    except (BroadcastFromDatabaseError, DatabaseSetupError) as exc:
+        raise StartupError(f"DATABASE_URL: {exc}", code=3) from None
+    node.background(stream.stop_when_cancelled())  # stop_node drains it before the broker stops
 
 
 def app_from_env() -> Starlette:
