@@ -613,7 +613,9 @@ class BroadcastFromDatabase:
             publication=self.publication,
             loop=loop,
             on_batch=functools.partial(self._on_batch, ledger),
-            max_inflight=8,
+            # Rows hold their payloads (up to MAX_PAYLOAD_SIZE_KB each): at most 4 x 256 wait.
+            max_inflight=4,
+            max_batch=256,
             make_decoder=lambda _cat: MessageDecoder(max_payload, max_topic, max_event),
             on_connected=connected,
             name="tidings-messages-replication",
