@@ -71,7 +71,7 @@ from tidings.cdc.pgoutput import Begin, Commit, Insert, Relation, decode
 from tidings.cdc.replication import SESSION_OPTIONS, ReplicationStream
 from tidings.db.partitions import PartitionMaintenance
 from tidings.limits import TokenBucket
-from tidings.logs import Clipped
+from tidings.logs import Clipped, first_line
 
 if TYPE_CHECKING:
     from tidings.config import Config
@@ -349,7 +349,7 @@ def ensure_messages_publication(conn: Any, name: str = PUBLICATION) -> str:
             _end_transaction(conn)
             raise BroadcastFromDatabaseError(
                 f"cannot {'create' if state is None else 'recreate'} publication {name} "
-                f"({_first_line(exc)}): the role needs CREATE on the database and to own "
+                f"({first_line(exc)}): the role needs CREATE on the database and to own "
                 "realtime.messages"
                 + ("" if state is None else f" and {name}")
                 + f"; or an administrator runs: DROP PUBLICATION IF EXISTS {quoted}; {create}"
@@ -387,11 +387,6 @@ def _run_once(dsn: str, fn: Callable[[Any], None]) -> None:
         fn(conn)
     finally:
         conn.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,7 +526,7 @@ class BroadcastFromDatabase:
                 application_name="tidings-messages",
             )
         except psycopg2.ProgrammingError as exc:
-            raise BroadcastFromDatabaseError(f"invalid database URL: {_first_line(exc)}") from None
+            raise BroadcastFromDatabaseError(f"invalid database URL: {first_line(exc)}") from None
         self._where = catalog.describe_dsn(self._dsn)
         self._bucket = TokenBucket(self.rate, self.rate, time.monotonic())
         self._stream: ReplicationStream | None = None
@@ -573,7 +568,7 @@ class BroadcastFromDatabase:
         except (PostgresChangesError, BroadcastFromDatabaseError) as exc:
             raise BroadcastFromDatabaseError(str(exc)) from None
         except psycopg2.Error as exc:
-            raise BroadcastFromDatabaseError(f"PostgreSQL at {self._where}: {_first_line(exc)}") from None
+            raise BroadcastFromDatabaseError(f"PostgreSQL at {self._where}: {first_line(exc)}") from None
 
     async def start(self, *, timeout: float = 30.0) -> None:
         """:meth:`check`, then stream; returns once the stream is live.
@@ -869,7 +864,7 @@ class BroadcastFromDatabase:
         try:
             await asyncio.to_thread(_run_once, self._dsn, drop)
         except psycopg2.Error as exc:
-            log.warning("could not drop replication slot %s: %s", self.slot, _first_line(exc))
+            log.warning("could not drop replication slot %s: %s", self.slot, first_line(exc))
             return
         self.created_slot = False
         log.info("dropped replication slot %s: the start that created it did not finish", self.slot)

@@ -35,6 +35,7 @@ import psycopg2
 
 from tidings.cdc import catalog
 from tidings.cdc.catalog import ConnectionPool
+from tidings.logs import first_line
 from tidings.protocol import errors
 
 __all__ = [
@@ -189,8 +190,7 @@ class DatabaseReplay:
                 self._executor, self._pool.run, read_replay, sub_topic, since, limit
             )
         except psycopg2.Error as exc:
-            text = str(exc).strip()
-            raise ReplayError(text.splitlines()[0] if text else type(exc).__name__) from None
+            raise ReplayError(first_line(exc)) from None
 
     async def close(self) -> None:
         """Close the connections."""
