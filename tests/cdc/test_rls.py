@@ -507,3 +507,27 @@ async def test_every_committed_row_reaches_its_readers_under_load(sync_postgres:
         assert pc.rls_rechecks > 0  # the window was hit, and waited out
     finally:
         await pc.stop()
+
+
+def test_check_looks_rows_up_by_the_primary_key_index(rls_db: Database) -> None:
+    """Under row level security only leakproof conditions may run before the policy: with the
+    cast in the join condition the policy ran on every row of the table (a check cost grew with
+    the table). The arrays are cast instead, and the lookup goes through the primary key."""
+    db = rls_db
+    db.execute(
+        "INSERT INTO notes SELECT g, 'user' || (g % 100) FROM generate_series(1, 20000) g; ANALYZE notes"
+    )
+    conn = catalog.connect(db.dsn)
+    try:
+        security = catalog.table_security(conn, "public", "notes")
+        query = catalog._check_query(conn, "public", "notes", ("id",), (security.key_types["id"],))
+        settings, check = query.split("; ", 1)
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute(settings, ["authenticated", json.dumps(ALICE), "alice", "authenticated"])
+            cur.execute("EXPLAIN " + check, [["1", "2", "3"], []])
+            plan = "\n".join(row[0] for row in cur.fetchall())
+            cur.execute("ROLLBACK")
+        assert "Index Scan using notes_pkey" in plan and "Seq Scan on notes" not in plan, plan
+    finally:
+        conn.close()

@@ -426,6 +426,57 @@ def _key_text(value: Any) -> str | None:
     return None
 
 
+_check_queries: dict[tuple[str, str, tuple[str, ...], tuple[str | None, ...]], str] = {}
+"""Check statements by table, key columns and how each is compared (the text is the same for
+every role and claims): composing one costs more than the rest of the Python side of a check."""
+
+
+def _check_query(
+    conn: Any, schema: str, table: str, key_columns: Sequence[str], typed: Sequence[str | None]
+) -> str:
+    """The statement :func:`visible_keys` runs, as text with %s placeholders.
+
+    No BEGIN/ROLLBACK: the statements of one query string form one implicit transaction, so the
+    ``set_config(..., true)`` settings (the role too, as ``SET LOCAL ROLE`` does) end with it,
+    and nothing is written. One round trip per check.
+    """
+    # The arrays are cast, not the values in the join: under row level security only a leakproof
+    # condition may run before the policy, and a cast (int8in, ...) is not one. ``r.id = k.k0``
+    # with k0 already an int8 is (int8eq), so the primary key index is used rather than the
+    # policy being evaluated on every row of the table.
+    conditions: list[sql.Composable] = []
+    arrays: list[sql.Composable] = []
+    for j, (column, type_name) in enumerate(zip(key_columns, typed, strict=True)):
+        name = sql.Identifier(f"k{j}")
+        if type_name is not None:
+            arrays.append(sql.SQL("%s::text[]::{}[]").format(sql.SQL(type_name)))
+            cond = sql.SQL("r.{} = k.{}").format(sql.Identifier(column), name)
+        else:
+            arrays.append(sql.SQL("%s::text[]::jsonb[]"))
+            cond = sql.SQL("to_jsonb(r.{}) = k.{}").format(sql.Identifier(column), name)
+        conditions.append(cond)
+    query = sql.SQL(
+        "SELECT set_config('role', %s, true), set_config('statement_timeout', {timeout}, true), "
+        "set_config('request.jwt.claims', %s, true), set_config('request.jwt.claim.sub', %s, true), "
+        "set_config('request.jwt.claim.role', %s, true); "
+        "SELECT k.n - 1 FROM unnest({arrays}) WITH ORDINALITY AS k({names}, n) "
+        "WHERE EXISTS (SELECT 1 FROM {schema}.{table} r WHERE {conditions}) "
+        # -1: a writer is still running for this statement's snapshot. The 32-bit xid becomes a
+        # 64-bit one by its distance below the snapshot's xmax (it was assigned before it).
+        "UNION ALL SELECT -1 FROM unnest(%s::int8[]) AS x(xid), "
+        "(SELECT s, txid_snapshot_xmax(s) AS m FROM txid_current_snapshot() AS s) AS snap "
+        "WHERE NOT txid_visible_in_snapshot(m - ((m - x.xid) %% 4294967296 + 4294967296) %% 4294967296, s)"
+    ).format(
+        timeout=sql.Literal(str(RLS_STATEMENT_TIMEOUT_MS)),
+        arrays=sql.SQL(", ").join(arrays),
+        names=sql.SQL(", ").join(sql.Identifier(f"k{j}") for j in range(len(key_columns))),
+        schema=sql.Identifier(schema),
+        table=sql.Identifier(table),
+        conditions=sql.SQL(" AND ").join(conditions),
+    )
+    return str(query.as_string(conn))
+
+
 def visible_keys(
     conn: Any,
     schema: str,
@@ -443,11 +494,13 @@ def visible_keys(
     *xids* are the 32-bit ids of the transactions that wrote the rows. The same statement (so the
     same snapshot) checks that each of them is visible; :class:`NotYetVisible` says one is not yet.
 
-    As Supabase does: in a transaction that is rolled back, ``SET LOCAL ROLE``, ``request.jwt.claims``
-    (and the older ``request.jwt.claim.sub`` / ``request.jwt.claim.role``), then a ``SELECT`` by
-    primary key. One statement checks every key: the values travel as text arrays, cast to each
-    key column's type (from *key_types*) so the primary key index is used. A column of arrays or
-    composites (JSON in the record), or of unknown type, is compared with ``to_jsonb``.
+    As Supabase does: in one transaction that writes nothing, the role (as ``SET LOCAL ROLE``),
+    ``request.jwt.claims`` (and the older ``request.jwt.claim.sub`` / ``request.jwt.claim.role``),
+    then a ``SELECT`` by primary key. One statement checks every key: the values travel as text
+    arrays, cast to each key column's type (from *key_types*) so the primary key index is used. A
+    column of arrays or composites (JSON in the record), or of unknown type, is compared with
+    ``to_jsonb``. *conn* must be in autocommit mode (the pool's are): the check is then one
+    implicit transaction, and nothing of it stays on the connection.
 
     Raises:
         NotYetVisible: a transaction of *xids* is still running for this snapshot (try again).
@@ -462,50 +515,31 @@ def visible_keys(
         claims = {}
     sub = claims.get("sub") if isinstance(claims, dict) else None
     arrays: list[list[str]] = []
-    conditions: list[sql.Composable] = []
+    typed: list[str | None] = []  # per key column: the cast, or None to compare as JSON
     for j, column in enumerate(key_columns):
         texts = [_key_text(key[j]) for key in keys]
         type_name = key_types.get(column)
-        name = sql.Identifier(f"k{j}")
         if type_name is not None and all(t is not None for t in texts):
             arrays.append([t for t in texts if t is not None])
-            cond = sql.SQL("r.{} = k.{}::{}").format(sql.Identifier(column), name, sql.SQL(type_name))
+            typed.append(type_name)
         else:
             arrays.append([json.dumps(key[j]) for key in keys])
-            cond = sql.SQL("to_jsonb(r.{}) = k.{}::jsonb").format(sql.Identifier(column), name)
-        conditions.append(cond)
-    query = sql.SQL(
-        "BEGIN; SET LOCAL ROLE {role}; SET LOCAL statement_timeout = {timeout}; "
-        "SELECT set_config('request.jwt.claims', %s, true), set_config('request.jwt.claim.sub', %s, true), "
-        "set_config('request.jwt.claim.role', %s, true); "
-        "SELECT k.n - 1 FROM unnest({arrays}) WITH ORDINALITY AS k({names}, n) "
-        "WHERE EXISTS (SELECT 1 FROM {schema}.{table} r WHERE {conditions}) "
-        # -1: a writer is still running for this statement's snapshot. The 32-bit xid becomes a
-        # 64-bit one by its distance below the snapshot's xmax (it was assigned before it).
-        "UNION ALL SELECT -1 FROM unnest(%s::int8[]) AS x(xid), "
-        "(SELECT s, txid_snapshot_xmax(s) AS m FROM txid_current_snapshot() AS s) AS snap "
-        "WHERE NOT txid_visible_in_snapshot(m - ((m - x.xid) %% 4294967296 + 4294967296) %% 4294967296, s)"
-    ).format(
-        role=sql.Identifier(role),
-        timeout=sql.Literal(RLS_STATEMENT_TIMEOUT_MS),
-        arrays=sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in arrays),
-        names=sql.SQL(", ").join(sql.Identifier(f"k{j}") for j in range(len(arrays))),
-        schema=sql.Identifier(schema),
-        table=sql.Identifier(table),
-        conditions=sql.SQL(" AND ").join(conditions),
-    )
-    params: list[Any] = [claims_json, "" if sub is None else str(sub), role, *arrays, sorted(set(xids))]
+            typed.append(None)
+    shape = (schema, table, tuple(key_columns), tuple(typed))
+    query = _check_queries.get(shape)
+    if query is None:
+        if len(_check_queries) >= 1024:
+            _check_queries.clear()
+        query = _check_queries[shape] = _check_query(conn, schema, table, key_columns, typed)
+    params: list[Any] = [role, claims_json, "" if sub is None else str(sub), role, *arrays, sorted(set(xids))]
     try:
         with conn.cursor() as cur:
             try:
                 cur.execute(query, params)
                 visible = {int(row[0]) for row in cur.fetchall()}
             finally:
-                if not conn.closed:
-                    try:
-                        cur.execute("ROLLBACK")
-                    except psycopg2.Error:
-                        conn.close()  # the pool drops a closed connection
+                if not conn.autocommit and not conn.closed:
+                    conn.rollback()  # an explicit transaction would keep the role and claims
     except psycopg2.errors.QueryCanceled as exc:
         raise CheckFailed(first_line(exc)) from None
     except (psycopg2.OperationalError, psycopg2.InterfaceError):
