@@ -12,8 +12,9 @@ the transaction (with the same change ids). After a lost connection the thread r
 jittered exponential backoff; before restarting the stream it lets the loop finish the batches it
 already has, then resumes from the last confirmed position.
 
-Backpressure: at most ``max_inflight`` batches wait on the loop; beyond that the thread stops
-reading (PostgreSQL then buffers in the slot) while still sending status updates.
+Backpressure: at most ``max_inflight`` batches wait on the loop; beyond that the thread fills one
+more batch (up to ``max_batch`` items) and then stops reading (PostgreSQL then buffers in the slot)
+while still sending status updates.
 """
 
 from __future__ import annotations
@@ -323,9 +324,11 @@ class ReplicationStream:
                         self._post(batch, cur)
                         batch = []
                 continue
-            if batch:
+            if batch and self.inflight < self._max_inflight:
                 self._post(batch, cur)
                 batch = []
+            # Else the loop is behind: keep reading into this batch (until max_batch) rather than
+            # wait with it, so a slow consumer gets fewer, larger batches; batch_done wakes us.
             confirmed = self._confirmed
             if confirmed > sent:
                 cur.send_feedback(write_lsn=confirmed, flush_lsn=confirmed, apply_lsn=confirmed, force=True)
