@@ -207,6 +207,7 @@ class RlsPipeline:
         self.dropped = 0
         """Changes dropped by :meth:`put_change` because the backlog was full."""
         self.counters: RlsCounters = counters if counters is not None else _OwnCounters()
+        self._removals = 0  # owners unsubscribed so far (see removed())
 
     # -- producers (loop thread) -------------------------------------------------------------
 
@@ -235,6 +236,11 @@ class RlsPipeline:
         self._units.append(_Unit((change,), None))
         self._kick()
         return True
+
+    def removed(self) -> None:
+        """An owner unsubscribed: changes matched before must skip it (checked per owner only
+        for runs during which someone unsubscribed)."""
+        self._removals += 1
 
     @property
     def idle(self) -> bool:
@@ -289,6 +295,7 @@ class RlsPipeline:
             self._single -= len(unit.items)
 
     async def _handle(self, run: list[_Unit]) -> None:
+        removals = self._removals
         plan: list[_Delivery | _End] = []
         checks: dict[tuple[str, str, str], _Check] = {}
         for unit in run:
@@ -319,7 +326,15 @@ class RlsPipeline:
                     entry.stream.confirm(entry.end.end_lsn)  # every change before it was delivered
                 continue
             change, gates = entry.change, entry.gates
-            owners: Matched = {}
+            if gates is None and removals == self._removals:
+                owners = entry.matched  # unchecked, and nobody left meanwhile: as matched
+                if owners:
+                    try:
+                        self._deliver(change, owners)
+                    except Exception:
+                        log.exception("delivering change %s failed", change.id)
+                continue
+            owners = {}
             for owner, bound in entry.matched.items():
                 if self._identity(owner) is None:
                     continue  # unsubscribed meanwhile

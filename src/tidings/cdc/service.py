@@ -404,7 +404,8 @@ class PostgresChanges:
     def unsubscribe(self, owner: Hashable) -> None:
         """Drop every binding of *owner* (no error if it has none)."""
         self._index.remove(owner)
-        self._identities.pop(owner, None)
+        if self._identities.pop(owner, None) is not None and self._pipeline is not None:
+            self._pipeline.removed()
 
     @property
     def index(self) -> SubscriptionIndex:
