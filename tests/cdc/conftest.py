@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.cdc.slow_standby import SlowStandby
 from tests.support.postgres import PostgresServer, postgres_fixture
 from tidings.cdc.service import PostgresChanges
 
@@ -139,3 +140,26 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> No
         if loop.time() > deadline:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.05)
+
+
+STANDBY = "slow_standby"
+
+
+@pytest.fixture(scope="session")
+def sync_postgres() -> Iterator[PostgresServer]:
+    """A server whose commits wait for a synchronous standby that acknowledges 10 ms late.
+
+    Each commit is streamed as soon as its WAL is flushed, then stays invisible to other sessions
+    for those 10 ms: the window in which a check on another connection ran too early (it exists
+    without synchronous replication too, only much shorter).
+    """
+    server = PostgresServer({"synchronous_standby_names": f"'{STANDBY}'"})
+    standby: SlowStandby | None = None
+    try:
+        server.start()
+        standby = SlowStandby(server.dsn(), name=STANDBY, delay=0.01).start()
+        yield server
+    finally:
+        server.destroy()  # immediate stop first: nothing waits for the standby any more
+        if standby is not None:
+            standby.stop()

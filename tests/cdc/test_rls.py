@@ -6,14 +6,13 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cdc.conftest import Collector, Database, ensure_role, unique_slot, wait_until
-from tests.cdc.slow_standby import SlowStandby
 from tests.support.postgres import PostgresServer
 from tidings.cdc import catalog
 from tidings.cdc.changes import Change
@@ -438,27 +437,6 @@ def test_visible_keys_for_every_kind_of_key(rls_db: Database) -> None:
 
 WRITERS = 4
 ROWS_PER_WRITER = 500
-STANDBY = "slow_standby"
-
-
-@pytest.fixture(scope="module")
-def sync_postgres() -> Iterator[PostgresServer]:
-    """A server whose commits wait for a synchronous standby that acknowledges 10 ms late.
-
-    Each commit is streamed as soon as its WAL is flushed, then stays invisible to other sessions
-    for those 10 ms: the window in which a check on another connection ran too early (it exists
-    without synchronous replication too, only much shorter).
-    """
-    server = PostgresServer({"synchronous_standby_names": f"'{STANDBY}'"})
-    standby: SlowStandby | None = None
-    try:
-        server.start()
-        standby = SlowStandby(server.dsn(), name=STANDBY, delay=0.01).start()
-        yield server
-    finally:
-        server.destroy()  # immediate stop first: nothing waits for the standby any more
-        if standby is not None:
-            standby.stop()
 
 
 def write_rows(db: Database, writer: int) -> None:

@@ -212,7 +212,7 @@ def slot_active(db: Database, slot: str) -> bool:
 
 
 async def test_subscribed_to_postgresql_means_changes_flow(orders_db: Database) -> None:
-    """"Subscribed to PostgreSQL" comes once the stream is live, with or without DB_RESUME_GRACE.
+    """ "Subscribed to PostgreSQL" comes once the stream is live, with or without DB_RESUME_GRACE.
 
     A slot the server has just created has nothing to replay: it streams at once, whatever the
     grace. A slot with WAL past its confirmed position is held for the grace (clients rejoin
@@ -236,8 +236,13 @@ async def test_subscribed_to_postgresql_means_changes_flow(orders_db: Database) 
         server.start()
         client = await PhxClient.open(server.http_url)
         reply = await client.join("realtime:o1", {"postgres_changes": [binding]})
-        assert reply["status"] == "ok"
-        # The join is answered during the grace; the announcement waits for the stream.
+        assert reply["status"] == "ok"  # answered at once, during the grace
+        # With postgres_changes_options.wait the join itself is answered once changes flow.
+        waiter = await PhxClient.open(server.http_url)
+        config = {"postgres_changes": [binding], "postgres_changes_options": {"wait": True}}
+        await waiter.join("realtime:o1w", config, timeout=20)
+        assert slot_active(orders_db, slot)
+        # The announcement of the first join waited for the stream too.
         await subscribe_announced(client, "realtime:o1")
         assert slot_active(orders_db, slot)
         assert "streaming in 3.0 s" in server.logs()

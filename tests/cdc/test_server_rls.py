@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support.phx import PhxClient
+from tests.support.postgres import PostgresServer
 from tests.support.redis import RedisServer
 from tests.support.server import ServerProcess
 from tidings.auth.tokens import mint_token
@@ -131,3 +132,30 @@ async def test_in_a_cluster_each_node_checks_what_it_delivers(db: Database) -> N
         for proc in nodes:
             proc.stop()
         redis.cleanup()
+
+
+async def test_filtered_single_row_inserts_behind_a_slow_standby(sync_postgres: PostgresServer) -> None:
+    """The compatibility suite's shape: a client joins with a filter, one row is inserted, the
+    client waits for its event. Behind a synchronous standby every commit streams before other
+    sessions see it; each event still arrives."""
+    dsn = sync_postgres.create_database()
+    db = Database(sync_postgres, dsn.rsplit("/", 1)[1], dsn)
+    server = ServerProcess(env={**rls_env(db), "DATABASE_URL": dsn}).start()
+    try:
+        apikey = mint_token(SECRET, role="anon")
+        token = mint_token(SECRET, role="authenticated", sub="alice")
+        for n in range(1, 21):
+            client = await PhxClient.open(server.http_url, "&apikey=" + apikey)
+            topic = f"realtime:note-{n}"
+            binding = {"event": "INSERT", "schema": "public", "table": "notes", "filter": f"id=eq.{n}"}
+            payload = {"config": {"postgres_changes": [binding]}, "access_token": token}
+            await client.push(topic, "phx_join", payload, "1")
+            await client.wait(lambda m, t=topic: m[3] == "system" and m[2] == t)
+            db.execute("INSERT INTO notes VALUES (%s, 'alice', 'hi')", (n,))
+            push = await client.wait(lambda m: m[3] == "postgres_changes", timeout=20)
+            assert push[4]["data"]["record"]["id"] == n
+            await client.close()
+        assert metric(server, "tidings_postgres_changes_rls_rechecks_total") > 0  # the window was hit
+        assert metric(server, "tidings_postgres_changes_rls_hidden_total") == 0
+    finally:
+        server.stop()
