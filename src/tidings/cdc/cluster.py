@@ -120,6 +120,7 @@ class ChangeFeedLeader:
                 self.cdc.release()  # changes flow now, through this node's stream or the leader's
                 await asyncio.sleep(interval)
         finally:
+            self.cdc.release()  # nobody waits for a stream that will not come
             if self.leader:
                 await self._resign()
 
