@@ -32,6 +32,7 @@ from websockets.http11 import Request
 
 from ..config import Config
 from .edge import CONNECTIONS_PER_ADDRESS, OPEN_FILES, Throttle, trusted_proxies
+from .websocket import AWAITING_HEAD, WebSocketConnection
 
 __all__ = [
     "LEAN_HEAD_BYTES",
@@ -42,6 +43,7 @@ __all__ = [
     "DeadlineHttpProtocol",
     "HeadDeadlines",
     "UpgradeHead",
+    "head_deadlines",
     "parse_upgrade_head",
 ]
 
@@ -464,23 +466,25 @@ def parse_upgrade_head(head: bytes) -> UpgradeHead | None:
     )
 
 
-class DeadlineHttpProtocol(asyncio.Protocol):
-    """The listening protocol: one small object per accepted connection until its first head.
+class DeadlineHttpProtocol(WebSocketConnection):
+    """The listening protocol: each accepted connection starts as the WebSocket connection it
+    usually becomes, waiting for its request head (``ws`` is :data:`~.websocket.AWAITING_HEAD`).
 
-    A plain WebSocket upgrade (:func:`parse_upgrade_head`) is handed straight to the WebSocket
-    protocol (``uvicorn.Config(ws=...)``, which must offer ``upgrade_head``), which answers it
-    with a pre-built ``101``: no httptools parser, uvicorn protocol, scope or websockets
-    ``Request``/``Headers``/``Response`` is made for it. Every other request, with the bytes
-    received so far, goes to :class:`AsgiHttpProtocol` (uvicorn's protocol with the limits
-    and deadlines), and so to the ASGI app or the websockets handshake as before.
+    A plain WebSocket upgrade (:func:`parse_upgrade_head`) is answered in place
+    (:meth:`~.websocket.WebSocketConnection.upgrade_head`, a pre-built ``101``): no second
+    protocol object, no ``transport.set_protocol`` (which stops and restarts reading: two epoll
+    changes), no httptools parser, uvicorn protocol, scope, or websockets ``Request``/``Headers``/
+    ``Response``. Every other request, with the bytes received so far, goes to
+    :class:`AsgiHttpProtocol` (uvicorn's protocol with the limits and deadlines), and so to the
+    ASGI app or the websockets handshake as before.
 
-    The limits of the head hold here too: its deadline (``REQUEST_HEAD_TIMEOUT``, carried over
-    on a hand-over), ``MAX_CONNECTIONS_PER_IP`` (the refusal itself is answered by
+    The limits of the head hold here too: its deadline (``REQUEST_HEAD_TIMEOUT``, carried over on
+    a hand-over), ``MAX_CONNECTIONS_PER_IP`` (the refusal itself is answered by
     :class:`AsgiHttpProtocol`), and a head over ``MAX_REQUEST_HEAD`` / ``MAX_REQUEST_URL`` (handed
     over, which refuses it).
     """
 
-    __slots__ = ("_address", "_app_state", "_buffer", "_config", "_deadlines", "_server_state", "transport")
+    __slots__ = ()
 
     def __init__(
         self,
@@ -489,20 +493,25 @@ class DeadlineHttpProtocol(asyncio.Protocol):
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self._config = config
-        self._server_state = server_state
-        self._app_state = app_state
-        self.transport: asyncio.Transport | None = None
-        self._buffer = b""  # the head so far, while it arrives in several segments
-        self._deadlines: HeadDeadlines | None = None  # where this connection's head deadline is
-        self._address: str | None = None  # counted in CONNECTIONS_PER_ADDRESS
+        if app_state.get("node") is None:
+            # No Tidings node in this server: everything is the ASGI side's (see connection_made).
+            self._server_state = server_state
+            self._address = None
+            self.transport = None
+            self.closed = True
+        else:
+            WebSocketConnection.__init__(
+                self, server_state=server_state, app_state=app_state, awaiting_head=True
+            )
+        if server_state not in _UVICORN_CONFIGS:
+            _UVICORN_CONFIGS[server_state] = (config, app_state)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        node = self._app_state.get("node")
-        if node is None:
+        if self.closed:
             self._hand_over(b"", fresh=True)
             return
+        node = self.node
         limits: Config = node.config
         cap = limits.max_connections_per_ip
         if cap:
@@ -517,27 +526,23 @@ class DeadlineHttpProtocol(asyncio.Protocol):
         connections = self._server_state.connections
         connections.add(self)
         OPEN_FILES.check(len(connections), node.metrics, log)
-        deadlines = _HEAD_DEADLINES.get(limits.request_head_timeout)
-        if deadlines is None or deadlines.loop is not node.loop:
-            deadlines = _HEAD_DEADLINES[limits.request_head_timeout] = HeadDeadlines(
-                node.loop, limits.request_head_timeout
-            )
-        deadlines.add(self)
-        self._deadlines = deadlines
+        head_deadlines(node.loop, limits.request_head_timeout).add(self)
 
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
+    def head_received(self, data: bytes) -> None:
+        """Bytes of the first request head (and maybe what follows it)."""
+        limits: Config = self.node.config
+        deadlines = head_deadlines(self.node.loop, limits.request_head_timeout)
+        earlier = deadlines.partial.pop(self, None)
+        buffer = earlier + data if earlier else data
         end = buffer.find(b"\r\n\r\n")
-        limits: Config = self._app_state["node"].config
         if end < 0:
             # Past the head or URL limit the ASGI side counts and refuses it as it arrives.
             size = min(LEAN_HEAD_BYTES, limits.max_request_head, limits.max_request_url)
             if len(buffer) <= size and b"GET /".startswith(buffer[:5]):
-                self._buffer = buffer  # an upgrade, perhaps: wait for the rest of the head
+                deadlines.partial[self] = buffer  # an upgrade, perhaps: wait for the rest of the head
             else:
                 self._hand_over(buffer)
             return
-        self._buffer = b""
         if end + 4 > min(LEAN_HEAD_BYTES, limits.max_request_head) or not buffer.startswith(b"GET /"):
             self._hand_over(buffer)
             return
@@ -545,41 +550,13 @@ class DeadlineHttpProtocol(asyncio.Protocol):
         if head is None or len(head.target) > limits.max_request_url:
             self._hand_over(buffer)
             return
-        protocol_class: Any = self._config.ws_protocol_class
-        if getattr(protocol_class, "upgrade_head", None) is None:
-            self._hand_over(buffer)
-            return
-        transport = self.transport
-        assert transport is not None
-        address, self._address = self._address, None  # the WebSocket connection releases it
-        self._forget()
-        protocol = protocol_class(server_state=self._server_state, app_state=self._app_state, handshake=False)
-        protocol.connection_made(transport)
-        transport.set_protocol(protocol)
-        protocol.upgrade_head(head, buffer[end + 4 :], address)
-
-    def eof_received(self) -> bool | None:
-        return None  # the client is done before its head ended: close (as uvicorn does)
+        deadlines.discard(self)
+        self.upgrade_head(head, buffer[end + 4 :])
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._forget()
-        if self._address is not None:
-            CONNECTIONS_PER_ADDRESS.release(self._address)
-            self._address = None
-        self._buffer = b""
-
-    def shutdown(self) -> None:
-        """uvicorn is stopping: nothing was asked of this connection yet, so it is closed."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def _forget(self) -> None:
-        """This object leaves the connection: its deadline and its place in uvicorn's set."""
-        if self._deadlines is not None:
-            self._deadlines.discard(self)
-            self._deadlines = None
-        self._server_state.connections.discard(self)
-        self.transport = None
+        if self.ws is AWAITING_HEAD and not self.closed:
+            head_deadlines(self.node.loop, self.node.config.request_head_timeout).discard(self)
+        super().connection_lost(exc)
 
     def _hand_over(self, received: bytes, fresh: bool = False) -> None:
         """Give the connection to :class:`AsgiHttpProtocol` with the bytes ``received`` so far.
@@ -589,12 +566,18 @@ class DeadlineHttpProtocol(asyncio.Protocol):
         """
         transport = self.transport
         assert transport is not None
-        due = self._deadlines.due(self) if self._deadlines is not None else None
+        server_state = self._server_state
+        due: float | None = None
+        if not self.closed:
+            deadlines = head_deadlines(self.node.loop, self.node.config.request_head_timeout)
+            due = deadlines.due(self)
+            deadlines.discard(self)
+        server_state.connections.discard(self)
         address, self._address = self._address, None
-        self._forget()
-        protocol = AsgiHttpProtocol(
-            config=self._config, server_state=self._server_state, app_state=self._app_state
-        )
+        self.closed = True  # this object is done with the connection
+        self.transport = None
+        config, app_state = _UVICORN_CONFIGS[server_state]
+        protocol = AsgiHttpProtocol(config=config, server_state=server_state, app_state=app_state)
         transport.set_protocol(protocol)
         if fresh:
             protocol.connection_made(transport)
@@ -603,15 +586,16 @@ class DeadlineHttpProtocol(asyncio.Protocol):
         if received and not transport.is_closing():
             protocol.data_received(received)
 
-    def _head_timeout(self) -> None:
-        # As AsgiHttpProtocol._head_timeout: counted; a line only when a head began.
-        self._deadlines = None
+    def head_timeout(self) -> None:
+        """No complete request head within ``REQUEST_HEAD_TIMEOUT`` (called by
+        :class:`HeadDeadlines`): counted, a line only when a head began, closed."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self.closed:
             return
-        node = self._app_state["node"]
+        node = self.node
         node.metrics.http_refused_head_timeout += 1
-        if self._buffer:
+        begun = head_deadlines(node.loop, node.config.request_head_timeout).partial.pop(self, None)
+        if begun:
             _throttle.log(
                 log,
                 logging.INFO,
@@ -629,15 +613,17 @@ class HeadDeadlines:
     All of them wait the same ``timeout``, so the oldest is first in the (insertion-ordered) dict
     and a check stops at the first one not due. The timer fires at the first entry's deadline
     (usually long gone by then: most heads arrive within milliseconds), not once per connection:
-    a timer of its own cost each connection about 1.7 us to arm and cancel.
+    a timer of its own cost each connection about 1.7 us to arm and cancel. ``partial`` holds the
+    heads that arrive in several segments, until they are complete.
     """
 
-    __slots__ = ("_timer", "_waiting", "loop", "timeout")
+    __slots__ = ("_timer", "_waiting", "loop", "partial", "timeout")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.loop = loop
         self.timeout = timeout
         self._waiting: dict[DeadlineHttpProtocol, float] = {}
+        self.partial: dict[DeadlineHttpProtocol, bytes] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, protocol: DeadlineHttpProtocol) -> None:
@@ -650,6 +636,8 @@ class HeadDeadlines:
     def discard(self, protocol: DeadlineHttpProtocol) -> None:
         """``protocol`` no longer waits (its head came, it was handed over, or it closed)."""
         self._waiting.pop(protocol, None)
+        if self.partial:
+            self.partial.pop(protocol, None)
 
     def due(self, protocol: DeadlineHttpProtocol) -> float | None:
         """Loop time at which ``protocol``'s head is due."""
@@ -668,11 +656,22 @@ class HeadDeadlines:
                 self._timer = self.loop.call_at(max(due, now + 0.05), self._check)
                 return
             del waiting[protocol]
-            protocol._head_timeout()
+            protocol.head_timeout()
+            self.partial.pop(protocol, None)
 
 
-#: request_head_timeout -> the deadlines of the connections waiting that long (this process).
-_HEAD_DEADLINES: dict[float, HeadDeadlines] = {}
+#: (event loop, request_head_timeout) -> the deadlines of the connections waiting that long.
+_HEAD_DEADLINES: dict[tuple[asyncio.AbstractEventLoop, float], HeadDeadlines] = {}
+#: uvicorn ServerState -> (its Config, its lifespan state), for a hand-over to AsgiHttpProtocol.
+_UVICORN_CONFIGS: dict[Any, tuple[Any, dict[str, Any]]] = {}
+
+
+def head_deadlines(loop: asyncio.AbstractEventLoop, timeout: float) -> HeadDeadlines:
+    """The :class:`HeadDeadlines` of ``loop`` for heads due ``timeout`` seconds after a connect."""
+    deadlines = _HEAD_DEADLINES.get((loop, timeout))
+    if deadlines is None:
+        deadlines = _HEAD_DEADLINES[(loop, timeout)] = HeadDeadlines(loop, timeout)
+    return deadlines
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

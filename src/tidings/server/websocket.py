@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .http_protocol import UpgradeHead
 
 __all__ = [
+    "AWAITING_HEAD",
     "SWITCHING_PROTOCOLS",
     "WEBSOCKET_PATHS",
     "WebSocketConnection",
@@ -54,6 +55,8 @@ ORIGIN_NOT_ALLOWED = "Origin not allowed"
 TOO_MANY_FROM_ADDRESS = "Too many connections from this address"
 TOO_MANY_ANONYMOUS = "Too many anonymous connections from this address"
 _TWICE = "\0twice"  # stands for a header given twice where one is read (websockets raises then)
+#: ``ws`` of a connection whose request head has not been read yet (never used for I/O).
+AWAITING_HEAD = ServerProtocol()
 #: The whole ``101`` but its Sec-WebSocket-Accept value (no Date: optional on 1xx, RFC 9110 6.6.1).
 SWITCHING_PROTOCOLS = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -102,16 +105,16 @@ class WebSocketConnection(Session, asyncio.Protocol):
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
         node: Node | None = None,
-        handshake: bool = True,
+        awaiting_head: bool = False,
     ) -> None:
-        """``handshake=False``: the HTTP layer answers nothing itself and calls
-        :meth:`upgrade_head` next; the framing protocol starts OPEN."""
+        """``awaiting_head``: this object is the listening protocol itself
+        (:class:`~.http_protocol.DeadlineHttpProtocol`), which reads the request head and calls
+        :meth:`upgrade_head`; until then ``ws`` is :data:`AWAITING_HEAD`."""
         node = node if node is not None else (app_state or {})["node"]
         Session.__init__(self, node)
         self._server_state = server_state
         self.transport: asyncio.Transport | None = None
-        max_size = node.config.max_frame_size
-        self.ws = ServerProtocol(max_size=max_size) if handshake else open_server_protocol(max_size)
+        self.ws = AWAITING_HEAD if awaiting_head else ServerProtocol(max_size=node.config.max_frame_size)
         self._frag: _Fragments | None = None
         self._address: str | None = None  # counted in CONNECTIONS_PER_ADDRESS until connection_lost
 
@@ -126,6 +129,9 @@ class WebSocketConnection(Session, asyncio.Protocol):
         if self.closed:
             return  # refused or closing: nothing more is parsed (no pong before a refusal's HTTP answer)
         ws = self.ws
+        if ws is AWAITING_HEAD:
+            self.head_received(data)
+            return
         ws.receive_data(data)
         self.last_seen = self.node.tick
         events = ws.events_received()
@@ -139,7 +145,13 @@ class WebSocketConnection(Session, asyncio.Protocol):
                 self._restart_parser()
         self.flush_protocol()
 
+    def head_received(self, data: bytes) -> None:
+        """Bytes of a request head (only the listening protocol's subclass waits for one)."""
+        raise NotImplementedError
+
     def eof_received(self) -> bool | None:
+        if self.ws is AWAITING_HEAD:
+            return None  # the client is done before its head ended: close (as uvicorn does)
         self.ws.receive_eof()
         self.flush_protocol()
         return None
@@ -279,7 +291,7 @@ class WebSocketConnection(Session, asyncio.Protocol):
         if rest and not self.closed and ws.state is OPEN:
             self.data_received(rest)
 
-    def upgrade_head(self, head: UpgradeHead, rest: bytes = b"", address: str | None = None) -> None:
+    def upgrade_head(self, head: UpgradeHead, rest: bytes = b"") -> None:
         """The lean upgrade: a request head that :func:`~.http_protocol.parse_upgrade_head`
         found valid (Sec-WebSocket-Key, version 13, Upgrade and Connection tokens).
 
@@ -287,7 +299,7 @@ class WebSocketConnection(Session, asyncio.Protocol):
         ``101`` is a template with only Sec-WebSocket-Accept filled in. No extension or
         subprotocol is negotiated (as before: the server offers none).
         """
-        self._address = address
+        self.ws = open_server_protocol(self.node.config.max_frame_size)
         path, _, query = head.target.partition("?")
         vsn, apikey = query_values(query)
         admitted = self._admit(path, vsn, head.api_key or apikey, head.origin, head.forwarded_for)
