@@ -663,6 +663,14 @@ SETTINGS: tuple[Setting, ...] = (
         "it the stream waits and PostgreSQL keeps the rows in the slot.",
     ),
     Setting(
+        "replication_ready_timeout",
+        "REPLICATION_READY_TIMEOUT",
+        _Duration(allow_zero=False, bare_min=1.0),
+        60.0,
+        "A join with broadcast.replication_ready waits this long for Broadcast from Database to be "
+        "live, then its channel is closed with 'Replication connection was not established in time'.",
+    ),
+    Setting(
         "db_resume_grace",
         "DB_RESUME_GRACE",
         _Duration(allow_zero=True, bare_min=0.1),
@@ -826,6 +834,7 @@ class Config:
     db_slot: str = "tidings_slot"
     db_messages_slot: str | None = None
     db_broadcast_rate: int = 10_000
+    replication_ready_timeout: float = 60.0
     db_resume_grace: float = 5.0
     db_rls: bool = True
     redis_url: str | None = None

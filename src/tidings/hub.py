@@ -6,7 +6,7 @@ the loop over recipients only calls their transport's ``write`` with a shared ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Container, Hashable, Iterator
 
 from .protocol.codec import Outbound, Serializer
 from .protocol.presence import PresenceState, RefMaker
@@ -76,8 +76,15 @@ class Hub:
             group.presence = PresenceState(self.refs)
         return group.presence
 
-    def fanout(self, key: str, out: Outbound, exclude: Hashable | None = None) -> int:
-        """Write ``out`` to every member of ``key`` except ``exclude``; returns the deliveries.
+    def fanout(
+        self,
+        key: str,
+        out: Outbound,
+        exclude: Hashable | None = None,
+        skip: Container[Hashable] | None = None,
+    ) -> int:
+        """Write ``out`` to every member of ``key`` except ``exclude`` and the members in ``skip``
+        (those that may not read it, or have it already); returns the deliveries.
 
         A member whose write raises (its transport died under us) is dropped from the group.
         """
@@ -91,6 +98,15 @@ class Hub:
             (group.v1, out.frame_v1() if group.v1 else None),
         ):
             if not subs or frame is None:
+                continue
+            if skip:
+                for member, write in subs.items():
+                    if member is not exclude and member not in skip:
+                        sent += 1
+                        try:
+                            write(frame)
+                        except Exception:
+                            broken.append(member)
                 continue
             for member, write in subs.items():
                 if member is not exclude:

@@ -43,6 +43,10 @@ __all__ = [
 ]
 
 COUNTERS = (
+    "authz_denied_reads",
+    "authz_denied_writes",
+    "authz_unavailable",
+    "authz_writes_dropped",
     "broadcasts",
     "bytes_in",
     "bytes_out",
@@ -186,6 +190,10 @@ class NodeMetrics:
         "replication_slot_bytes",
     )
 
+    authz_denied_reads: int
+    authz_denied_writes: int
+    authz_unavailable: int
+    authz_writes_dropped: int
     broadcasts: int
     bytes_in: int
     bytes_out: int

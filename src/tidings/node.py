@@ -2,9 +2,10 @@
 
 Connections (``session.Session``) call the node's verbs: :meth:`Node.join_now` / :meth:`Node.join_read`
 and :meth:`Node.attach` to join, :meth:`Node.leave`, :meth:`Node.track` / :meth:`Node.untrack`,
-:meth:`Node.publish_broadcast` / :meth:`Node.publish_presence`, :meth:`Node.may_read` /
-:meth:`Node.may_write`. The node knows them only through the small :class:`Member` and
-:class:`Subscriber` protocols, and the broker only through :class:`~tidings.broker.base.Broker`.
+:meth:`Node.publish_broadcast` / :meth:`Node.publish_presence`, :meth:`Node.permissions_now` /
+:meth:`Node.permissions` (private channels, through :attr:`Node.authorizer`). The node knows
+them only through the small :class:`Member` and :class:`Subscriber` protocols, and the broker
+only through :class:`~tidings.broker.base.Broker`.
 The node never blocks. A single periodic sweeper checks heartbeat deadlines and token expiry for
 all connections (no timer per connection); what else runs once a second registers with
 :meth:`Node.on_tick` (the RTT monitor, ``server/monitor.py``).
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from .auth.policy import AuthorizationContext, Authorizer, Permissions, PolicyAuthorizer
 from .auth.tokens import Principal, Verifier
 from .broker.base import Broker, Envelope, JoinRead, PublishDone, ReplayQuery
 from .config import Config
@@ -37,13 +39,16 @@ from .protocol.codec import Outbound, Serializer, encode_change
 from .protocol.join import TOPIC_PREFIX
 
 __all__ = [
+    "READ",
     "SWEEP_INTERVAL",
+    "WRITE",
+    "ArchivedMessage",
     "ChangeFeed",
-    "ChannelAccess",
     "Member",
+    "MessageArchive",
+    "MessagesFeed",
     "Node",
     "Subscriber",
-    "VerifiedRoleAccess",
     "group_key",
 ]
 
@@ -55,6 +60,11 @@ log = logging.getLogger("tidings.node")
 
 SWEEP_INTERVAL = 1.0
 JOIN_WINDOW = 10.0  # joins/s are averaged over this window (Supabase averages over 60 s)
+READ = "read"
+"""What :meth:`Node.permissions_now` / :meth:`Node.permissions` evaluate: read (join, history)..."""
+WRITE = "write"
+"""... or write (broadcast, track, REST)."""
+REPLAYED_IDS_MAX = 25  # ids of a replay from the database whose live copies a channel skips
 
 
 def group_key(private: bool, sub_topic: str) -> str:
@@ -145,35 +155,47 @@ class ChangeFeed(Protocol):
         """WAL bytes the slot has not confirmed (``None`` when unknown)."""
 
 
-class ChannelAccess(Protocol):
-    """Who may read and write a private channel: the node's authorization seam.
+class MessagesFeed(Protocol):
+    """Broadcast from Database, as ``replication_ready`` joins see it
+    (``db.broadcast.BroadcastFromDatabase`` is one; set by the composition root)."""
 
-    ``extension`` is ``"broadcast"`` or ``"presence"`` (``auth.policy.EXTENSIONS``).
-    """
+    @property
+    def ready(self) -> bool:
+        """The stream of ``realtime.messages`` is live."""
 
-    def may_read(self, principal: Principal, sub_topic: str, extension: str) -> bool:
-        """``principal`` may join ``sub_topic`` (and receive its ``extension``)."""
-
-    def may_write(self, principal: Principal, sub_topic: str, extension: str) -> bool:
-        """``principal`` may broadcast (``extension="broadcast"``) or track presence on it."""
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait until :attr:`ready` (at once if it is); False when *timeout* seconds passed first."""
 
 
-class VerifiedRoleAccess:
-    """Private channels without a policy: any verified role but ``anon`` reads and writes them;
-    everyone does when tokens are not verified (open mode)."""
+class ArchivedMessage(Protocol):
+    """One row of ``realtime.messages`` to replay (``db.replay.ReplayedMessage`` is one)."""
 
-    __slots__ = ("verifier",)
+    @property
+    def id(self) -> str:
+        """The row's id (``meta.id``)."""
 
-    def __init__(self, verifier: Verifier) -> None:
-        self.verifier = verifier
+    @property
+    def event(self) -> str:
+        """The user event."""
 
-    def may_read(self, principal: Principal, sub_topic: str, extension: str) -> bool:
-        """See the class doc."""
-        return not self.verifier.enabled or principal.role not in ("anon", "")
+    @property
+    def payload(self) -> Any:
+        """The JSON payload, or ``bytes`` when :attr:`binary`."""
 
-    def may_write(self, principal: Principal, sub_topic: str, extension: str) -> bool:
-        """See the class doc."""
-        return not self.verifier.enabled or principal.role not in ("anon", "")
+    @property
+    def binary(self) -> bool:
+        """A ``binary_payload`` row (a binary broadcast, vsn 2.0.0 only)."""
+
+
+class MessageArchive(Protocol):
+    """Replay of private channels from ``realtime.messages`` (``db.replay.DatabaseReplay`` is one)."""
+
+    async def replay(self, sub_topic: str, since: int, limit: int) -> Sequence[ArchivedMessage]:
+        """The newest *limit* (1..25) messages of *sub_topic* since *since* (ms epoch), oldest first.
+
+        Raises:
+            Exception: with a ``reason`` attribute, the join error (bad *since*, query failed).
+        """
 
 
 class Node:
@@ -193,8 +215,23 @@ class Node:
             max_token_bytes=config.max_token_bytes,
             cache_bytes=config.token_cache_bytes,
         )
-        #: Who may read and write private channels (join, broadcast, track, REST, history).
-        self.authorizer: ChannelAccess = VerifiedRoleAccess(self.verifier)
+        #: Who may read and write private channels (join, broadcast, track, REST, history): the
+        #: ``CHANNEL_POLICY``; the composition root puts Supabase's RLS checks here with a database.
+        self.authorizer: Authorizer = PolicyAuthorizer(config.channel_policy)
+        #: Broadcast from Database and its archive, when ``DATABASE_URL`` is set (composition root).
+        self.messages_feed: MessagesFeed | None = None
+        self.message_archive: MessageArchive | None = None
+        # Members of a group that may not read its broadcasts / its presence (private channels
+        # whose policies allow only the other extension): skipped by the fan-out of that kind.
+        self.broadcast_unread: dict[str, set[Subscriber]] = {}
+        self.presence_unread: dict[str, set[Subscriber]] = {}
+        # Message ids a channel replayed from the database: their live copies skip it.
+        self.replayed: dict[str, dict[str, set[Subscriber]]] = {}
+        self._replayed_by: dict[Subscriber, tuple[str, ...]] = {}
+        # Per channel, the messages waiting for its first write check, and the newest token a
+        # refresh is checking (both only while a check runs; session.Session uses them).
+        self.write_checks: dict[Subscriber, list[tuple[str, Any, int]]] = {}
+        self.refreshes: dict[Subscriber, Principal] = {}
         self.hub = Hub()
         self.broker = broker
         self.broker.bind(self.deliver, self.report_gap)
@@ -203,8 +240,9 @@ class Node:
         # Channel instances by id, so a broadcast coming back from the broker can skip its sender.
         self.channel_ids: dict[int, Subscriber] = {}
         self._next_cid = 0
-        # The sequence number of the envelope being fanned out (read by joins still buffering).
+        # The sequence number and id of the envelope being fanned out (read by joins still buffering).
         self.delivering_seq: int | None = None
+        self.delivering_id: str | None = None
         # One-shot callbacks waiting for the next broadcast of a key (HTTP long-polls), and how
         # many holders besides channels keep each key's broker subscription (hold / let_go).
         self._next_broadcast: dict[str, list[Callable[[], None]]] = {}
@@ -409,19 +447,88 @@ class Node:
             else:
                 del self.users[user]
 
-    # -- authorization -----------------------------------------------------------------------
+    # -- authorization (private channels; public ones are open to every token) ---------------
 
-    def may_read(
-        self, principal: Principal, private: bool, sub_topic: str, extension: str = "broadcast"
-    ) -> bool:
-        """``principal`` may join (and read) the channel; public channels are open to every token."""
-        return not private or self.authorizer.may_read(principal, sub_topic, extension)
+    def access_context(
+        self, principal: Principal, sub_topic: str, headers: Any = None
+    ) -> AuthorizationContext:
+        """Who asks about a private channel: ``principal``'s claims (and the request headers)."""
+        return AuthorizationContext(sub_topic, principal.claims, headers)
 
-    def may_write(
-        self, principal: Principal, private: bool, sub_topic: str, extension: str = "broadcast"
-    ) -> bool:
-        """``principal`` may broadcast (or, ``extension="presence"``, track) on the channel."""
-        return not private or self.authorizer.may_write(principal, sub_topic, extension)
+    def permissions_now(
+        self, context: AuthorizationContext, kind: str, *, presence: bool, refresh: bool = False
+    ) -> Permissions | None:
+        """The :data:`READ` or :data:`WRITE` permissions of ``context`` when known without I/O
+        (the declarative policy, ``service_role``, a cached result); None: ask :meth:`permissions`."""
+        authorizer = self.authorizer
+        if kind == READ:
+            return authorizer.read_now(context, presence=presence, refresh=refresh)
+        return authorizer.write_now(context, presence=presence, refresh=refresh)
+
+    async def permissions(
+        self, context: AuthorizationContext, kind: str, *, presence: bool, refresh: bool = False
+    ) -> Permissions:
+        """The :data:`READ` or :data:`WRITE` permissions of ``context``, evaluated (a database
+        query unless cached). Raises ``auth.policy.AuthorizationUnavailable``."""
+        if kind == READ:
+            return await self.authorizer.read(context, presence=presence, refresh=refresh)
+        return await self.authorizer.write(context, presence=presence, refresh=refresh)
+
+    def set_reads(self, channel: Subscriber, permissions: Permissions) -> None:
+        """Deliver to ``channel`` the broadcasts and presence diffs ``permissions`` let it read,
+        and no others (a private channel whose policies allow only one of them)."""
+        key = channel.key
+        for allowed, unread in (
+            (permissions.broadcast_read is True, self.broadcast_unread),
+            (permissions.presence_read is True, self.presence_unread),
+        ):
+            members = unread.get(key)
+            if allowed:
+                if members is not None:
+                    members.discard(channel)
+                    if not members:
+                        del unread[key]
+            elif members is None:
+                unread[key] = {channel}
+            else:
+                members.add(channel)
+
+    def skip_replayed(self, channel: Subscriber, ids: Sequence[str]) -> None:
+        """``channel`` got the messages ``ids`` replayed from the database: skip their live copies
+        (at most :data:`REPLAYED_IDS_MAX`, for as long as the channel is joined)."""
+        ids = tuple(ids[-REPLAYED_IDS_MAX:])
+        if not ids:
+            return
+        self._forget_replayed(channel)
+        by_id = self.replayed.setdefault(channel.key, {})
+        for msg_id in ids:
+            by_id.setdefault(msg_id, set()).add(channel)
+        self._replayed_by[channel] = ids
+
+    def _forget_replayed(self, channel: Subscriber) -> None:
+        ids = self._replayed_by.pop(channel, None)
+        if ids is None:
+            return
+        by_id = self.replayed.get(channel.key)
+        if by_id is None:
+            return
+        for msg_id in ids:
+            members = by_id.get(msg_id)
+            if members is not None:
+                members.discard(channel)
+                if not members:
+                    del by_id[msg_id]
+        if not by_id:
+            del self.replayed[channel.key]
+
+    def _forget_reads(self, channel: Subscriber) -> None:
+        key = channel.key
+        for unread in (self.broadcast_unread, self.presence_unread):
+            members = unread.get(key)
+            if members is not None:
+                members.discard(channel)
+                if not members:
+                    del unread[key]
 
     # -- channels ----------------------------------------------------------------------------
 
@@ -466,6 +573,10 @@ class Node:
         dropped once nothing on this node needs it."""
         key = channel.key
         self.channel_ids.pop(channel.cid, None)
+        if self.broadcast_unread or self.presence_unread:
+            self._forget_reads(channel)
+        if self._replayed_by:
+            self._forget_replayed(channel)
         group = self.hub.remove(key, channel)
         if group is None:
             return
@@ -598,9 +709,15 @@ class Node:
             )
             metrics = self.metrics
             metrics.broadcasts += 1
-            self.delivering_seq = env.seq
-            sent = self.hub.fanout(env.key, out, exclude)
-            self.delivering_seq = None
+            skip = self.broadcast_unread.get(env.key) if self.broadcast_unread else None
+            if self.replayed and env.id is not None:
+                by_id = self.replayed.get(env.key)
+                replayed = by_id.get(env.id) if by_id else None
+                if replayed:
+                    skip = replayed if not skip else skip | replayed
+            self.delivering_seq, self.delivering_id = env.seq, env.id
+            sent = self.hub.fanout(env.key, out, exclude, skip)
+            self.delivering_seq = self.delivering_id = None
             if sent:
                 # Once per fan-out, never per recipient: count, size, busiest channels.
                 metrics.sent_broadcast += sent
@@ -620,7 +737,8 @@ class Node:
                 self._on_change(env.payload)
         elif env.kind == Envelope.PRESENCE:
             out = Outbound(env.topic, "presence_diff", env.payload)
-            sent = self.hub.fanout(env.key, out)
+            skip = self.presence_unread.get(env.key) if self.presence_unread else None
+            sent = self.hub.fanout(env.key, out, None, skip)
             if sent:
                 self.metrics.sent_presence += sent
                 self.metrics.bytes_out += self._fanout_bytes(env.key, out)

@@ -16,20 +16,28 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from .auth.policy import (
+    ALLOW_ALL,
+    UNCHECKED,
+    AuthorizationContext,
+    AuthorizationUnavailable,
+    Permissions,
+)
 from .auth.tokens import AuthError, Principal
 from .broker.base import FAILED, ReplayQuery, sender_scope
 from .cdc.index import SubscriptionError
 from .history import ReplayResult
 from .limits import TokenBucket
 from .logs import Clipped
-from .node import Node, group_key
+from .node import READ, WRITE, ArchivedMessage, MessagesFeed, Node, group_key
 from .protocol import errors
 from .protocol.codec import (
     MalformedMessage,
     Message,
+    Outbound,
     Serializer,
     decode_binary,
     decode_text,
@@ -50,6 +58,8 @@ PRESENCE_WINDOW = 30.0
 # A join error reply bigger than this (a long ref, a reason echoing client text) is sent at once
 # rather than held for CHANNEL_ERROR_BACKOFF_MS: a delayed reply keeps only small frames alive.
 DELAYED_REPLY_MAX_BYTES = 4096
+ARCHIVE_REPLAY_MAX = 25  # Supabase's replay (``since``) returns 1..25 messages, default 25
+BROADCAST, PRESENCE = "broadcast", "presence"  # the extensions a permission is about
 _OK: dict[str, Any] = {}
 
 
@@ -67,6 +77,7 @@ class Channel:
         "closed",
         "join_ref",
         "key",
+        "permissions",
         "presence_bucket",
         "presence_enabled",
         "presence_key",
@@ -92,6 +103,8 @@ class Channel:
         self.presence_key = cfg.presence_key  # "" -> a generated key at the first track
         self.presence_enabled = cfg.presence_enabled
         self.principal = principal
+        # What the token may read and write here (private channels; public ones allow all).
+        self.permissions: Permissions = UNCHECKED if cfg.private else ALLOW_ALL
         self.presence_bucket: TokenBucket | None = None
         # Postgres Changes bindings as (id, params the client sent), empty when none.
         self.changes: tuple[tuple[int, dict[str, Any]], ...] = ()
@@ -282,9 +295,17 @@ class Session:
         except AuthError as exc:
             self.refuse_join(msg, exc.reason)
             return
-        if not node.may_read(principal, cfg.private, cfg.sub_topic):
-            self.refuse_join(msg, errors.unauthorized_read_reason(cfg.sub_topic))
-            return
+        permissions: Permissions | None = ALLOW_ALL
+        context = None
+        if cfg.private:
+            # The declarative policy, service_role and cached results answer at once; a database
+            # check makes this join finish in a task (authorize_join).
+            context = node.access_context(principal, cfg.sub_topic)
+            permissions = node.permissions_now(context, READ, presence=cfg.presence_enabled)
+            if permissions is not None and not permissions.readable:
+                node.metrics.authz_denied_reads += 1
+                self.refuse_join(msg, errors.unauthorized_read_reason(cfg.sub_topic))
+                return
         bindings: tuple[tuple[int, dict[str, Any]], ...] = ()
         if cfg.postgres_changes:
             if not node.changes_enabled:
@@ -296,34 +317,193 @@ class Session:
         channel = Channel(self, cfg, msg.join_ref, principal)
         channel.changes = bindings
         self.channels[channel.topic] = channel
+        if permissions is None or self.replays_from_archive(cfg):
+            # Registered (a duplicate join or a leave finds it), joined once checked.
+            if permissions is not None:
+                channel.permissions = permissions
+            assert context is not None
+            node.loop.create_task(self.authorize_join(channel, msg, cfg, response, context))
+            return
+        channel.permissions = permissions
+        self.start_join(channel, msg, cfg, response)
+
+    def start_join(
+        self,
+        channel: Channel,
+        msg: Message,
+        cfg: JoinConfig,
+        response: dict[str, Any],
+        archived: Sequence[ArchivedMessage] = (),
+        early: Sequence[tuple[int | None, bytes]] = (),
+    ) -> None:
+        """Join ``channel``, allowed to read: at once with an in-process broker, else in a task.
+
+        ``archived``: messages replayed from the database, pushed right after the join reply;
+        ``early``: frames that fanned out to the channel while they were read.
+        """
+        node = self.node
+        bindings = channel.changes
         node.open_channel(channel)
+        if channel.private:
+            node.set_reads(channel, channel.permissions)
         replay = self.replay_request(cfg)
+        presence = channel.presence_enabled and channel.permissions.presence_read is True
         # An in-process broker answers at once: the join completes in this call, no task. The
         # channel's numbering is started if it has none: a baseline to recover from.
         read = (
             None
             if bindings and cfg.changes_wait
-            else node.join_now(channel, self.write, replay, channel.presence_enabled, self.sender(principal))
+            else node.join_now(channel, self.write, replay, presence, self.sender(channel.principal))
         )
         if read is not None:
-            catchup = read.replay is not None or read.presence is not None
+            catchup = read.replay is not None or read.presence is not None or bool(archived or early)
             if catchup:
                 self.begin_catchup()
-            self.complete_join(channel, msg, response, read.replay, read.presence, read.position)
+            self.complete_join(channel, msg, response, read.replay, read.presence, read.position, archived)
+            for _, frame in early:
+                self.write(frame)
             if catchup:
                 self.end_catchup()
+            self.joined(channel, cfg)
             if bindings:
                 node.loop.create_task(self.subscribe_changes(channel))
         else:
             # Buffer what fans out while the broker subscription, replay and presence state are
             # fetched, so the client sees: join reply, replayed messages, presence_state, live.
-            pending: list[tuple[int | None, bytes]] = []
+            pending: list[tuple[int | None, bytes]] = list(early)
 
             def buffer(frame: bytes) -> None:
                 pending.append((node.delivering_seq, frame))
 
             node.attach(channel, buffer)
-            node.loop.create_task(self.join_async(channel, msg, cfg, response, pending))
+            node.loop.create_task(self.join_async(channel, msg, cfg, response, pending, archived))
+
+    def replays_from_archive(self, cfg: JoinConfig) -> bool:
+        """The join asks for Supabase's replay (``since``) of a private channel, and the database
+        keeps its messages (``realtime.messages``)."""
+        replay = cfg.replay
+        return (
+            cfg.private
+            and replay is not None
+            and replay.since_seq is None
+            and self.node.message_archive is not None
+        )
+
+    async def authorize_join(
+        self,
+        channel: Channel,
+        msg: Message,
+        cfg: JoinConfig,
+        response: dict[str, Any],
+        context: AuthorizationContext,
+    ) -> None:
+        """Finish a private join that needs the database: the read check (Supabase's probe rows)
+        unless known, then a replay from ``realtime.messages`` when asked for."""
+        node = self.node
+        if not channel.permissions.read_checked:
+            try:
+                permissions = await node.permissions(context, READ, presence=cfg.presence_enabled)
+            except AuthorizationUnavailable as exc:
+                node.metrics.authz_unavailable += 1
+                log.warning("join %s: permissions unavailable: %s", Clipped(channel.topic), Clipped(exc))
+                if not channel.closed:
+                    self.leave(channel)
+                    self.refuse_join(msg, exc.reason)
+                return
+            if channel.closed or self.closed:
+                return
+            if not permissions.readable:
+                node.metrics.authz_denied_reads += 1
+                self.leave(channel)
+                self.refuse_join(msg, errors.unauthorized_read_reason(channel.sub_topic))
+                return
+            channel.permissions = permissions
+        archive = node.message_archive
+        if not self.replays_from_archive(cfg) or archive is None:
+            self.start_join(channel, msg, cfg, response)
+            return
+        if channel.permissions.broadcast_read is not True:
+            # Supabase's can_replay?: a replay needs broadcast read.
+            node.metrics.authz_denied_reads += 1
+            self.leave(channel)
+            self.refuse_join(msg, errors.unauthorized_read_reason(channel.sub_topic))
+            return
+        replay = cfg.replay
+        assert replay is not None
+        # What fans out while the replay is read is kept, minus the messages replayed.
+        key = channel.key
+        early: list[tuple[int | None, str | None, bytes]] = []
+
+        def buffer(frame: bytes) -> None:
+            early.append((node.delivering_seq, node.delivering_id, frame))
+
+        await node.hold(key)
+        try:
+            if channel.closed or self.closed:
+                return
+            node.set_reads(channel, channel.permissions)
+            node.attach(channel, buffer)
+            try:
+                rows = await archive.replay(
+                    channel.sub_topic, replay.since or 0, replay.limit or ARCHIVE_REPLAY_MAX
+                )
+            except Exception as exc:
+                reason = getattr(exc, "reason", None)
+                if not isinstance(reason, str):
+                    log.exception("join %s: the replay failed", channel.topic)
+                    reason = errors.REPLAY_FAILED
+                else:
+                    log.info("join %s: replay refused: %s", Clipped(channel.topic), Clipped(exc))
+                if not channel.closed:
+                    self.leave(channel)
+                    self.refuse_join(msg, reason)
+                return
+            if self.gone(channel):
+                return
+            ids = [row.id for row in rows]
+            node.skip_replayed(channel, ids)
+            replayed = set(ids)
+            self.start_join(
+                channel,
+                msg,
+                cfg,
+                response,
+                rows,
+                [(seq, frame) for seq, msg_id, frame in early if msg_id not in replayed],
+            )
+        finally:
+            node.let_go(key)
+
+    def gone(self, channel: Channel) -> bool:
+        """The channel was left or the connection closed (while a task awaited)."""
+        return channel.closed or self.closed
+
+    def joined(self, channel: Channel, cfg: JoinConfig) -> None:
+        """The ok join reply (and catch-up) is written: what the join asked for beyond it."""
+        if not cfg.replication_ready or channel.closed:
+            return
+        feed = self.node.messages_feed
+        if feed is None:
+            self.shutdown_channel(channel, errors.REPLICATION_NOT_READY)
+        elif feed.ready:
+            self.system_push(channel, "ok", errors.REPLICATION_READY_MESSAGE)
+        else:
+            self.node.loop.create_task(self.await_replication(channel, feed))
+
+    async def await_replication(self, channel: Channel, feed: MessagesFeed) -> None:
+        """``replication_ready``: announce Broadcast from Database once live, or close the channel."""
+        ready = await feed.wait_ready(self.node.config.replication_ready_timeout)
+        if ready:
+            self.system_push(channel, "ok", errors.REPLICATION_READY_MESSAGE)
+        else:
+            self.shutdown_channel(channel, errors.REPLICATION_NOT_READY)
+
+    def system_push(self, channel: Channel, status: str, message: str) -> None:
+        """The ``system`` push of the channel's own extension (``extension: "system"``)."""
+        if channel.closed or self.closed:
+            return
+        payload = {"extension": "system", "status": status, "message": message, "channel": channel.sub_topic}
+        self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "system", payload))
 
     async def join_async(
         self,
@@ -332,6 +512,7 @@ class Session:
         cfg: JoinConfig,
         response: dict[str, Any],
         pending: list[tuple[int | None, bytes]],
+        archived: Sequence[ArchivedMessage] = (),
     ) -> None:
         """Finish a join that needs I/O: the broker's, or a Postgres subscription to wait for."""
         node = self.node
@@ -353,7 +534,10 @@ class Session:
                 return
         try:
             read = await node.join_read(
-                channel, self.replay_request(cfg), channel.presence_enabled, self.sender(channel.principal)
+                channel,
+                self.replay_request(cfg),
+                channel.presence_enabled and channel.permissions.presence_read is True,
+                self.sender(channel.principal),
             )
         except Exception:
             log.exception("join %s failed in the broker", channel.topic)
@@ -363,16 +547,17 @@ class Session:
             return
         if channel.closed or self.closed:
             return
-        catchup = read.replay is not None or read.presence is not None or bool(pending)
+        catchup = read.replay is not None or read.presence is not None or bool(pending or archived)
         if catchup:
             self.begin_catchup()
-        last = self.complete_join(channel, msg, response, read.replay, read.presence, read.position)
+        last = self.complete_join(channel, msg, response, read.replay, read.presence, read.position, archived)
         for seq, frame in pending:
             if seq is None or seq > last:
                 self.write(frame)
         if catchup:
             self.end_catchup()
         node.attach(channel, self.write)
+        self.joined(channel, cfg)
         if channel.changes and not cfg.changes_wait:
             await self.subscribe_changes(channel)
         elif channel.changes:
@@ -422,13 +607,23 @@ class Session:
         self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "system", payload))
 
     def replay_request(self, cfg: JoinConfig) -> ReplayQuery | None:
-        """What the join asks to be replayed, or ``None`` when it asks for nothing."""
-        if cfg.replay is None:
+        """What the join asks the broker's history to replay, or ``None``.
+
+        ``since_seq`` (Tidings' recovery) returns up to ``REPLAY_MAX`` messages; ``since``
+        (Supabase's replay) up to 25, and on a private channel with a database it is read from
+        ``realtime.messages`` instead (:meth:`authorize_join`).
+        """
+        replay = cfg.replay
+        if replay is None:
             return None
-        limit = min(cfg.replay.limit, self.node.config.replay_max)
-        if cfg.replay.since_seq is not None:
-            return ReplayQuery(cfg.replay.since_seq, None, limit, cfg.replay.epoch)
-        return ReplayQuery(None, (cfg.replay.since or 0) / 1000.0, limit, None)
+        if replay.since_seq is not None:
+            replay_max = self.node.config.replay_max
+            limit = replay_max if replay.limit is None else min(replay.limit, replay_max)
+            return ReplayQuery(replay.since_seq, None, limit, replay.epoch)
+        if self.replays_from_archive(cfg):
+            return None
+        limit = ARCHIVE_REPLAY_MAX if replay.limit is None else min(replay.limit, ARCHIVE_REPLAY_MAX)
+        return ReplayQuery(None, (replay.since or 0) / 1000.0, limit, None)
 
     def complete_join(
         self,
@@ -438,8 +633,12 @@ class Session:
         replay: ReplayResult | None,
         state: dict[str, Any] | None,
         position: tuple[int, str] | None = None,
+        archived: Sequence[ArchivedMessage] = (),
     ) -> int:
         """Write the ok reply, replayed broadcasts and ``presence_state``; returns the last replayed seq.
+
+        ``archived``: messages replayed from the database (``meta: {replayed: true, id}``), binary
+        ones as binary broadcasts on vsn 2.0.0 and left out on vsn 1.0.0, as Supabase does.
 
         ``position`` (the channel's newest sequence number and its epoch) goes in the reply as
         ``seq`` and ``epoch``: a client that then loses its connection, even before any message,
@@ -460,6 +659,13 @@ class Session:
         self.reply(msg, "ok", response)
         for payload in replayed:
             self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "broadcast", payload))
+        for row in archived:
+            push = {"type": "broadcast", "event": row.event, "payload": row.payload}
+            push["meta"] = {"replayed": True, "id": row.id}
+            if not row.binary:
+                self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "broadcast", push))
+            elif self.serializer is Serializer.V2:
+                self.write(Outbound(channel.topic, "broadcast", push).frame_v2())
         if state is not None:
             self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "presence_state", state))
         return last
@@ -566,14 +772,60 @@ class Session:
         token = msg.payload.get("access_token")
         if not isinstance(token, str) or token.startswith("sb_") or token == channel.principal.token:
             return
+        node = self.node
         try:
-            principal = self.node.verifier.verify(token)
+            principal = node.verifier.verify(token)
         except AuthError as exc:
             self.shutdown_channel(channel, exc.message)
             return
-        if not self.node.may_read(principal, channel.private, channel.sub_topic):
-            self.shutdown_channel(channel, errors.read_permission_revoked_message(channel.sub_topic))
+        if channel.private:
+            # Permissions are evaluated again with the new token (Supabase: the policies, fresh).
+            context = node.access_context(principal, channel.sub_topic)
+            presence = channel.presence_enabled or channel.permissions.presence_read is not None
+            found = node.permissions_now(context, READ, presence=presence, refresh=True)
+            if found is None:
+                node.refreshes[channel] = principal
+                node.loop.create_task(self.refresh_permissions(channel, principal, context, presence))
+                return
+            if not self.reads_kept(channel, found):
+                return
+        self.adopt_token(channel, principal)
+
+    async def refresh_permissions(
+        self, channel: Channel, principal: Principal, context: AuthorizationContext, presence: bool
+    ) -> None:
+        """The database check of a refreshed token; a newer refresh supersedes it."""
+        node = self.node
+        try:
+            found = await node.permissions(context, READ, presence=presence, refresh=True)
+        except AuthorizationUnavailable as exc:
+            if node.refreshes.get(channel) is principal:
+                del node.refreshes[channel]
+                node.metrics.authz_unavailable += 1
+                self.shutdown_channel(channel, exc.message)
             return
+        if node.refreshes.get(channel) is not principal:
+            return
+        del node.refreshes[channel]
+        if channel.closed or self.closed:
+            return
+        if self.reads_kept(channel, found):
+            self.adopt_token(channel, principal)
+
+    def reads_kept(self, channel: Channel, found: Permissions) -> bool:
+        """Take the read permissions of a refreshed token; a read allowed before and denied now
+        closes the channel (delivery stops at once). Write permissions are evaluated again at the
+        next broadcast or track."""
+        if channel.permissions.read_revoked(found) or not found.readable:
+            self.node.metrics.authz_denied_reads += 1
+            self.shutdown_channel(channel, errors.read_permission_revoked_message(channel.sub_topic))
+            return False
+        channel.permissions = found
+        self.node.set_reads(channel, found)
+        return True
+
+    def adopt_token(self, channel: Channel, principal: Principal) -> None:
+        """The channel runs as ``principal`` from now on."""
         channel.principal = principal
         if principal.exp is not None:
             self.node.schedule_expiry(channel, principal.exp)
@@ -632,13 +884,20 @@ class Session:
         if self.over_message_rate():
             self.shutdown_channel(channel, errors.TOO_MANY_MESSAGES)
             return
+        if channel.private and channel.permissions.broadcast_write is not True:
+            if not self.may_write(channel, msg, size, BROADCAST):
+                return  # not allowed (dropped silently, as Supabase does), or waiting for its check
+        self.send_broadcast(channel, msg, size)
+
+    def send_broadcast(self, channel: Channel, msg: Message, size: int) -> None:
+        """Publish a client broadcast the channel may write."""
+        node = self.node
+        payload = msg.payload
         if size > node.max_payload_bytes:
             node.metrics.dropped_payload_too_large += 1
             if channel.ack:
                 self.reply(msg, "error", {"reason": errors.PAYLOAD_TOO_LARGE}, channel.topic)
             return
-        if not node.may_write(channel.principal, channel.private, channel.sub_topic):
-            return  # write not allowed: dropped silently, as Supabase does
         msg_id = payload.get("id")
         done = None
         if channel.ack:
@@ -659,7 +918,7 @@ class Session:
         node.publish_broadcast(
             channel.private,
             channel.sub_topic,
-            event,
+            payload["event"],
             payload.get("payload"),
             msg_id if isinstance(msg_id, str) and msg_id else None,
             None if channel.broadcast_self else channel,
@@ -686,24 +945,121 @@ class Session:
             node.metrics.rate_limited += 1
             self.shutdown_channel(channel, errors.PRESENCE_RATE_LIMIT)
             return
+        if kind == "track":
+            state = payload.get("payload", {})
+            if not isinstance(state, dict):
+                self.reply(msg, "error", {"reason": errors.PRESENCE_PAYLOAD_NOT_MAP}, channel.topic)
+                return
+            if size > node.max_payload_bytes:
+                self.shutdown_channel(channel, errors.TRACK_SIZE_EXCEEDED)
+                return
+            perms = channel.permissions
+            if channel.private and (perms.presence_write is not True or perms.presence_read is None):
+                if not self.may_write(channel, msg, size, PRESENCE):
+                    return  # refused (error reply), or waiting for its check
+        self.track_or_untrack(channel, msg, kind == "track")
+
+    def track_or_untrack(self, channel: Channel, msg: Message, track: bool) -> None:
+        """Track (the channel may write presence) or untrack; reply, and publish the diff."""
+        node = self.node
         try:
-            if kind == "track":
-                state = payload.get("payload", {})
-                if not isinstance(state, dict):
-                    self.reply(msg, "error", {"reason": errors.PRESENCE_PAYLOAD_NOT_MAP}, channel.topic)
-                    return
-                if size > node.max_payload_bytes:
-                    self.shutdown_channel(channel, errors.TRACK_SIZE_EXCEEDED)
-                    return
-                if not node.may_write(channel.principal, channel.private, channel.sub_topic, "presence"):
-                    self.reply(msg, "error", _OK, channel.topic)
-                    return
-                diff = node.track(channel, state)
-            else:
-                diff = node.untrack(channel)
+            diff = node.track(channel, msg.payload.get("payload", {})) if track else node.untrack(channel)
         except LookupError:  # no group while joined: cannot happen; keep the invariant loud in logs
             log.error("presence on %s without a group", channel.topic)
             return
         self.reply(msg, "ok", _OK, channel.topic)
         if diff is not None:
             node.publish_presence(channel.key, channel.topic, diff)
+
+    # -- write permissions of private channels -----------------------------------------------
+
+    def may_write(self, channel: Channel, msg: Message, size: int, extension: str) -> bool:
+        """Whether ``msg`` (a broadcast, or a track) may go out now on the private ``channel``.
+
+        Write permissions are evaluated at the first broadcast or track (and again after a token
+        refresh): at once from the declarative policy or a cached result, else by a database
+        check that this message and the channel's next ones wait for, in order (at most
+        ``MAX_MESSAGES_PER_SECOND`` of them: beyond, dropped and counted). A track also evaluates
+        presence read when the join did not (presence was off), so its diffs reach the channel.
+        """
+        node = self.node
+        waiting = node.write_checks.get(channel)
+        if waiting is not None:
+            if len(waiting) >= node.config.max_messages_per_second:
+                node.metrics.authz_writes_dropped += 1
+                if extension == PRESENCE:
+                    self.reply(msg, "error", _OK, channel.topic)
+                return False
+            waiting.append((extension, msg, size))
+            return False
+        perms = channel.permissions
+        if (perms.broadcast_write if extension == BROADCAST else perms.presence_write) is False:
+            return self.write_refused(channel, msg, extension)
+        read_presence = extension == PRESENCE and perms.presence_read is None
+        context = node.access_context(channel.principal, channel.sub_topic)
+        found = node.permissions_now(context, WRITE, presence=True)
+        read = node.permissions_now(context, READ, presence=True) if read_presence else None
+        if found is None or (read_presence and read is None):
+            node.write_checks[channel] = [(extension, msg, size)]
+            node.loop.create_task(self.check_writes(channel, context, read_presence))
+            return False
+        self.take_permissions(channel, found, read)
+        if channel.permissions.can_write(extension):
+            return True
+        return self.write_refused(channel, msg, extension)
+
+    def write_refused(self, channel: Channel, msg: Message, extension: str) -> bool:
+        """A broadcast without write permission is dropped silently; a track gets an error reply."""
+        self.node.metrics.authz_denied_writes += 1
+        if extension == PRESENCE:
+            self.reply(msg, "error", _OK, channel.topic)
+        return False
+
+    def take_permissions(self, channel: Channel, write: Permissions, read: Permissions | None) -> None:
+        """Merge newly evaluated permissions into the channel's."""
+        perms = channel.permissions.merged(write)
+        if read is not None:
+            perms = perms.merged(read)
+        channel.permissions = perms
+        if read is not None:
+            self.node.set_reads(channel, perms)
+
+    async def check_writes(
+        self, channel: Channel, context: AuthorizationContext, read_presence: bool
+    ) -> None:
+        """The database write check of ``channel``; then the messages that waited for it, in order."""
+        node = self.node
+        principal = channel.principal
+        read: Permissions | None = None
+        try:
+            found: Permissions | None = await node.permissions(context, WRITE, presence=True)
+            if read_presence:
+                read = await node.permissions(context, READ, presence=True)
+        except AuthorizationUnavailable as exc:
+            node.metrics.authz_unavailable += 1
+            log.warning("write check of %s unavailable: %s", Clipped(channel.topic), Clipped(exc))
+            found = None
+        waiting = node.write_checks.pop(channel, [])
+        if channel.closed or self.closed:
+            return
+        if found is None:
+            # Not evaluated: as Supabase, the broadcasts are dropped and the tracks refused; the
+            # next message tries again.
+            for extension, msg, _ in waiting:
+                if extension == PRESENCE:
+                    self.reply(msg, "error", _OK, channel.topic)
+            return
+        fresh = channel.principal is principal
+        if fresh:
+            self.take_permissions(channel, found, read)
+        for extension, msg, size in waiting:
+            if self.gone(channel):
+                return
+            # A token refreshed meanwhile: the messages wait for a check with the new one.
+            if fresh and not channel.permissions.can_write(extension):
+                self.write_refused(channel, msg, extension)
+            elif fresh or self.may_write(channel, msg, size, extension):
+                if extension == BROADCAST:
+                    self.send_broadcast(channel, msg, size)
+                else:
+                    self.track_or_untrack(channel, msg, True)

@@ -129,14 +129,14 @@ def test_topics_outside_realtime_are_unmatched(topic: str) -> None:
 @pytest.mark.parametrize(
     ("replay", "expected"),
     [
-        ({"since": 1700000000000}, Replay(since=1700000000000, since_seq=None, limit=25)),
+        ({"since": 1700000000000}, Replay(since=1700000000000, since_seq=None, limit=None)),
         ({"since": 1700000000000, "limit": 10}, Replay(since=1700000000000, since_seq=None, limit=10)),
-        ({"since": 1, "limit": 1000}, Replay(since=1, since_seq=None, limit=25)),
+        ({"since": 1, "limit": 1000}, Replay(since=1, since_seq=None, limit=1000)),  # clamped later
         ({"since": 1, "limit": 0}, Replay(since=1, since_seq=None, limit=1)),
         ({"since": 1, "limit": -5}, Replay(since=1, since_seq=None, limit=1)),
         ({"since": "1700000000000", "limit": "3"}, Replay(since=1700000000000, since_seq=None, limit=3)),
-        ({"since": 17.0}, Replay(since=17, since_seq=None, limit=25)),
-        ({"since_seq": 42}, Replay(since=None, since_seq=42, limit=25)),
+        ({"since": 17.0}, Replay(since=17, since_seq=None, limit=None)),
+        ({"since_seq": 42}, Replay(since=None, since_seq=42, limit=None)),
         ({"since_seq": 42, "since": 5, "limit": 2}, Replay(since=5, since_seq=42, limit=2)),
     ],
 )

@@ -16,6 +16,7 @@ with warnings.catch_warnings():  # Starlette would rather have httpx2; the httpx
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
+from tidings.auth.policy import parse_channel_policy
 from tidings.auth.tokens import mint_token
 from tidings.config import Config
 from tidings.protocol import errors
@@ -24,6 +25,7 @@ from tidings.server.app import build_app
 SECRET = "http-api-test-secret-that-is-long-enough-for-hs256"
 SERVICE = mint_token(SECRET, role="service_role", ttl=600)
 USER = mint_token(SECRET, role="authenticated", sub="u1", ttl=600)
+OTHER_USER = mint_token(SECRET, role="authenticated", sub="u2", ttl=600)
 ANON = mint_token(SECRET, role="anon", ttl=600)
 WAIT = 5.0
 
@@ -87,23 +89,40 @@ def test_rest_broadcasts_are_numbered_and_kept_in_history(client: TestClient) ->
     assert messages(client, "orders", since_seq=seqs[-1])["messages"] == []
 
 
-def test_tokens_and_private_channels_are_checked_through_the_node(client: TestClient) -> None:
+def test_tokens_and_private_channels_are_checked_through_the_node() -> None:
+    policy = parse_channel_policy('[{"topic": "vault-{sub}", "read": true, "write": true}]')
+    with api(Config(jwt_secret=SECRET, channel_policy=policy)) as client:
+        body = {"messages": [{"topic": "vault-u1", "event": "e", "payload": {}, "private": True}]}
+        assert client.post("/api/broadcast", json=body).status_code == 401
+        r = client.post("/api/broadcast", json=body, headers=auth("not-a-token"))
+        assert (r.status_code, r.json()) == (401, {"message": errors.HTTP_UNAUTHORIZED})
+        # Only the policy's owner may write the private channel: skipped in a batch, 403 alone.
+        for other in (ANON, OTHER_USER):
+            assert client.post("/api/broadcast", json=body, headers=auth(other)).status_code == 202
+            r = client.post("/api/broadcast/vault-u1/events/e?private=true", json={}, headers=auth(other))
+            assert (r.status_code, r.json()) == (403, {"message": errors.HTTP_UNAUTHORIZED})
+        assert client.post("/api/broadcast", json=body, headers=auth(USER)).status_code == 202
+        # Reading it back: the join's rule, the join's reason.
+        for other in (ANON, OTHER_USER):
+            r = client.get("/api/channels/vault-u1/messages", params={"private": "true"}, headers=auth(other))
+            reason = errors.unauthorized_read_reason("vault-u1")
+            assert (r.status_code, r.json()) == (403, {"message": reason})
+        got = messages(client, "vault-u1", USER, private="true", since_seq=0)
+        assert len(got["messages"]) == 1  # only the owner's message was stored
+        assert messages(client, "vault-u1", SERVICE, private="true", since_seq=0) == got  # service_role
+        # Public and private channels of one name are separate.
+        assert messages(client, "vault-u1", since_seq=0)["messages"] == []
+
+
+def test_private_channels_without_a_policy_are_denied_to_all_but_service_role(client: TestClient) -> None:
     body = {"messages": [{"topic": "vault", "event": "e", "payload": {}, "private": True}]}
-    assert client.post("/api/broadcast", json=body).status_code == 401
-    r = client.post("/api/broadcast", json=body, headers=auth("not-a-token"))
-    assert (r.status_code, r.json()) == (401, {"message": errors.HTTP_UNAUTHORIZED})
-    # anon may not write a private channel: skipped in a batch, 403 alone; others may.
-    assert client.post("/api/broadcast", json=body, headers=auth(ANON)).status_code == 202
-    r = client.post("/api/broadcast/vault/events/e?private=true", json={}, headers=auth(ANON))
-    assert (r.status_code, r.json()) == (403, {"message": errors.HTTP_UNAUTHORIZED})
-    assert client.post("/api/broadcast", json=body, headers=auth(USER)).status_code == 202
-    # Reading it back: the join's rule, the join's reason.
-    r = client.get("/api/channels/vault/messages", params={"private": "true"}, headers=auth(ANON))
-    assert (r.status_code, r.json()) == (403, {"message": errors.unauthorized_read_reason("vault")})
-    got = messages(client, "vault", USER, private="true", since_seq=0)
-    assert len(got["messages"]) == 1  # only the authenticated user's message was stored
-    # Public and private channels of one name are separate.
-    assert messages(client, "vault", since_seq=0)["messages"] == []
+    for token in (ANON, USER):
+        assert client.post("/api/broadcast", json=body, headers=auth(token)).status_code == 202
+        r = client.get("/api/channels/vault/messages", params={"private": "true"}, headers=auth(token))
+        assert r.status_code == 403
+    assert messages(client, "vault", SERVICE, private="true", since_seq=0)["messages"] == []
+    assert client.post("/api/broadcast", json=body, headers=auth(SERVICE)).status_code == 202
+    assert len(messages(client, "vault", SERVICE, private="true", since_seq=0)["messages"]) == 1
 
 
 def test_bad_requests_are_answered_with_their_field(client: TestClient) -> None:

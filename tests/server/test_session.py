@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tests.support.session_pair import BinaryBroadcast, ClientEnd, Received, SessionPair
+from tidings.auth.policy import parse_channel_policy
 from tidings.auth.tokens import mint_token
 from tidings.protocol.codec import Serializer
 
@@ -307,7 +308,7 @@ def test_ack_as_string_true() -> None:
 
 
 def test_public_and_private_channels_are_separate() -> None:
-    p = pair()
+    p = pair(channel_policy=parse_channel_policy('[{"topic": "room", "roles": ["anon"]}]'))
     public = joined(p, V2)
     private = joined(p, V2, private=True)
     sender = joined(p, V2)
@@ -585,8 +586,12 @@ def test_draining_refuses_joins() -> None:
 # -- auth: join tokens, refresh and expiry -----------------------------------------------------------
 
 
+#: Private channel ``room``: readable and writable by the authenticated role.
+ROOM_POLICY = parse_channel_policy('[{"topic": "room", "read": true, "write": true}]')
+
+
 def auth_pair(**settings: Any) -> SessionPair:
-    return pair(jwt_secret=SECRET, **settings)
+    return pair(jwt_secret=SECRET, **({"channel_policy": ROOM_POLICY} | settings))
 
 
 def token(ttl: float, role: str = "authenticated", now: float | None = None, **claims: Any) -> str:

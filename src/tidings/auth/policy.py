@@ -247,6 +247,19 @@ class Authorizer(Protocol):
         """Forget the cached results for *context* (every result when None)."""
         ...
 
+    def read_now(
+        self, context: AuthorizationContext, *, presence: bool = True, refresh: bool = False
+    ) -> Permissions | None:
+        """What :meth:`read` would answer, when that needs no waiting (a pure policy,
+        ``service_role``, a live cache entry); None when only :meth:`read` can tell."""
+        ...
+
+    def write_now(
+        self, context: AuthorizationContext, *, presence: bool = True, refresh: bool = False
+    ) -> Permissions | None:
+        """What :meth:`write` would answer, when that needs no waiting; else None."""
+        ...
+
 
 # --------------------------------------------------------------------------------------------
 # The declarative policy (no database)
@@ -565,6 +578,18 @@ class PolicyAuthorizer:
 
     def invalidate(self, context: AuthorizationContext | None = None) -> None:
         """Nothing is cached."""
+
+    def read_now(
+        self, context: AuthorizationContext, *, presence: bool = True, refresh: bool = False
+    ) -> Permissions:
+        """See :meth:`Authorizer.read_now`: always known."""
+        return restrict_read(self.permissions(context), presence=presence)
+
+    def write_now(
+        self, context: AuthorizationContext, *, presence: bool = True, refresh: bool = False
+    ) -> Permissions:
+        """See :meth:`Authorizer.write_now`: always known."""
+        return restrict_write(self.permissions(context), presence=presence)
 
 
 # --------------------------------------------------------------------------------------------

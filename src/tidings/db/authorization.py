@@ -306,10 +306,10 @@ class RlsAuthorizer:
         self.cache_hits = 0
         """Checks answered from the cache."""
 
-    async def read(
+    def read_now(
         self, context: AuthorizationContext, *, presence: bool = True, refresh: bool = False
-    ) -> Permissions:
-        """Read permissions (see :meth:`tidings.auth.policy.Authorizer.read`)."""
+    ) -> Permissions | None:
+        """The read permissions without a query (``service_role``, a live cache entry), or None."""
         if context.is_service_role:
             return restrict_read(ALLOW_ALL, presence=presence)
         if not refresh:
@@ -321,13 +321,12 @@ class RlsAuthorizer:
             ):
                 self.cache_hits += 1
                 return restrict_read(cached, presence=presence)
-        result = await self._shared("read", context, presence, check_read)
-        return restrict_read(result, presence=presence)
+        return None
 
-    async def write(
+    def write_now(
         self, context: AuthorizationContext, *, presence: bool = True, refresh: bool = False
-    ) -> Permissions:
-        """Write permissions (see :meth:`tidings.auth.policy.Authorizer.write`)."""
+    ) -> Permissions | None:
+        """The write permissions without a query (``service_role``, a live cache entry), or None."""
         if context.is_service_role:
             return restrict_write(ALLOW_ALL, presence=presence)
         if not refresh:
@@ -339,6 +338,25 @@ class RlsAuthorizer:
             ):
                 self.cache_hits += 1
                 return restrict_write(cached, presence=presence)
+        return None
+
+    async def read(
+        self, context: AuthorizationContext, *, presence: bool = True, refresh: bool = False
+    ) -> Permissions:
+        """Read permissions (see :meth:`tidings.auth.policy.Authorizer.read`)."""
+        known = self.read_now(context, presence=presence, refresh=refresh)
+        if known is not None:
+            return known
+        result = await self._shared("read", context, presence, check_read)
+        return restrict_read(result, presence=presence)
+
+    async def write(
+        self, context: AuthorizationContext, *, presence: bool = True, refresh: bool = False
+    ) -> Permissions:
+        """Write permissions (see :meth:`tidings.auth.policy.Authorizer.write`)."""
+        known = self.write_now(context, presence=presence, refresh=refresh)
+        if known is not None:
+            return known
         result = await self._shared("write", context, presence, check_write)
         return restrict_write(result, presence=presence)
 

@@ -176,11 +176,13 @@ class DatabaseReplay:
         self._executor: ThreadPoolExecutor | None = None
 
     async def replay(self, sub_topic: str, since: int, limit: int = DEFAULT_LIMIT) -> list[ReplayedMessage]:
-        """:func:`read_replay` in a worker thread.
+        """:func:`read_replay` in a worker thread (*limit* clamped to 1..25).
 
         Raises:
+            ReplayParamsError: *since* is outside what a PostgreSQL timestamp holds.
             ReplayError: the query failed (unreachable database, timeout, ...).
         """
+        since, limit = replay_params({"since": since, "limit": limit})
         if self._pool is None or self._executor is None:
             self._pool = ConnectionPool(self._dsn, self._size)
             self._executor = ThreadPoolExecutor(self._size, thread_name_prefix="tidings-replay")

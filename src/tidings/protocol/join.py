@@ -23,7 +23,6 @@ __all__ = [
 ]
 
 TOPIC_PREFIX = "realtime:"
-REPLAY_MAX = 25
 MAX_NAME_BYTES = 255  # default MAX_TOPIC_LENGTH and MAX_EVENT_LENGTH; binary frames allow no more
 
 
@@ -41,12 +40,14 @@ class Replay:
     """Messages asked for at join: by time (``since`` ms epoch) and/or sequence (``since_seq``).
 
     ``epoch`` is the channel epoch the client got with ``since_seq`` (Tidings' join reply and
-    history answers carry it); a replay from another epoch is never ``recovered``.
+    history answers carry it); a replay from another epoch is never ``recovered``. ``limit`` is
+    at least 1, or None when not given; the session clamps it (the ``REPLAY_MAX`` setting for
+    ``since_seq``, 25 for ``since``, as Supabase).
     """
 
     since: int | None
     since_seq: int | None
-    limit: int
+    limit: int | None
     epoch: str | None = None
 
 
@@ -177,14 +178,14 @@ def parse_join(
         if since_i is None and since_seq_i is None:
             raise JoinError(errors.REPLAY_PARAMS_INVALID)
         limit_raw = raw_replay.get("limit")
-        limit = REPLAY_MAX if limit_raw is None else _int(limit_raw)
-        if limit is None:
+        limit = None if limit_raw is None else _int(limit_raw)
+        if limit_raw is not None and limit is None:
             raise JoinError(errors.REPLAY_PARAMS_INVALID)
         epoch = raw_replay.get("epoch")
         if epoch is not None and not isinstance(epoch, str):
             raise JoinError(errors.REPLAY_PARAMS_INVALID)
         replay = Replay(
-            since=since_i, since_seq=since_seq_i, limit=max(1, min(limit, REPLAY_MAX)), epoch=epoch
+            since=since_i, since_seq=since_seq_i, limit=None if limit is None else max(1, limit), epoch=epoch
         )
 
     options = config.get("postgres_changes_options")

@@ -37,7 +37,7 @@ from ..auth.keys import quiet_pyjwt_key_length_warning, short_secret_warning
 from ..broker import make_broker
 from ..config import Config
 from ..limits import raise_open_files_limit
-from ..node import Node
+from ..node import MessagesFeed, Node
 from .edge import install_accept_error_filter
 from .http_api import build_routes, cors_middleware, quiet_disconnects
 from .http_protocol import DeadlineHttpProtocol
@@ -149,6 +149,10 @@ async def stop_node(node: Node, *, drop_new_slot: bool = False) -> None:
         await cdc.stop()
         if drop_new_slot and cdc.created_slot:
             await cdc.drop_slot()
+    for part in (node.authorizer, node.message_archive):
+        close = getattr(part, "close", None)  # the database parts (start_authorization)
+        if close is not None:
+            await close()
     await node.stop()
 
 
@@ -248,6 +252,27 @@ async def start_broadcasts(node: Node, config: Config, leader: LeaseHolder | Non
     except (BroadcastFromDatabaseError, DatabaseSetupError) as exc:
         raise StartupError(f"DATABASE_URL: {exc}", code=3) from None
     node.background(stream.stop_when_cancelled())  # stop_node drains it before the broker stops
+    start_authorization(node, config, stream)
+
+
+def start_authorization(node: Node, config: Config, stream: MessagesFeed) -> None:
+    """Realtime Authorization with a database (docs/authorization.md): private channels are
+    governed by the row level security policies of ``realtime.messages``, their replay reads it,
+    and ``replication_ready`` joins follow *stream*. Nothing here starts a task: the partition
+    maintenance is the one :func:`start_broadcasts` runs (a check that meets a missing partition
+    only creates it once)."""
+    from ..db.authorization import RlsAuthorizer
+    from ..db.replay import DatabaseReplay
+
+    assert config.database_url is not None
+    node.authorizer = RlsAuthorizer(config.database_url, pool_size=config.db_pool_size, ssl=config.db_ssl)
+    node.message_archive = DatabaseReplay(config.database_url, ssl=config.db_ssl)
+    node.messages_feed = stream
+    if not (config.jwt_secret or config.jwt_jwks):
+        log.warning(
+            "private channels are authorized by the row level security policies of realtime.messages, "
+            "but tokens are not verified (no JWT_SECRET or JWT_JWKS): any client can claim any role"
+        )
 
 
 def app_from_env() -> Starlette:

@@ -18,10 +18,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..auth.policy import AuthorizationUnavailable, Permissions
 from ..auth.tokens import AuthError, Principal
 from ..broker.base import sender_scope
 from ..history import HistoryRecord, ReplayResult
-from ..node import Node, group_key
+from ..node import READ, WRITE, Node, group_key
 from ..protocol import errors as reasons
 from ..protocol.join import name_too_long
 from .edge import origin_policy
@@ -50,6 +51,31 @@ def _sender(request: Request, principal: Principal) -> str:
     """Who a REST publisher is, for de-duplication and history accounting (``sender_scope``)."""
     host = "" if principal.sub or request.client is None else request.client.host
     return sender_scope(principal.role, principal.sub, host)
+
+
+async def _permissions(
+    node: Node, request: Request, principal: Principal, sub_topic: str, kind: str
+) -> Permissions:
+    """What the caller may read or write on the private channel ``sub_topic``: the same checks as
+    a WebSocket join, with the request's claims and every header (as Supabase's REST API).
+
+    Raises:
+        AuthorizationUnavailable: the database could not evaluate them.
+    """
+    context = node.access_context(principal, sub_topic, request.headers.items())
+    presence = kind == WRITE  # a write check looks at both extensions, as Supabase's
+    found = node.permissions_now(context, kind, presence=presence)
+    if found is None:
+        try:
+            found = await node.permissions(context, kind, presence=presence)
+        except AuthorizationUnavailable:
+            node.metrics.authz_unavailable += 1
+            raise
+    return found
+
+
+def _unavailable(exc: AuthorizationUnavailable) -> Response:
+    return JSONResponse({"message": exc.reason}, status_code=503)
 
 
 def _rate_limited(node: Node, count: int) -> Response | None:
@@ -115,10 +141,24 @@ async def broadcast_batch(request: Request) -> Response:
     if limited is not None:
         return limited
     sender = _sender(request, principal)
+    writable: dict[str, bool] = {}  # one check per private topic of the batch
     for m in messages:
         private = m.get("private") is True or str(m.get("private")).lower() == "true"
-        if not node.may_write(principal, private, m["topic"]):
-            continue  # unauthorised topics are skipped silently (still 202)
+        if private:
+            topic = m["topic"]
+            allowed = writable.get(topic)
+            if allowed is None:
+                try:
+                    allowed = (
+                        await _permissions(node, request, principal, topic, WRITE)
+                    ).broadcast_write is True
+                except AuthorizationUnavailable:
+                    allowed = False
+                if not allowed:
+                    node.metrics.authz_denied_writes += 1
+                writable[topic] = allowed
+            if not allowed:
+                continue  # unauthorised topics are skipped silently (still 202), as Supabase does
         node.publish_broadcast(
             private, m["topic"], m["event"], m["payload"], m.get("id") or None, sender=sender
         )
@@ -162,8 +202,14 @@ async def broadcast_single(request: Request) -> Response:
     else:
         return JSONResponse({"message": f"Unsupported content type {content_type}"}, status_code=415)
     private = request.query_params.get("private", "false").lower() == "true"
-    if not node.may_write(principal, private, sub_topic):
-        return JSONResponse({"message": reasons.HTTP_UNAUTHORIZED}, status_code=403)
+    if private:
+        try:
+            found = await _permissions(node, request, principal, sub_topic, WRITE)
+        except AuthorizationUnavailable as exc:
+            return _unavailable(exc)
+        if found.broadcast_write is not True:
+            node.metrics.authz_denied_writes += 1
+            return JSONResponse({"message": reasons.HTTP_UNAUTHORIZED}, status_code=403)
     limited = _rate_limited(node, 1)
     if limited is not None:
         return limited
@@ -210,8 +256,14 @@ async def channel_messages(request: Request) -> Response:
         return principal
     sub_topic = request.path_params["subtopic"]
     private = request.query_params.get("private", "false").lower() == "true"
-    if not node.may_read(principal, private, sub_topic):
-        return JSONResponse({"message": reasons.unauthorized_read_reason(sub_topic)}, status_code=403)
+    if private:
+        try:
+            found = await _permissions(node, request, principal, sub_topic, READ)
+        except AuthorizationUnavailable as exc:
+            return _unavailable(exc)
+        if found.broadcast_read is not True:
+            node.metrics.authz_denied_reads += 1
+            return JSONResponse({"message": reasons.unauthorized_read_reason(sub_topic)}, status_code=403)
     try:
         since_seq = _int_param(request, "since_seq")
         since_ms = _int_param(request, "since")

@@ -205,6 +205,48 @@ def _history(lines: list[str], stats: dict[str, int]) -> None:
     )
 
 
+def _authorization(lines: list[str], node: Node) -> None:
+    """Realtime Authorization of private channels (docs/authorization.md)."""
+    m = node.metrics
+    _metric(
+        lines,
+        "tidings_authorization_denied_total",
+        "counter",
+        "Private-channel requests refused by policy: read (joins, history, refreshes that lost read), "
+        "write (broadcasts dropped, tracks refused, REST messages skipped or 403).",
+        [('{access="read"}', m.authz_denied_reads), ('{access="write"}', m.authz_denied_writes)],
+    )
+    _metric(
+        lines,
+        "tidings_authorization_unavailable_total",
+        "counter",
+        "Permission checks the database could not evaluate (unreachable, timeout, missing partition).",
+        [("", m.authz_unavailable)],
+    )
+    _metric(
+        lines,
+        "tidings_authorization_writes_dropped_total",
+        "counter",
+        "Messages dropped while their channel's first write check ran: over MAX_MESSAGES_PER_SECOND waiting.",
+        [("", m.authz_writes_dropped)],
+    )
+    authorizer = node.authorizer
+    _metric(
+        lines,
+        "tidings_authorization_queries_total",
+        "counter",
+        "Permission checks run in the database (DATABASE_URL; cache misses).",
+        [("", getattr(authorizer, "queries", 0))],
+    )
+    _metric(
+        lines,
+        "tidings_authorization_cache_hits_total",
+        "counter",
+        "Permission checks answered from the cache of results per (topic, claims, headers).",
+        [("", getattr(authorizer, "cache_hits", 0))],
+    )
+
+
 def render_prometheus(node: Node, monitor: Monitor) -> str:
     """Every metric of ``node`` (and its ``monitor``) as Prometheus exposition text."""
     m = node.metrics
@@ -261,6 +303,7 @@ def render_prometheus(node: Node, monitor: Monitor) -> str:
         [("", suppressed_lines())],
     )
     _history(lines, node.broker.history_stats())
+    _authorization(lines, node)
     gauges: list[tuple[str, str, float]] = [
         ("tidings_connections", "Open WebSocket connections.", len(node.sessions)),
         (
