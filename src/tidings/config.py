@@ -675,7 +675,9 @@ SETTINGS: tuple[Setting, ...] = (
         "DB_RESUME_GRACE",
         _Duration(allow_zero=True, bare_min=0.1),
         5.0,
-        "After a start, clients get this long to rejoin before the slot replays what they missed.",
+        "After a start, clients get this long to rejoin before the slot replays what they missed "
+        "(no wait for a new slot, or one with nothing to replay); 'Subscribed to PostgreSQL' comes "
+        "when it ends.",
     ),
     Setting(
         "db_rls",
