@@ -582,9 +582,20 @@ async def test_token_refresh_keeps_channel_open(
     assert (await a.call("state", ch=channel_name))["channel"] == "joined"
 
 
+#: Without a database private channels need a policy (CHANNEL_POLICY): every signed-in user may
+#: read and write them here; anon may not.
+SIGNED_IN_POLICY = '[{"topic": "*", "read": true, "write": true}]'
+
+
+@pytest.fixture
+def policy_server(server_factory: Any) -> ServerProcess:
+    return server_factory(env={"JWT_SECRET": SECRET, "CHANNEL_POLICY": SIGNED_IN_POLICY})
+
+
 async def test_private_channels(
-    auth_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
+    policy_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
 ) -> None:
+    auth_server = policy_server
     user = mint_token(SECRET, role="authenticated", sub="user-1")
     anon = mint_token(SECRET, role="anon")
     a = await js_client(auth_server.ws_url, vsn=vsn, apikey=user, name="A-private")
@@ -613,15 +624,17 @@ async def test_private_channels(
 
 
 async def test_replay_on_private_channel(
-    shared_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
+    policy_server: ServerProcess, js_client: JsFactory, channel_name: str, vsn: str
 ) -> None:
     since = int(time.time() * 1000) - 60_000
     messages = [
         {"topic": channel_name, "event": "old", "payload": {"i": i}, "private": True} for i in range(3)
     ]
-    r = await rest_post(shared_server.http_url, "/api/broadcast", {"messages": messages})
+    service = mint_token(SECRET, role="service_role")
+    r = await rest_post(policy_server.http_url, "/api/broadcast", {"messages": messages}, token=service)
     assert r.status_code == 202
-    a = await js_client(shared_server.ws_url, vsn=vsn, name="A")
+    user = mint_token(SECRET, role="authenticated", sub="user-1")
+    a = await js_client(policy_server.ws_url, vsn=vsn, apikey=user, name="A")
     await a.subscribed(
         channel_name, config={"private": True, "broadcast": {"replay": {"since": since, "limit": 10}}}
     )

@@ -503,7 +503,20 @@ async def test_token_refresh_keeps_channel_open(
     assert a.channels[channel_name].is_joined
 
 
-async def test_private_channels(auth_server: ServerProcess, py_client: PyFactory, channel_name: str) -> None:
+#: Without a database private channels need a policy (CHANNEL_POLICY): every signed-in user may
+#: read and write them here; anon may not.
+SIGNED_IN_POLICY = '[{"topic": "*", "read": true, "write": true}]'
+
+
+@pytest.fixture
+def policy_server(server_factory: Any) -> ServerProcess:
+    return server_factory(env={"JWT_SECRET": SECRET, "CHANNEL_POLICY": SIGNED_IN_POLICY})
+
+
+async def test_private_channels(
+    policy_server: ServerProcess, py_client: PyFactory, channel_name: str
+) -> None:
+    auth_server = policy_server
     user = mint_token(SECRET, role="authenticated", sub="user-1")
     anon = mint_token(SECRET, role="anon")
     a, b = py_client(auth_server.ws_url, user, name="A"), py_client(auth_server.ws_url, anon, name="B")
@@ -521,15 +534,17 @@ async def test_private_channels(auth_server: ServerProcess, py_client: PyFactory
 
 
 async def test_replay_on_private_channel(
-    shared_server: ServerProcess, py_client: PyFactory, channel_name: str
+    policy_server: ServerProcess, py_client: PyFactory, channel_name: str
 ) -> None:
     since = int(time.time() * 1000) - 60_000
     messages = [
         {"topic": channel_name, "event": "old", "payload": {"i": i}, "private": True} for i in range(3)
     ]
-    r = await rest_post(shared_server.http_url, "/api/broadcast", {"messages": messages})
+    service = mint_token(SECRET, role="service_role")
+    r = await rest_post(policy_server.http_url, "/api/broadcast", {"messages": messages}, token=service)
     assert r.status_code == 202
-    a = py_client(shared_server.ws_url, name="A")
+    user = mint_token(SECRET, role="authenticated", sub="user-1")
+    a = py_client(policy_server.ws_url, user, name="A")
     await a.subscribed(
         channel_name,
         config={"private": True, "broadcast": {"ack": False, "self": False, "replay": {"since": since}}},

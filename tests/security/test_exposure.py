@@ -32,6 +32,8 @@ ServerFactory = Callable[..., ServerProcess]
 
 METRICS_SECRET = "metrics-secret-that-is-long-enough-for-hs256-tokens"
 PRIVATE_TOPIC = "realtime:payroll-private-4711"
+#: Open servers (no JWT secret: every client is anon) on which anon may join the private channel.
+PAYROLL_POLICY = '[{"topic": "payroll-*", "roles": ["anon"]}]'
 
 
 async def top_channels(client: httpx.AsyncClient, **headers: str) -> list[dict[str, Any]]:
@@ -49,7 +51,10 @@ async def top_channels(client: httpx.AsyncClient, **headers: str) -> list[dict[s
 # -- metrics ----------------------------------------------------------------------------------------
 
 
-async def test_without_a_metrics_secret_private_channel_names_are_never_shown(server: ServerProcess) -> None:
+async def test_without_a_metrics_secret_private_channel_names_are_never_shown(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(env={"CHANNEL_POLICY": PAYROLL_POLICY})
     async with member(server, PRIVATE_TOPIC, private=True), member(server, "realtime:lobby"):
         async with httpx.AsyncClient(base_url=server.http_url, timeout=WAIT) as client:
             rows = await top_channels(client)
@@ -69,7 +74,7 @@ async def test_without_a_metrics_secret_private_channel_names_are_never_shown(se
 
 
 async def test_metrics_need_the_token_when_a_secret_is_set(server_factory: ServerFactory) -> None:
-    srv = server_factory(env={"METRICS_JWT_SECRET": METRICS_SECRET})
+    srv = server_factory(env={"METRICS_JWT_SECRET": METRICS_SECRET, "CHANNEL_POLICY": PAYROLL_POLICY})
     token = jwt.encode({"role": "metrics"}, METRICS_SECRET, algorithm="HS256")
     forged = jwt.encode(
         {"role": "metrics"}, "another-secret-that-is-long-enough-for-hs256", algorithm="HS256"

@@ -251,8 +251,12 @@ async def test_lenient_join_config_is_accepted(server: ServerProcess) -> None:
         assert set(reply["response"]) == {"postgres_changes", "seq", "epoch"}  # seq, epoch: Tidings'
 
 
+#: Private channel ``room`` readable and writable by the authenticated role (CHANNEL_POLICY).
+ROOM_POLICY = '[{"topic": "room", "read": true, "write": true}]'
+
+
 async def test_join_token_errors(server_factory: ServerFactory) -> None:
-    srv = server_factory(env={"JWT_SECRET": SECRET})
+    srv = server_factory(env={"JWT_SECRET": SECRET, "CHANNEL_POLICY": ROOM_POLICY})
     apikey = mint_token(SECRET, role="anon", ttl=3600)
     async with open_ws(ws_url(srv, apikey=apikey)) as ws:
         expired = mint_token(SECRET, role="authenticated", ttl=-30)
@@ -621,7 +625,7 @@ async def test_rest_errors(server_factory: ServerFactory) -> None:
 
 
 async def test_rest_unauthorised_private_messages_are_skipped_with_202(server_factory: ServerFactory) -> None:
-    srv = server_factory(env={"JWT_SECRET": SECRET})
+    srv = server_factory(env={"JWT_SECRET": SECRET, "CHANNEL_POLICY": ROOM_POLICY})
     user = mint_token(SECRET, role="authenticated", ttl=600)
     anon = mint_token(SECRET, role="anon", ttl=600)
     async with (
