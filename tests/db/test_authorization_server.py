@@ -496,3 +496,59 @@ async def test_replayed_rows_are_not_delivered_again_live(postgres: PostgresServ
     finally:
         server.stop()
         drop_slots(postgres, db.name)
+
+
+async def test_a_cluster_of_two_nodes_authorizes_replays_and_relays(postgres: PostgresServer) -> None:
+    """With Redis the joins read through the broker (a task): the checks, the replay and the
+    buffering of what fans out meanwhile take that path too."""
+    from tests.support.redis import RedisServer
+
+    redis = RedisServer(persist=False).start()
+    db = create_supabase_database(postgres)
+    env = server_env(db, REDIS_URL=redis.url)
+    first = ServerProcess(env=env).start()
+    second = ServerProcess(env=env).start()
+    made: list[Client] = []
+    try:
+        alice, bob = prepare_rooms(db)
+        since = int(time.time() * 1000) - 60_000
+        ids = send_rows(db, "room-1", 2, event="cluster-replay")
+
+        def tok(user: str | None, role: str = "authenticated") -> str:
+            return mint_token(SECRET, role=role, sub=user, ttl=600)
+
+        listener = await Client.open(second, tok(None, "service_role"))
+        made.append(listener)
+        _, reply = await listener.join(
+            "realtime:room-1", {"private": True, "broadcast": {"replication_ready": True}}
+        )
+        assert reply["status"] == "ok"
+        await listener.wait(lambda m: m[3] == "system" and m[4]["status"] == "ok")
+        member = await Client.open(first, tok(alice))
+        made.append(member)
+        config = {"private": True, "broadcast": {"ack": True, "replay": {"since": since}}}
+        join_ref, reply = await member.join("realtime:room-1", config)
+        assert reply["status"] == "ok"
+        await member.wait(lambda m: m[3] == "broadcast" and m[4]["meta"].get("id") == ids[-1])
+        assert [b["meta"] for b in member.broadcasts("realtime:room-1")] == [
+            {"replayed": True, "id": i} for i in ids
+        ]
+        ref = await member.send(
+            join_ref, "realtime:room-1", "broadcast", {"type": "broadcast", "event": "hi", "payload": {}}
+        )
+        ack = await member.wait(lambda m: m[3] == "phx_reply" and m[1] == ref)
+        assert ack[4]["status"] == "ok"
+        await listener.wait(lambda m: m[3] == "broadcast" and m[4]["event"] == "hi")
+        outsider = await Client.open(second, tok(bob))
+        made.append(outsider)
+        _, reply = await outsider.join("realtime:room-1", {"private": True})
+        assert reply == {"status": "error", "response": {"reason": errors.unauthorized_read_reason("room-1")}}
+    finally:
+        for c in made:
+            await c.close()
+        first.stop()
+        second.stop()
+        drop_slots(postgres, db.name)
+        redis.cleanup()
+    for server in (first, second):
+        assert "Traceback" not in server.logs(), server.logs()
