@@ -42,6 +42,34 @@ def redis_url() -> Iterator[str]:
         server.stop()
 
 
+def test_connect_private_with_a_database_runs_the_rls_check_and_cleans_up(
+    pg: PostgresServer, tmp_path: Path
+) -> None:
+    from tests.support.supabase_db import create_supabase_database
+    from tidings.bench.publishers import BENCH_POLICY
+
+    db = create_supabase_database(pg, prefix="benchauthz")
+    reports = bench(
+        tmp_path,
+        "connect",
+        "-n",
+        "20",
+        "--rate",
+        "100",
+        "--private",
+        "--distinct-claims",
+        "--database-url",
+        db.dsn,
+    )
+    r = reports["tidings"]
+    assert r["status"] == "ok", r
+    m = r["metrics"]
+    assert m["joined"] == 20 and m["failed"] == 0, m["errors"]
+    assert m["authorization"] == "database (row level security)"
+    assert db.execute("SELECT 1 FROM pg_policies WHERE policyname = %s", (BENCH_POLICY,)) == []
+    assert db.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s", (db.name,)) == []
+
+
 def test_record_t_n_is_read_from_the_new_row_in_any_column_order() -> None:
     push = orjson.dumps(
         [

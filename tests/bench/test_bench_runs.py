@@ -63,6 +63,31 @@ def test_connect_against_every_reference(tmp_path: Path) -> None:
     assert "Tidings ÷ reference" in summary
 
 
+def test_connect_burst_keeps_a_number_in_flight(tmp_path: Path) -> None:
+    # Burst mode (issue 14): closed loop, --in-flight attempts at a time; no rate, no latency target.
+    reports = bench(tmp_path, "connect", "-n", "60", "--in-flight", "8", "--against", "tidings,ceiling")
+    for name in ("tidings", "ceiling"):
+        r = reports[name]
+        assert r["status"] == "ok", r
+        m = r["metrics"]
+        assert m["joined"] == 60 and m["failed"] == 0, m["errors"]
+        assert m["in_flight"] == 8 and m["offered_rate_per_s"] is None
+        assert r["params"]["in_flight"] == 8 and "rate" not in r["params"]
+        sane_latency(m["join_latency_ms"], 60)
+    assert reports["tidings"]["targets"] == []
+
+
+def test_connect_private_joins_are_authorized_by_the_policy(tmp_path: Path) -> None:
+    # --private: the server gets a CHANNEL_POLICY for the bench's topics; every join is checked.
+    reports = bench(tmp_path, "connect", "-n", "30", "--rate", "200", "--private", "--distinct-claims")
+    r = reports["tidings"]
+    assert r["status"] == "ok", r
+    m = r["metrics"]
+    assert m["joined"] == 30 and m["failed"] == 0, m["errors"]
+    assert m["authorization"] == "CHANNEL_POLICY" and m["distinct_claims"] is True
+    assert r["params"]["private"] == "policy"
+
+
 def test_fanout_counts_add_up(tmp_path: Path) -> None:
     reports = bench(
         tmp_path, "fanout", "-n", "20", "--rate", "10", "--duration", "1", "--against", "tidings,ceiling"

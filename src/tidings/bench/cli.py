@@ -26,7 +26,7 @@ from .pool import Pool
 from .procstat import cpu_seconds, loadavg, machine_info
 from .profile import Profiler, summarize_collapsed
 from .progress import Progress
-from .publishers import SOURCES, drop_slot
+from .publishers import BENCH_CHANNEL_POLICY, SOURCES, bench_policy, drop_slot
 from .report import check_targets, write_run, write_summary
 from .scenarios import SCENARIOS, Outcome, Params, Run
 from .targets import TARGETS, ServerHandle, Target, benchmarks_dir, free_port
@@ -105,6 +105,7 @@ async def run_target(
     bench: Path,
     quiet: bool,
     profile_dir: Path | None = None,
+    profile_native: bool = False,
 ) -> tuple[dict[str, Any], Outcome | None]:
     """Run ``scenario`` against ``target``; the report and the outcome (``None`` if not run)."""
     progress = Progress(f"{scenario} {target.name}", quiet)
@@ -121,9 +122,14 @@ async def run_target(
         return report, None
     env = dict(env)
     slot = None
-    if target.tidings and params.source == "postgres" and params.database_url and scenario == "order-status":
+    private_db = target.tidings and scenario == "connect" and params.private and bool(params.database_url)
+    if private_db or (
+        target.tidings and params.source == "postgres" and params.database_url and scenario == "order-status"
+    ):
         slot = f"tidings_bench_{os.getpid()}"
-        env.update(DATABASE_URL=params.database_url, DB_SLOT=slot, DB_RESUME_GRACE="0")
+        env.update(DATABASE_URL=params.database_url or "", DB_SLOT=slot, DB_RESUME_GRACE="0")
+    elif target.tidings and scenario == "connect" and params.private:
+        env.setdefault("CHANNEL_POLICY", BENCH_CHANNEL_POLICY)
     if target.redis and params.redis_url:
         env.update(REDIS_URL=params.redis_url)
     server = ServerHandle(target, HOST, free_port(HOST), env, params.server_cpus, bench)
@@ -136,6 +142,14 @@ async def run_target(
         server.peer = ServerHandle(target, HOST, free_port(HOST), env, params.client_cpus, bench)
     try:
         await asyncio.to_thread(server.start)
+        if private_db and params.database_url:
+            # Tidings listens before it starts: realtime.messages exists once it answers requests.
+            deadline = time.monotonic() + 60
+            while not await asyncio.to_thread(server.health):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not answer /api/health:\n{server.logs()}")
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(bench_policy, params.database_url, True)
     except Exception as exc:  # whatever failed, stop what did start (nodes, nginx) before reporting
         await asyncio.to_thread(server.stop)
         report["status"] = f"failed: {exc}" if isinstance(exc, RuntimeError) else f"failed: {exc!r}"
@@ -164,7 +178,7 @@ async def run_target(
             watched = (
                 server.other.pid if server.other is not None and scenario == "node-death" else server.pid
             )
-            profiler = Profiler(watched, profile_dir / f"{target.name}-profile.txt")
+            profiler = Profiler(watched, profile_dir / f"{target.name}-profile.txt", native=profile_native)
         pids = [os.getpid(), *(p.pid for p in pool.procs)]
         gen0, wall0 = sum(cpu_seconds(p) for p in pids), time.monotonic()
         try:
@@ -193,7 +207,10 @@ async def run_target(
         await asyncio.to_thread(server.stop)
         if slot is not None and params.database_url:
             try:
-                await asyncio.to_thread(drop_slot, params.database_url, slot)
+                if private_db:
+                    await asyncio.to_thread(bench_policy, params.database_url, False)
+                for name in (slot, f"{slot}_messages"):  # Postgres Changes', Broadcast from Database's
+                    await asyncio.to_thread(drop_slot, params.database_url, name)
             except Exception as exc:  # the report says so; the run itself is over
                 report.setdefault("notes", []).append(f"could not drop replication slot {slot}: {exc}")
     report["server"] = {"pid": server.pid, "cpus": sorted(params.server_cpus or []), "log": server.log.name}
@@ -213,6 +230,7 @@ async def run_bench(
     quiet: bool = False,
     wait_quiet: float = 0.0,
     profile: bool = False,
+    profile_native: bool = False,
 ) -> list[dict[str, Any]]:
     """Run ``scenario`` against each target in turn; write every report and the summary."""
     reports = []
@@ -225,7 +243,14 @@ async def run_bench(
         before = loadavg()
         date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         report, outcome = await run_target(
-            scenario, TARGETS[name], params, env, bench, quiet, out_dir if profile else None
+            scenario,
+            TARGETS[name],
+            params,
+            env,
+            bench,
+            quiet,
+            out_dir if profile or profile_native else None,
+            profile_native,
         )
         report.update(
             date=date,
@@ -259,6 +284,9 @@ def _params_dict(scenario: str, p: Params) -> dict[str, Any]:
         "workers": p.workers,
         "source_addresses": len(p.source_addrs),
     }
+    if scenario == "connect" and p.private:
+        out["private"] = "database" if p.database_url else "policy"
+        out["distinct_claims"] = p.distinct_claims
     if scenario == "connect" and p.in_flight > 0:
         out["in_flight"] = p.in_flight
     elif scenario in ("connect", "presence"):
@@ -349,7 +377,7 @@ def _parse_targets(against: str) -> list[str]:
     type=int,
     default=25,
     show_default=True,
-    help="node-death: replay.limit a rejoin asks for (the server clamps it to 25).",
+    help="node-death: replay.limit a rejoin asks for (the server clamps it to REPLAY_MAX, 100 by default).",
 )
 @click.option(
     "--source",
@@ -362,7 +390,8 @@ def _parse_targets(against: str) -> list[str]:
     "--database-url",
     default=None,
     metavar="DSN",
-    help="order-status --source postgres: PostgreSQL (wal_level=logical) for the server and the updates.",
+    help="order-status --source postgres: PostgreSQL (wal_level=logical) for the server and the updates; "
+    "connect --private: the database whose row level security authorizes the joins.",
 )
 @click.option(
     "--redis-url",
@@ -393,8 +422,27 @@ def _parse_targets(against: str) -> list[str]:
     help="connect: burst mode, this many connection attempts at a time (closed loop; "
     "--rate is ignored). 0 = open loop at --rate.",
 )
+@click.option(
+    "--private",
+    is_flag=True,
+    help="connect: join private channels, so every join is authorized: by a CHANNEL_POLICY the "
+    "server is given, or with --database-url by Supabase's row level security check (a policy "
+    "on realtime.messages is created for the run and dropped after).",
+)
+@click.option(
+    "--distinct-claims",
+    is_flag=True,
+    help="connect: each client joins with a token of its own (sub bench-<n>), so no two joins share "
+    "a cached permission check.",
+)
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--profile", is_flag=True, help="Sample the (Python) server with py-spy during the run.")
+@click.option(
+    "--profile-native",
+    is_flag=True,
+    help="As --profile, pausing the server for each sample and with C frames (uvloop, system "
+    "calls, the garbage collector): exact stacks, a slower server.",
+)
 @click.option(
     "--setup", is_flag=True, help="Install the references (python-socketio, matplotlib, npm ws) and exit."
 )
@@ -422,8 +470,11 @@ def bench(
     out_dir: Path | None,
     wait_quiet: float,
     in_flight: int,
+    private: bool,
+    distinct_claims: bool,
     quiet: bool,
     profile: bool,
+    profile_native: bool,
     setup: bool,
     list_: bool,
 ) -> None:
@@ -460,6 +511,8 @@ def bench(
         raise click.BadParameter("at most 60,000 connections (bounded load)")
     if in_flight < 0 or (in_flight and scenario != "connect"):
         raise click.BadParameter("--in-flight is for the connect scenario, and at least 0")
+    if (private or distinct_claims) and scenario != "connect":
+        raise click.BadParameter("--private and --distinct-claims are for the connect scenario")
     env: dict[str, str] = {}
     for item in server_env:
         key, sep, value = item.partition("=")
@@ -500,11 +553,15 @@ def bench(
         db_publication=env.get("DB_PUBLICATION", "supabase_realtime"),
         redis_url=redis_url,
         in_flight=in_flight if scenario == "connect" else 0,
+        private=private,
+        distinct_claims=distinct_claims,
     )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out_dir or Path("bench-results") / f"{stamp}-{scenario}"
     targets = _parse_targets(against or spec.against)
-    if profile and not Profiler.available():
+    if (profile or profile_native) and not Profiler.available():
         raise click.UsageError("--profile needs py-spy (pip install py-spy)")
-    run_loop(run_bench(scenario, targets, params, env, out, bench_dir, quiet, wait_quiet, profile))
+    run_loop(
+        run_bench(scenario, targets, params, env, out, bench_dir, quiet, wait_quiet, profile, profile_native)
+    )
     click.echo(f"reports in {out}/", err=True)

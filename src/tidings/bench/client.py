@@ -61,6 +61,7 @@ class ClientConn(asyncio.Protocol):
 
     __slots__ = (
         "accept",
+        "access_token",
         "buf",
         "changes",
         "close_code",
@@ -71,6 +72,7 @@ class ClientConn(asyncio.Protocol):
         "join_response",
         "port",
         "presence_key",
+        "private",
         "ref",
         "replay",
         "sink",
@@ -94,8 +96,13 @@ class ClientConn(asyncio.Protocol):
         changes: list[dict[str, str]] | None = None,
         replay: dict[str, int] | None = None,
         track_seq: bool = False,
+        private: bool = False,
+        access_token: str | None = None,
     ) -> None:
         self.sink = sink
+        # A private channel, joined with this token of its own (the socket's apikey when None).
+        self.private = private
+        self.access_token = access_token
         # Sent in the join's config.broadcast.replay (e.g. {"since_seq": 41, "limit": 25}).
         self.replay = replay
         # Read meta.seq of every bench broadcast and report through Sink.on_seq.
@@ -241,7 +248,15 @@ class ClientConn(asyncio.Protocol):
         self.state = JOINING
         self.join_ref = self.next_ref()
         self.send_text(
-            self.dialect.join(self.join_ref, self.topic, self.presence_key, self.changes, self.replay)
+            self.dialect.join(
+                self.join_ref,
+                self.topic,
+                self.presence_key,
+                self.changes,
+                self.replay,
+                self.private,
+                self.access_token,
+            )
         )
 
     def joined(self) -> None:

@@ -1,7 +1,10 @@
 """Optional sampling profile of the server during a run (``--profile``), with py-spy.
 
-py-spy (``pip install py-spy``) samples the server process from outside without slowing it much;
-its "raw" output (collapsed stacks) is kept next to the report and summarised as the functions
+py-spy (``pip install py-spy``) samples the server process from outside without slowing it much
+(``--nonblocking``: under load its stacks can be torn, a callee shown under a function that never
+calls it). ``native`` instead pauses the process for each sample and records C frames too (uvloop,
+the system calls, the garbage collector): exact stacks, a slower server (``--profile-native``).
+Its "raw" output (collapsed stacks) is kept next to the report and summarised as the functions
 with the most samples, on their own and including callees.
 """
 
@@ -20,7 +23,7 @@ __all__ = ["Profiler", "summarize_collapsed"]
 class Profiler:
     """``py-spy record`` attached to ``pid`` until :meth:`stop`."""
 
-    def __init__(self, pid: int, out: Path, rate: int = 250) -> None:
+    def __init__(self, pid: int, out: Path, rate: int = 250, native: bool = False) -> None:
         self.out = out
         exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +37,7 @@ class Profiler:
                 str(rate),
                 "--format",
                 "raw",
-                "--nonblocking",
+                "--native" if native else "--nonblocking",
                 "-o",
                 str(out),
             ],

@@ -326,6 +326,33 @@ def drop_slot(dsn: str, slot: str) -> None:
         conn.close()
 
 
+BENCH_POLICY = "tidings bench connect: read connect-*"
+"""The row level security policy ``connect --private --database-url`` creates for its joins."""
+BENCH_CHANNEL_POLICY = (
+    '[{"topic": "connect-*", "roles": ["anon", "authenticated"], "read": true, "write": true}]'
+)
+"""The ``CHANNEL_POLICY`` of a ``connect --private`` server without a database."""
+
+
+def bench_policy(dsn: str, create: bool) -> None:
+    """Create (or drop) :data:`BENCH_POLICY` on ``realtime.messages``: anon and authenticated may
+    read the bench's ``connect-*`` topics, so every private join runs Supabase's read check."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP POLICY IF EXISTS "{BENCH_POLICY}" ON realtime.messages')
+            if create:
+                cur.execute(
+                    f'CREATE POLICY "{BENCH_POLICY}" ON realtime.messages FOR SELECT TO anon, authenticated '
+                    "USING ((SELECT realtime.topic()) LIKE 'connect-%%')"
+                )
+    finally:
+        conn.close()
+
+
 @dataclasses.dataclass
 class SourceOptions:
     """What an update source may need: the server's address, and for ``postgres`` the database."""

@@ -60,6 +60,8 @@ class Params:
     replay_limit: int = 25
     recover_timeout: float = 60.0
     in_flight: int = 0  # connect: burst mode, this many attempts at a time instead of --rate
+    private: bool = False  # connect: join private channels (authorization on every join)
+    distinct_claims: bool = False  # connect: each join with a token of its own (no shared cache)
 
 
 @dataclasses.dataclass
@@ -107,6 +109,8 @@ class Run:
         changes_table: str | None = None,
         track_seq: bool = False,
         in_flight: int = 0,
+        private: bool = False,
+        distinct_claims: bool = False,
     ) -> dict[str, Any]:
         """Open ``clients`` at ``rate``/s across the workers (open loop); merged results.
 
@@ -130,6 +134,8 @@ class Run:
                 "changes_table": changes_table,
                 "track_seq": track_seq,
                 "in_flight": in_flight // w + (1 if k < in_flight % w else 0) if in_flight > 0 else 0,
+                "private": private,
+                "distinct_claims": distinct_claims,
             }
             for k, s in enumerate(shares)
         ]
@@ -190,7 +196,9 @@ async def scenario_connect(run: Run) -> Outcome:
     clients = [(i, f"{TOPIC}connect-{i % p.channels}") for i in range(p.n)]
     cpu0 = run.cpu()
     run.progress.set_phase("connecting")
-    opened = await run.open(clients, p.rate, in_flight=p.in_flight)
+    opened = await run.open(
+        clients, p.rate, in_flight=p.in_flight, private=p.private, distinct_claims=p.distinct_claims
+    )
     cpu1 = run.cpu()
     metrics = _connect_metrics(run, opened, p.n)
     metrics.update(
@@ -200,6 +208,9 @@ async def scenario_connect(run: Run) -> Outcome:
         server_cpu_us_per_connection=round((cpu1 - cpu0) * 1e6 / max(1, opened["joined"]), 1),
         server_rss_kb=run.rss_kb(),
     )
+    if p.private:
+        metrics["authorization"] = "database (row level security)" if p.database_url else "CHANNEL_POLICY"
+        metrics["distinct_claims"] = p.distinct_claims
     rel = [s - opened["start"][0] for s in opened["start"]] if opened["start"] else []
     return Outcome(
         metrics, "connect + upgrade + join", array("q", [opened["start"][0] + r for r in rel]), opened["lat"]

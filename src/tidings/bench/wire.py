@@ -164,8 +164,11 @@ class Dialect:
         presence_key: str | None,
         changes: list[dict[str, str]] | None = None,
         replay: dict[str, int] | None = None,
+        private: bool = False,
+        access_token: str | None = None,
     ) -> bytes:
-        """Text of a join request (``ref`` is echoed in the reply)."""
+        """Text of a join request (``ref`` is echoed in the reply); ``private`` and
+        ``access_token`` (the join's own token) are Phoenix's."""
         raise NotImplementedError
 
     def publish(self, ref: int, join_ref: int, topic: str, payload: bytes) -> bytes:
@@ -216,6 +219,8 @@ class PhoenixDialect(Dialect):
         presence_key: str | None,
         changes: list[dict[str, str]] | None = None,
         replay: dict[str, int] | None = None,
+        private: bool = False,
+        access_token: str | None = None,
     ) -> bytes:
         """``phx_join`` with broadcast self off (publishers do not hear themselves).
 
@@ -228,9 +233,12 @@ class PhoenixDialect(Dialect):
             "broadcast": broadcast,
             "presence": {"key": presence_key or "", "enabled": presence_key is not None},
             "postgres_changes": changes or [],
-            "private": False,
+            "private": private,
         }
-        return self._msg(ref, ref, topic, "phx_join", orjson.dumps({"config": config}))
+        payload: dict[str, Any] = {"config": config}
+        if access_token is not None:
+            payload["access_token"] = access_token
+        return self._msg(ref, ref, topic, "phx_join", orjson.dumps(payload))
 
     def publish(self, ref: int, join_ref: int, topic: str, payload: bytes) -> bytes:
         """A text ``broadcast`` push (JSON form in both vsns)."""
@@ -274,6 +282,8 @@ class SocketIODialect(Dialect):
         presence_key: str | None,
         changes: list[dict[str, str]] | None = None,
         replay: dict[str, int] | None = None,
+        private: bool = False,
+        access_token: str | None = None,
     ) -> bytes:
         """``join`` event with an ack id of ``ref`` (no replay in Socket.IO)."""
         return b"42%d%s" % (ref, orjson.dumps(["join", topic]))

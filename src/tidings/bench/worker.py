@@ -33,6 +33,18 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 PROGRESS_EVERY = 0.25
 
 
+def bench_token(idx: int) -> str:
+    """The join token of client ``idx``: role ``authenticated``, sub ``bench-<idx>``. Unsigned in
+    effect (a fixed key): bench servers run open, where claims are taken unverified."""
+    import jwt
+
+    return jwt.encode(
+        {"role": "authenticated", "sub": f"bench-{idx}"},
+        "tidings-bench-key-of-32-bytes-or-more",
+        algorithm="HS256",
+    )
+
+
 class WorkerSpec:
     """What a worker needs to know at start."""
 
@@ -82,6 +94,8 @@ class Worker:
         self.topics: dict[int, str] = {}
         self.presence = False
         self.changes_table: str | None = None
+        self.private = False  # join private channels (connect --private)
+        self.distinct_claims = False  # each client joins with a token of its own (claims differ)
         self.pg_subscribed: set[int] = set()
         self.pg_errors = 0
         self.attempts = 0
@@ -202,6 +216,8 @@ class Worker:
         changes_table: str | None = None,
         track_seq: bool = False,
         in_flight: int = 0,
+        private: bool = False,
+        distinct_claims: bool = False,
     ) -> dict[str, Any]:
         """Open ``clients`` (index, topic) at ``rate``/s from wall time ``t0``; wait for all.
 
@@ -209,9 +225,13 @@ class Worker:
         started at ``t0``, and each one that ends (joined or failed) starts the next client.
 
         With ``changes_table``, client ``idx`` also binds to Postgres Changes of row ``id = idx``.
-        With ``track_seq``, clients follow ``meta.seq`` (see :meth:`on_seq`).
+        With ``track_seq``, clients follow ``meta.seq`` (see :meth:`on_seq`). ``private`` joins
+        private channels; ``distinct_claims`` gives each join a token of its own (see
+        :func:`bench_token`), so no two share a cached permission check.
         """
         self.presence = presence
+        self.private = private
+        self.distinct_claims = distinct_claims
         self.changes_table = changes_table
         self.track_seq = track_seq
         self._pending = len(clients)
@@ -331,6 +351,8 @@ class Worker:
             changes,
             replay,
             self.track_seq,
+            self.private,
+            bench_token(idx) if self.distinct_claims else None,
         )
         self.conns[idx] = conn
         self.attempts += 1
