@@ -690,6 +690,43 @@ SETTINGS: tuple[Setting, ...] = (
         "table: unsafe for tables with row level security.",
     ),
     Setting(
+        "db_change_log_size",
+        "DB_CHANGE_LOG_SIZE",
+        _non_negative_int,
+        10_000,
+        "Postgres Changes kept per table so rejoining clients resume where they left off (memory, "
+        "or a Redis stream with REDIS_URL); 0 = no log (every resume is recovered: false).",
+    ),
+    Setting(
+        "db_change_log_bytes",
+        "DB_CHANGE_LOG_BYTES",
+        _positive_int,
+        16_777_216,
+        "Estimated bytes of the change log per table (the JSON of the changes); the oldest go first.",
+    ),
+    Setting(
+        "db_change_log_ttl",
+        "DB_CHANGE_LOG_TTL",
+        _Duration(allow_zero=False, bare_min=1.0),
+        600.0,
+        "How long a change stays in the change log: a client away longer resumes with recovered: false.",
+    ),
+    Setting(
+        "db_replay_max_changes",
+        "DB_REPLAY_MAX_CHANGES",
+        _positive_int,
+        1_000,
+        "Most changes one resume (or one GET /api/changes page) sends; beyond it the resume says "
+        "recovered: false (the page ends there).",
+    ),
+    Setting(
+        "db_replay_max_bytes",
+        "DB_REPLAY_MAX_BYTES",
+        _positive_int,
+        4_194_304,
+        "Most bytes of changes one resume (or one GET /api/changes page) sends, as DB_REPLAY_MAX_CHANGES.",
+    ),
+    Setting(
         "redis_url",
         "REDIS_URL",
         _optional_str,
@@ -839,6 +876,11 @@ class Config:
     replication_ready_timeout: float = 60.0
     db_resume_grace: float = 5.0
     db_rls: bool = True
+    db_change_log_size: int = 10_000
+    db_change_log_bytes: int = 16_777_216
+    db_change_log_ttl: float = 600.0
+    db_replay_max_changes: int = 1_000
+    db_replay_max_bytes: int = 4_194_304
     redis_url: str | None = None
     node_timeout: float = 10.0
     workers: int = 1

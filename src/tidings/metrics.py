@@ -51,6 +51,11 @@ COUNTERS = (
     "bytes_in",
     "bytes_out",
     "catchup_allowances",
+    "changes_polls",
+    "changes_replayed",
+    "changes_resumes_complete",
+    "changes_resumes_incomplete",
+    "changes_resumes_refused",
     "changes_rls_hidden",
     "changes_rls_rechecks",
     "connections_closed",
@@ -198,6 +203,11 @@ class NodeMetrics:
     bytes_in: int
     bytes_out: int
     catchup_allowances: int
+    changes_polls: int
+    changes_replayed: int
+    changes_resumes_complete: int
+    changes_resumes_incomplete: int
+    changes_resumes_refused: int
     changes_rls_hidden: int
     changes_rls_rechecks: int
     connections_closed: int

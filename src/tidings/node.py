@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Coroutine, Hashable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -37,6 +37,7 @@ from .logs import flush_suppressed, redact, secrets_of, set_log_rate_limit
 from .metrics import NodeMetrics
 from .protocol.codec import Outbound, Serializer, encode_change
 from .protocol.join import TOPIC_PREFIX
+from .protocol.positions import ChangesReplay, ChangesResume, ResumeRefused
 
 __all__ = [
     "READ",
@@ -52,7 +53,6 @@ __all__ = [
     "group_key",
 ]
 
-RECENT_CHANGES = 10_000  # change ids remembered to drop re-deliveries from the slot
 REPLICATION_LAG_WARNING = 64 * 1024 * 1024  # bytes of unconfirmed WAL worth a log line
 STOP_TIMEOUT = 10.0  # seconds stop_tasks() waits for background tasks to finish their clean-up
 
@@ -154,6 +154,11 @@ class ChangeFeed(Protocol):
     async def slot_lag_bytes(self) -> int | None:
         """WAL bytes the slot has not confirmed (``None`` when unknown)."""
 
+    async def resume(
+        self, owner: Hashable, since: str | None, epoch: str | None, *, max_changes: int, max_bytes: int
+    ) -> ChangesReplay:
+        """The changes after ``since`` that ``owner``'s bindings match now (raises ``ResumeRefused``)."""
+
 
 class MessagesFeed(Protocol):
     """Broadcast from Database, as ``replication_ready`` joins see it
@@ -250,7 +255,13 @@ class Node:
         # Postgres Changes, when DATABASE_URL is set (attached by the app before start()).
         self.cdc: ChangeFeed | None = None
         self._on_change: Callable[[Any], None] | None = None
-        self._recent_changes: OrderedDict[str, None] = OrderedDict()
+        # Channels resuming Postgres Changes: their live changes wait here while their replay is
+        # read (position, frame); after it, live changes up to where it read are dropped (they
+        # were replayed, or are not for them) until a later one comes; and the channels that get
+        # each change's position as the push's ref.
+        self._change_buffers: dict[Subscriber, list[tuple[str, bytes]]] = {}
+        self._change_floors: dict[Subscriber, str] = {}
+        self._position_refs: set[Subscriber] = set()
         self.replication_lag_bytes: int | None = None
         now = time.monotonic()
         self.join_bucket = TokenBucket(
@@ -640,8 +651,54 @@ class Node:
 
     def unsubscribe_changes(self, channel: Subscriber) -> None:
         """Drop ``channel``'s bindings (nothing when Postgres Changes are off)."""
+        self._change_buffers.pop(channel, None)
+        self._change_floors.pop(channel, None)
+        self._position_refs.discard(channel)
         if self.cdc is not None:
             self.cdc.unsubscribe(channel)
+
+    def hold_changes(self, channel: Subscriber) -> None:
+        """Keep ``channel``'s live changes until :meth:`release_changes` (a resume is being read),
+        and send it each change's position as the push's ref from now on."""
+        self._change_buffers[channel] = []
+        self._position_refs.add(channel)
+
+    def release_changes(self, channel: Subscriber, replayed_to: str) -> list[bytes]:
+        """The live changes held for ``channel`` after ``replayed_to`` (where its replay read the
+        log), in order; from now on they are written to it at once, but those up to
+        ``replayed_to`` are dropped: a change logged before the replay read can reach delivery
+        after it (behind the RLS checks, from another node)."""
+        held = self._change_buffers.pop(channel, [])
+        self._change_floors[channel] = replayed_to
+        return [frame for position, frame in held if position > replayed_to]
+
+    async def resume_changes(self, channel: Subscriber, resume: ChangesResume) -> ChangesReplay:
+        """What ``channel`` (subscribed, its changes held) missed after ``resume.since``: the
+        changes its bindings match now, bounded by ``DB_REPLAY_MAX_CHANGES`` / ``_BYTES``.
+
+        Raises:
+            ResumeRefused: a position ahead of the database (counted).
+        """
+        assert self.cdc is not None
+        config = self.config
+        try:
+            replay = await self.cdc.resume(
+                channel,
+                resume.since,
+                resume.epoch,
+                max_changes=config.db_replay_max_changes,
+                max_bytes=config.db_replay_max_bytes,
+            )
+        except ResumeRefused:
+            self.metrics.changes_resumes_refused += 1
+            raise
+        if resume.since is not None:
+            if replay.recovered:
+                self.metrics.changes_resumes_complete += 1
+            else:
+                self.metrics.changes_resumes_incomplete += 1
+            self.metrics.changes_replayed += len(replay.items)
+        return replay
 
     def on_change(self, callback: Callable[[Any], None]) -> None:
         """Hand every change envelope from the broker (a cluster's change feed) to ``callback``."""
@@ -756,28 +813,39 @@ class Node:
     def deliver_change(self, matches: dict[Any, list[int]], data: dict[str, Any], change_id: str) -> None:
         """A Postgres change for local channels: ``matches`` maps each channel to its binding ids.
 
-        The slot delivers at least once; a change id seen recently is dropped. ``data`` is
-        serialised once, and each distinct (topic, ids, serializer) frame once.
+        Re-deliveries from the slot are dropped by Postgres Changes before they get here (one
+        change may come in several calls, one per set of visible columns, under one id). ``data``
+        is serialised once, and each distinct (topic, ids, serializer, ref) frame once. A channel
+        resuming gets the change's position as the push's ref, and while its replay is read the
+        frame is held (:meth:`hold_changes`).
         """
-        recent = self._recent_changes
-        if change_id in recent:
-            return
-        recent[change_id] = None
-        if len(recent) > RECENT_CHANGES:
-            recent.popitem(last=False)
         self.note_commit_time(data.get("commit_timestamp"))
         data_json = orjson.dumps(data)
-        frames: dict[tuple[str, tuple[int, ...], int], bytes] = {}
+        frames: dict[tuple[str, tuple[int, ...], int, str | None], bytes] = {}
         sent = nbytes = 0
+        refs, held, floors = self._position_refs, self._change_buffers, self._change_floors
+        position = data.get("position") if refs else None
         channel: Subscriber
         for channel, ids in matches.items():
             if channel.closed:
                 continue
+            if floors and position is not None:
+                floor = floors.get(channel)
+                if floor is not None:
+                    if position <= floor:
+                        continue  # in its replay already
+                    del floors[channel]  # changes come in order: none up to it any more
             session = channel.session
-            key = (channel.topic, tuple(ids), session.serializer)
+            ref = position if refs and channel in refs else None
+            key = (channel.topic, tuple(ids), session.serializer, ref)
             frame = frames.get(key)
             if frame is None:
-                frame = frames[key] = encode_change(session.serializer, channel.topic, ids, data_json)
+                frame = frames[key] = encode_change(session.serializer, channel.topic, ids, data_json, ref)
+            if held:
+                waiting = held.get(channel)
+                if waiting is not None:
+                    waiting.append((ref or "", frame))
+                    continue
             session.write(frame)
             sent += 1
             nbytes += len(frame)

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
+
 from .auth.policy import (
     ALLOW_ALL,
     UNCHECKED,
@@ -41,13 +43,15 @@ from .protocol.codec import (
     Serializer,
     decode_binary,
     decode_text,
+    encode_change,
     encode_close,
     encode_push,
     encode_reply,
 )
 from .protocol.join import JoinConfig, JoinError, name_too_long, parse_join
+from .protocol.positions import ChangesReplay, ChangesResume, ResumeRefused
 
-__all__ = ["Channel", "Session", "discard"]
+__all__ = ["Channel", "Session", "discard", "resume_reply"]
 
 log = logging.getLogger("tidings.session")
 
@@ -65,6 +69,18 @@ _OK: dict[str, Any] = {}
 
 def discard(frame: bytes) -> None:
     """The writer of a session with no open transport (before the handshake, after the close)."""
+
+
+def resume_reply(resumed: ChangesReplay, asked: ChangesResume) -> dict[str, Any]:
+    """``postgres_changes_resume`` of the ok join reply: the baseline ``position`` and ``epoch`` to
+    resume from next time; after a ``since``, ``recovered`` (and ``reason`` when false)."""
+    out: dict[str, Any] = {"position": resumed.position, "epoch": resumed.epoch}
+    if asked.since is not None:
+        out["recovered"] = resumed.recovered
+        out["replayed"] = len(resumed.items)
+        if resumed.reason:
+            out["reason"] = resumed.reason
+    return out
 
 
 class Channel:
@@ -352,7 +368,7 @@ class Session:
         # channel's numbering is started if it has none: a baseline to recover from.
         read = (
             None
-            if bindings and cfg.changes_wait
+            if bindings and (cfg.changes_wait or cfg.changes_resume is not None)
             else node.join_now(channel, self.write, replay, presence, self.sender(channel.principal))
         )
         if read is not None:
@@ -516,22 +532,36 @@ class Session:
     ) -> None:
         """Finish a join that needs I/O: the broker's, or a Postgres subscription to wait for."""
         node = self.node
-        if channel.changes and cfg.changes_wait:
-            # postgres_changes_options.wait: answer the join only once changes are live.
+        resumed: ChangesReplay | None = None
+        if channel.changes and (cfg.changes_wait or cfg.changes_resume is not None):
+            # postgres_changes_options.wait: answer the join only once changes are live; .resume:
+            # and with what was missed, read once the subscription is live (its changes held).
+            if cfg.changes_resume is not None:
+                node.hold_changes(channel)
             try:
                 await asyncio.wait_for(
                     self.subscribe_changes(channel, announce=False), cfg.changes_wait_timeout
                 )
                 error = None
+                if cfg.changes_resume is not None and not channel.closed:
+                    resumed = await node.resume_changes(channel, cfg.changes_resume)
             except TimeoutError:
                 error = "PostgresChangesSubscribeTimeout: the subscription was not ready in time"
             except SubscriptionError as exc:
                 error = str(exc)
+            except ResumeRefused as exc:
+                error = exc.reason
+            except Exception:  # the change log could not be read (Redis down, ...)
+                log.exception("join %s: reading the change log failed", channel.topic)
+                error = errors.UNKNOWN_ERROR
             if error is not None:
                 if not channel.closed:
                     self.leave(channel)
                     self.refuse_join(msg, error)
                 return
+            if resumed is not None:
+                assert cfg.changes_resume is not None
+                response["postgres_changes_resume"] = resume_reply(resumed, cfg.changes_resume)
         try:
             read = await node.join_read(
                 channel,
@@ -547,21 +577,28 @@ class Session:
             return
         if channel.closed or self.closed:
             return
-        catchup = read.replay is not None or read.presence is not None or bool(pending or archived)
+        catchup = (
+            read.replay is not None
+            or read.presence is not None
+            or bool(pending or archived)
+            or resumed is not None
+        )
         if catchup:
             self.begin_catchup()
         last = self.complete_join(channel, msg, response, read.replay, read.presence, read.position, archived)
         for seq, frame in pending:
             if seq is None or seq > last:
                 self.write(frame)
+        if resumed is not None:
+            self.write_replayed_changes(channel, resumed)
         if catchup:
             self.end_catchup()
         node.attach(channel, self.write)
         self.joined(channel, cfg)
-        if channel.changes and not cfg.changes_wait:
+        if channel.changes and not cfg.changes_wait and resumed is None:
             await self.subscribe_changes(channel)
         elif channel.changes:
-            self.changes_status(channel, "ok", "Subscribed to PostgreSQL")
+            self.changes_status(channel, "ok", "Subscribed to PostgreSQL", resumed)
 
     async def subscribe_changes(self, channel: Channel, announce: bool = True) -> None:
         """Register the channel's Postgres bindings; tell the client with a ``system`` push.
@@ -594,17 +631,37 @@ class Session:
         except SubscriptionError as exc:
             self.changes_status(channel, "error", str(exc))
 
-    def changes_status(self, channel: Channel, status: str, message: str) -> None:
-        """The ``system`` push of the postgres_changes extension."""
+    def changes_status(
+        self, channel: Channel, status: str, message: str, resumed: ChangesReplay | None = None
+    ) -> None:
+        """The ``system`` push of the postgres_changes extension; after a resume it also carries
+        ``recovered``, ``position`` and ``epoch`` (supabase-js hands system pushes to the app
+        whole, and its join reply never)."""
         if channel.closed or self.closed:
             return
-        payload = {
+        payload: dict[str, Any] = {
             "extension": "postgres_changes",
             "status": status,
             "message": message,
             "channel": channel.sub_topic,
         }
+        if resumed is not None:
+            payload.update(recovered=resumed.recovered, position=resumed.position, epoch=resumed.epoch)
+            payload["replayed"] = len(resumed.items)
         self.write(encode_push(self.serializer, channel.join_ref, channel.topic, "system", payload))
+
+    def write_replayed_changes(self, channel: Channel, resumed: ChangesReplay) -> None:
+        """A resume's replay, then the live changes held while it was read that it does not hold.
+
+        Every change up to ``resumed.position`` was in the log the replay read: a held live change
+        at or before it is either replayed or not for this channel. Later ones follow in order.
+        """
+        node = self.node
+        serializer, topic = self.serializer, channel.topic
+        for position, ids, data in resumed.items:
+            self.write(encode_change(serializer, topic, ids, orjson.dumps(data), position))
+        for frame in node.release_changes(channel, resumed.position):
+            self.write(frame)
 
     def replay_request(self, cfg: JoinConfig) -> ReplayQuery | None:
         """What the join asks the broker's history to replay, or ``None``.

@@ -44,12 +44,17 @@ def run(name: str, decoder: ChangeDecoder | None = None) -> tuple[list[Change], 
 def test_insert_payload() -> None:
     (change,), (end,) = run("insert")
     data = change.data
-    assert list(data) == ["schema", "table", "commit_timestamp", "type", "columns", "record", "errors"]
+    assert list(data) == [
+        "schema", "table", "commit_timestamp", "position", "type", "columns", "record", "errors"
+    ]  # fmt: skip
     assert TIMESTAMP.match(data["commit_timestamp"])
+    # The position: commit LSN and index in the transaction, fixed-width hex (compares in order).
+    assert data["position"] == f"{change.commit_lsn:016X}/{change.index:08X}" == change.position
     assert data | {"commit_timestamp": "-"} == {
         "schema": "public",
         "table": "items",
         "commit_timestamp": "-",
+        "position": change.position,
         "type": "INSERT",
         "columns": ITEMS_COLUMNS,
         "record": {
@@ -94,6 +99,7 @@ def test_update_with_default_identity_has_the_key_as_old_record() -> None:
         "schema",
         "table",
         "commit_timestamp",
+        "position",
         "type",
         "columns",
         "record",

@@ -73,6 +73,7 @@ async def test_insert_update_delete_with_default_identity(db: Database, make_cha
         "schema": "public",
         "table": "items",
         "commit_timestamp": ins.data["commit_timestamp"],
+        "position": ins.data["position"],
         "type": "INSERT",
         "columns": columns,
         "record": record,

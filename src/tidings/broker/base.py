@@ -288,3 +288,25 @@ class ChangeBus(Protocol):
 
     async def resign(self, name: str) -> None:
         """Give up the lease ``name`` if this node holds it (another node may take it at once)."""
+
+    # The change log (``cdc.cluster.BusChangeLog``): written by the lease holder in the order of
+    # its publishes, read by every node. Positions are ``protocol.positions`` strings.
+
+    def log_begin(self, start: str, after: str, epoch: str) -> None:
+        """A stream starts at ``start`` (16 hex digits): continue the log if it recorded up to
+        there, else start over with ``epoch``, covering what comes ``after`` (queued)."""
+
+    def log_change(
+        self, table: str, position: str, entry: bytes, limits: tuple[int, int, float], epoch: str, before: str
+    ) -> None:
+        """Log one change of ``table`` (JSON ``entry``), bounded by ``limits`` (count, bytes, ttl
+        seconds); ``epoch`` and ``before`` start a log that was lost. Queued before what follows."""
+
+    def log_through(self, end: str) -> None:
+        """Every change before the transaction end ``end`` (16 hex digits) was logged (queued)."""
+
+    async def log_state(self) -> dict[str, str]:
+        """The log's state: ``epoch``, ``after``, ``head``, ``last:<table>``, ``trim:<table>``."""
+
+    async def log_read(self, table: str, after: str, count: int) -> list[tuple[str, float, bytes]]:
+        """``(position, logged at, change JSON)`` of ``table`` after ``after``, at most ``count``."""

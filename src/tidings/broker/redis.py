@@ -141,6 +141,68 @@ return 0
 
 RESIGN_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
+# The change log of Postgres Changes (ChangeBus.log_*): a stream per table and one meta hash, all
+# under the hash tag of the change feed's channel ({cdc}), so on a Redis Cluster they live on its
+# shard and a change is logged there before it is published (one connection, in order).
+# Meta fields: epoch, after (coverage starts after it), head (newest position logged), logged (the
+# newest transaction end fully logged, 16 hex digits), and per table last:/trim:/bytes:<table>.
+# Positions are fixed-width hex strings: Lua compares them as strings.
+
+# KEYS: meta. ARGV: 1 start (16 hex), 2 after position, 3 new epoch, 4 stream key prefix.
+# Continues when the stream starts at or before what was logged; else starts a new epoch.
+LOG_BEGIN_LUA = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local logged = redis.call('HGET', KEYS[1], 'logged')
+if epoch and logged and ARGV[1] <= logged then return epoch end
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 5) == 'last:' then redis.call('DEL', ARGV[4] .. string.sub(f, 6)) end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'after', ARGV[2], 'logged', ARGV[1], 'head', '')
+return ARGV[3]
+"""
+
+# KEYS: meta, the table's stream. ARGV: 1 table, 2 position, 3 stream id, 4 change JSON, 5 size,
+# 6 now ms, 7 max count, 8 max bytes, 9 ttl ms, 10 epoch if the log was lost, 11 the position
+# just before this one. Returns 1 when logged, 0 for a position already logged.
+LOG_CHANGE_LUA = """
+if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then
+  -- The meta was lost (eviction, a flush): a new epoch, covering from this change on.
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[10], 'after', ARGV[11], 'logged', '', 'head', '')
+end
+local head = redis.call('HGET', KEYS[1], 'head') or ''
+if ARGV[2] <= head then return 0 end
+redis.call('XADD', KEYS[2], ARGV[3], 'p', ARGV[2], 't', ARGV[6], 's', ARGV[5], 'c', ARGV[4])
+redis.call('HSET', KEYS[1], 'head', ARGV[2], 'last:' .. ARGV[1], ARGV[2])
+local bytes = redis.call('HINCRBY', KEYS[1], 'bytes:' .. ARGV[1], ARGV[5])
+local n = redis.call('XLEN', KEYS[2])
+local cutoff = tonumber(ARGV[6]) - tonumber(ARGV[9])
+local trimmed = false
+while n > 0 do
+  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+  local f = oldest[2]
+  if not (n > tonumber(ARGV[7]) or (bytes > tonumber(ARGV[8]) and n > 1) or tonumber(f[4]) < cutoff) then
+    break
+  end
+  redis.call('XDEL', KEYS[2], oldest[1])
+  bytes = bytes - tonumber(f[6])
+  n = n - 1
+  trimmed = f[2]
+end
+if trimmed then
+  redis.call('HSET', KEYS[1], 'trim:' .. ARGV[1], trimmed, 'bytes:' .. ARGV[1], bytes)
+end
+return 1
+"""
+
+# KEYS: meta. ARGV: 1 transaction end (16 hex). Every change before it was logged.
+LOG_THROUGH_LUA = """
+if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then return 0 end
+local logged = redis.call('HGET', KEYS[1], 'logged') or ''
+if ARGV[1] > logged then redis.call('HSET', KEYS[1], 'logged', ARGV[1]) end
+return 1
+"""
+
 
 def _epoch_base(epoch: str) -> int | None:
     """The number an epoch's numbering started after (``"<base>-<node>"``)."""
@@ -497,6 +559,56 @@ class RedisBroker(Broker):
         # A keyed command: a cluster pipeline refuses keyless ones such as ECHO.
         marker = f"{self.prefix}:nodes"
         self._enqueue(lambda pipe: pipe.exists(marker), done)
+
+    # -- the change log (ChangeBus) ----------------------------------------------------------
+
+    def _log_key(self, name: str) -> str:
+        """A key of the change log: ``meta``, or ``t:<table>`` (the hash tag of the change feed)."""
+        return f"{self.prefix}:cdclog:{_hash_tag('cdc')}:{name}"
+
+    def log_begin(self, start: str, after: str, epoch: str) -> None:
+        """A stream starts at ``start`` (16 hex digits): the log continues, or starts over (queued)."""
+        meta, prefix = self._log_key("meta"), self._log_key("t:")
+        self._enqueue(lambda pipe: pipe.eval(LOG_BEGIN_LUA, 1, meta, start, after, epoch, prefix))
+
+    def log_change(
+        self,
+        table: str,
+        position: str,
+        entry: bytes,
+        limits: tuple[int, int, float],
+        epoch: str,
+        before: str,
+    ) -> None:
+        """Append a change (its JSON ``entry``) to ``table``'s stream, trimmed to ``limits`` (count,
+        bytes, ttl seconds); queued, so it lands before a publish queued after it."""
+        lsn, index = position.split("/")
+        stream_id = f"{int(lsn, 16)}-{int(index, 16)}"
+        keys = [self._log_key("meta"), self._log_key("t:" + table)]
+        count, max_bytes, ttl = limits
+        args = [table, position, stream_id, entry, len(entry), int(time.time() * 1000), count, max_bytes]
+        args += [int(ttl * 1000), epoch, before]
+        self._enqueue(lambda pipe: pipe.eval(LOG_CHANGE_LUA, 2, *keys, *args))
+
+    def log_through(self, end: str) -> None:
+        """Every change of the transaction ending at ``end`` (16 hex digits) was logged (queued)."""
+        meta = self._log_key("meta")
+        self._enqueue(lambda pipe: pipe.eval(LOG_THROUGH_LUA, 1, meta, end))
+
+    async def log_state(self) -> dict[str, str]:
+        """The log's meta fields (``epoch``, ``after``, ``head``, ``last:<table>``, ...), read in order
+        with the queued commands."""
+        meta = self._log_key("meta")
+        raw = await self._query(lambda pipe: pipe.hgetall(meta))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def log_read(self, table: str, after: str, count: int) -> list[tuple[str, float, bytes]]:
+        """``(position, logged at (s), change JSON)`` of ``table`` after ``after``, oldest first."""
+        lsn, index = after.split("/")
+        start = f"({int(lsn, 16)}-{int(index, 16)}"
+        stream = self._log_key("t:" + table)
+        entries = await self._query(lambda pipe: pipe.xrange(stream, min=start, max="+", count=count))
+        return [(f[b"p"].decode(), int(f[b"t"]) / 1000.0, f[b"c"]) for _, f in entries]
 
     # -- subscriptions -----------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ __all__ = [
     "check_server",
     "connect",
     "connection_dsn",
+    "current_wal_lsn",
     "describe_dsn",
     "ensure_publication",
     "ensure_slot",
@@ -41,6 +42,7 @@ __all__ = [
     "publication_tables",
     "resolve_type",
     "server_timezone",
+    "slot_confirmed_lsn",
     "slot_lag",
     "table_columns",
     "table_security",
@@ -261,6 +263,22 @@ def slot_lag(conn: Any, slot: str) -> int | None:
     if not rows or rows[0][0] is None:
         return None
     return max(0, int(rows[0][0]))
+
+
+def current_wal_lsn(conn: Any) -> int:
+    """The server's current WAL write position (no stream has produced a position beyond it)."""
+    ((lsn,),) = _rows(conn, "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
+    return int(lsn)
+
+
+def slot_confirmed_lsn(conn: Any, slot: str) -> int:
+    """The slot's confirmed position (0 when unknown): where its next stream starts."""
+    rows = _rows(
+        conn,
+        "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    )
+    return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
 
 # --------------------------------------------------------------------------------------------

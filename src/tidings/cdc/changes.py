@@ -4,7 +4,8 @@
 Insert/Update/Delete into a :class:`Change` whose :attr:`Change.data` is the ``data`` object of a
 ``postgres_changes`` push::
 
-    {"schema", "table", "commit_timestamp", "type", "columns", "record", "old_record", "errors"}
+    {"schema", "table", "commit_timestamp", "position", "type", "columns", "record", "old_record",
+     "errors"}
 
 INSERT has no ``old_record`` and DELETE no ``record``. ``old_record`` holds the replica identity:
 the primary key under REPLICA IDENTITY DEFAULT (taken from the new row when the key did not
@@ -13,6 +14,8 @@ filled from the old row when there is one, and left out of ``record`` otherwise.
 
 Every change gets a stable id, ``<commit LSN>:<index in transaction>``: a transaction delivered
 twice (after a restart before it was confirmed) yields the same ids, so duplicates can be dropped.
+``data.position`` is the same pair as a string that compares in stream order
+(:func:`tidings.protocol.positions.format_position`): a client resumes from it.
 At a Commit the decoder returns :class:`TransactionEnd`; confirming its ``end_lsn`` to the slot
 acknowledges the whole transaction.
 
@@ -43,6 +46,7 @@ from tidings.cdc.pgoutput import (
     pg_timestamp,
 )
 from tidings.cdc.values import PgType, builtin_type, render, unknown_type
+from tidings.protocol.positions import format_position
 
 __all__ = [
     "DEFAULT_MAX_RECORD_BYTES",
@@ -110,6 +114,11 @@ class Change:
     xid: int = 0
     """The writing transaction's 32-bit id (from its Begin); 0 when unknown. RLS checks wait until
     it is visible to their snapshot: the stream can bring a commit before other sessions see it."""
+
+    @property
+    def position(self) -> str:
+        """Where the change is in the stream (``data.position``): compares in stream order."""
+        return format_position(self.commit_lsn, self.index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +284,7 @@ class ChangeDecoder:
             "schema": info.schema,
             "table": info.table,
             "commit_timestamp": self._timestamp,
+            "position": format_position(commit_lsn, index),
             "type": kind,
             "columns": list(info.columns),
         }

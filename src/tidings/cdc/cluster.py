@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from ..broker.base import ChangeBus
+from ..protocol.positions import format_position, position_of
+from .changelog import Candidates, LogState, TableRead, covered_after, new_epoch
 from .changes import Change
 from .service import PostgresChanges, PostgresChangesError
 
-__all__ = ["CHANGES_KEY", "LEASE", "ChangeFeedLeader", "decode_change", "encode_change"]
+__all__ = ["CHANGES_KEY", "LEASE", "BusChangeLog", "ChangeFeedLeader", "decode_change", "encode_change"]
 
 log = logging.getLogger("tidings.cdc.cluster")
 
@@ -59,6 +65,93 @@ def decode_change(raw: dict[str, Any]) -> Change:
         primary_key=tuple(raw["pk"]),
         xid=raw.get("x", 0),  # absent from a node of an older version
     )
+
+
+def _table_name(schema: str, table: str) -> str:
+    """One string per table, unambiguous whatever the names hold."""
+    return f"{len(schema)}:{schema}.{table}"
+
+
+def _before(position: str) -> str:
+    """The position just before *position* (where a log starting at it covers from)."""
+    lsn, index = position_of(position)
+    return format_position(lsn, index - 1) if index else covered_after(lsn)
+
+
+class BusChangeLog:
+    """The change log of a cluster, in Redis through the :class:`ChangeBus` (see
+    :mod:`tidings.cdc.changelog` for its guarantees): the lease holder appends every change it
+    streams, in the order of its publishes, and every node reads it, also after a restart.
+
+    Args:
+        bus: the cluster's change bus.
+        size, max_bytes, ttl: the bounds per table (``DB_CHANGE_LOG_*``); ``size=0``: no log.
+    """
+
+    def __init__(self, bus: ChangeBus, size: int, max_bytes: int, ttl: float) -> None:
+        self.bus = bus
+        self.size = size
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.enabled = size > 0
+        self._limits = (size, max_bytes, ttl)
+        self._epoch = new_epoch()  # used only if Redis lost the log while this node streams
+
+    def begin(self, start_lsn: int) -> None:
+        """See :class:`~tidings.cdc.changelog.ChangeLog` (queued on the bus)."""
+        if self.enabled:
+            self.bus.log_begin(f"{start_lsn:016X}", covered_after(start_lsn), new_epoch())
+
+    def append(self, change: Change) -> None:
+        """Queued on the bus before the change's publish."""
+        if not self.enabled:
+            return
+        position = change.position
+        entry = orjson.dumps(encode_change(change))
+        table = _table_name(change.schema, change.table)
+        self.bus.log_change(table, position, entry, self._limits, self._epoch, _before(position))
+
+    def transaction_end(self, end_lsn: int) -> None:
+        """Queued on the bus after the transaction's changes."""
+        if self.enabled:
+            self.bus.log_through(f"{end_lsn:016X}")
+
+    async def state(self) -> LogState:
+        """Read from Redis (in order with this node's queued commands)."""
+        meta = await self.bus.log_state()
+        epoch = meta.get("epoch") or None
+        return LogState(epoch, meta.get("after") or format_position(0, 0), meta.get("head", ""))
+
+    async def read(
+        self, table: tuple[str, str], since: str, limit: int, candidates: Sequence[Candidates] | None
+    ) -> TableRead:
+        """The table's stream after *since*, in pages; *candidates* are not used (no value index).
+
+        Complete only when nothing after *since* was trimmed (count, bytes: the table's trim mark;
+        age: entries older than ``ttl`` count as trimmed) and the newest change logged for the
+        table (``last:``) is among what was read (a stream evicted from Redis is not complete).
+        """
+        name = _table_name(*table)
+        meta = await self.bus.log_state()
+        trimmed, last = meta.get("trim:" + name, ""), meta.get("last:" + name, "")
+        cutoff = time.time() - self.ttl
+        changes: list[Change] = []
+        after, newest = since, ""
+        while len(changes) <= limit:
+            page = await self.bus.log_read(name, after, min(500, limit + 1 - len(changes)))
+            for position, logged_at, raw in page:
+                newest = after = position
+                if logged_at < cutoff:
+                    trimmed = max(trimmed, position)
+                    changes.clear()  # older than ttl: as good as trimmed, and so is all before it
+                    continue
+                changes.append(decode_change(orjson.loads(raw)))
+            if not page or len(changes) > limit:
+                break
+        if len(changes) > limit:
+            return TableRead(changes[:limit], False)
+        complete = since >= trimmed and (last <= since or newest >= last)
+        return TableRead(changes, complete)
 
 
 class ChangeFeedLeader:

@@ -218,8 +218,8 @@ class _Table:
 
 
 TableKey = tuple[str, str]
-# Where an entry lives: (table, indexed column or None, value keys)
-_Place = tuple[TableKey, str | None, tuple[Hashable, ...], int]
+# Where an entry lives: (table, indexed column or None, value keys, token, the binding)
+_Place = tuple[TableKey, str | None, tuple[Hashable, ...], int, Binding]
 
 
 class SubscriptionIndex:
@@ -257,16 +257,16 @@ class SubscriptionIndex:
             keyfn, buckets = t.by_value.setdefault(f.index_column, (f.index_key, {}))
             for key in f.index_keys:
                 buckets.setdefault(key, {})[token] = entry
-            place: _Place = (table, f.index_column, tuple(f.index_keys), token)
+            place: _Place = (table, f.index_column, tuple(f.index_keys), token, binding)
         else:
             t.scan[token] = entry
-            place = (table, None, (), token)
+            place = (table, None, (), token, binding)
         self._places.setdefault(owner, []).append(place)
 
     def remove(self, owner: Hashable) -> int:
         """Drop every registration of *owner*; returns how many there were."""
         places = self._places.pop(owner, [])
-        for table, column, keys, token in places:
+        for table, column, keys, token, _ in places:
             t = self._tables.get(table)
             if t is None:
                 continue
@@ -287,6 +287,13 @@ class SubscriptionIndex:
             if t.empty():
                 del self._tables[table]
         return len(places)
+
+    def bindings_of(self, owner: Hashable) -> dict[TableKey, list[Binding]]:
+        """*owner*'s bindings by table (what a replay for it matches against)."""
+        out: dict[TableKey, list[Binding]] = {}
+        for table, _, _, _, binding in self._places.get(owner, ()):
+            out.setdefault(table, []).append(binding)
+        return out
 
     def match(self, table: TableKey, event: str, row: Mapping[str, Any]) -> dict[Hashable, list[Binding]]:
         """Owners whose bindings on *table* accept this *event* and *row*, with those bindings."""

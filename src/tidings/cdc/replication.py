@@ -88,6 +88,8 @@ class ReplicationStream:
             stream (Broadcast from Database) passes its own: ``feed(payload)`` returns an item
             for the batch or ``None``, and ``in_transaction`` tells where a drain may stop.
         on_connected: called on the reader thread each time a session starts streaming.
+        on_session: called on the reader thread with the position a session streams from (the
+            slot's confirmed position), before it is connected and before any of its batches.
         name: the reader thread's name.
     """
 
@@ -106,11 +108,13 @@ class ReplicationStream:
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         make_decoder: Callable[[Any], StreamDecoder] | None = None,
         on_connected: Callable[[], None] | None = None,
+        on_session: Callable[[int], None] | None = None,
         name: str = "tidings-cdc-replication",
     ) -> None:
         self._dsn = dsn
         self._make_decoder = make_decoder
         self._on_connected = on_connected
+        self._on_session = on_session
         self._name = name
         self.slot = slot
         self.publication = publication
@@ -274,6 +278,8 @@ class ReplicationStream:
             self._wait_inflight(0, deadline=time.monotonic() + 30)
             if self._stop.is_set():
                 return
+            # Where this session starts: what the slot confirmed (a first session asks from 0).
+            start_lsn = max(self._confirmed, catalog.slot_confirmed_lsn(cat, self.slot))
             conn = psycopg2.connect(self._dsn, connection_factory=_LOGICAL)
             cur = conn.cursor()
             cur.start_replication(
@@ -283,6 +289,8 @@ class ReplicationStream:
                 options={"proto_version": "1", "publication_names": self.publication},
                 status_interval=self._status_interval,
             )
+            if self._on_session is not None:
+                self._on_session(start_lsn)
             self.connected = True
             self.sessions += 1
             self.last_error = None

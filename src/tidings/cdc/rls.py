@@ -259,6 +259,11 @@ class RlsPipeline:
         while self._units:
             self._release(self._units.popleft())
 
+    async def judge(self, changes: Sequence[Change]) -> None:
+        """Match, check and deliver *changes* in order, now, outside the queue: a resume's replay,
+        on a pipeline built for it (its ``deliver`` collects what the subscriber may see)."""
+        await self._handle([_Unit(tuple(changes), None)])
+
     def _kick(self) -> None:
         self._wake.set()
         if self._task is None or self._task.done():

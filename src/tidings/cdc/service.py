@@ -65,16 +65,20 @@ Setting PostgreSQL up, and what each option costs: ``docs/postgres-changes.md``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
+import orjson
 import psycopg2
 
 from tidings.cdc import catalog
 from tidings.cdc.catalog import ColumnInfo, ConnectionPool, PostgresChangesError
+from tidings.cdc.changelog import Candidates, ChangeLog, MemoryChangeLog
 from tidings.cdc.changes import Change, TransactionEnd, narrow
 from tidings.cdc.index import (
     Binding,
@@ -85,10 +89,13 @@ from tidings.cdc.index import (
     no_tables_message,
     parse_binding,
 )
+from tidings.cdc.pgoutput import format_lsn
 from tidings.cdc.replication import SESSION_OPTIONS, Batch, ReplicationStream
 from tidings.cdc.rls import Identity, RlsCounters, RlsPipeline, identity_of
 from tidings.logs import first_line
+from tidings.protocol.errors import RESUME_INVALID
 from tidings.protocol.filters import FilterError, bind_filter
+from tidings.protocol.positions import ChangesReplay, ResumeRefused, position_of
 
 __all__ = ["Deliver", "Forwarder", "PostgresChanges", "PostgresChangesError", "SubscriptionError"]
 
@@ -106,6 +113,11 @@ _CACHE_SECONDS = 2.0  # how long subscribe() reuses catalog answers (bursts of j
 _RLS_BACKLOG = 10_000  # changes a cluster node queues for RLS checks before it drops some
 _WARN_SECONDS = 60.0  # the same RLS check failure is logged at most this often
 _VISIBLE_WAIT_SECONDS = 10.0  # longest wait for a streamed commit to become visible to RLS checks
+RECENT_CHANGES = 10_000  # change ids remembered to drop re-deliveries from the slot
+_REPLAY_OWNER = "replay"  # the one owner of a replay's matching (see _replay)
+
+Bound = dict[tuple[str, str], list[Binding]]
+"""One subscriber's bindings by table (what a replay matches against)."""
 
 
 class Forwarder(Protocol):
@@ -134,6 +146,8 @@ class PostgresChanges:
             the table.
         counters: where RLS checks count (the node's metrics: ``changes_rls_hidden``,
             ``changes_rls_rechecks``); by default counters of its own.
+        change_log: where streamed changes are logged for resumes (:mod:`tidings.cdc.changelog`);
+            by default a :class:`MemoryChangeLog` of 10,000 changes, 16 MiB and 10 minutes per table.
     """
 
     def __init__(
@@ -147,6 +161,7 @@ class PostgresChanges:
         deliver: Deliver,
         rls: bool = True,
         counters: RlsCounters | None = None,
+        change_log: ChangeLog | None = None,
     ) -> None:
         self.publication = publication
         self.slot = slot
@@ -187,6 +202,13 @@ class PostgresChanges:
         self._identities: dict[Hashable, Identity] = {}
         self._rls_cache: dict[tuple[str, str], tuple[float, catalog.TableSecurity]] = {}
         self._warned: dict[tuple[str, ...], float] = {}
+        if change_log is None:
+            change_log = MemoryChangeLog(10_000, 16 << 20, 600.0)
+        self.log: ChangeLog = change_log
+        """Where streamed changes are logged before delivery, and what resumes and polls read."""
+        self._wal_lsn = 0  # the database's WAL end when last asked (positions beyond it are bogus)
+        self._table_waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()  # ids delivered lately (see _deliver_matched)
         self._pipeline: RlsPipeline | None = None
         if rls:
             self._pipeline = RlsPipeline(
@@ -280,6 +302,7 @@ class PostgresChanges:
                 publication=self.publication,
                 loop=loop,
                 on_batch=self._on_batch,
+                on_session=functools.partial(self._session_started, loop),
             )
             self._running = True
             self._stream.start()
@@ -375,6 +398,20 @@ class PostgresChanges:
                 ``Unable to subscribe to changes with given parameters...``). Its ``transient``
                 attribute is True when the database could not be reached (worth retrying).
         """
+        compiled = await self.compile(bindings, claims)
+        self._index.remove(owner)
+        for table, binding in compiled:
+            self._index.add(owner, table, binding)
+        if self._pipeline is not None:
+            self._identities[owner] = identity_of(claims)
+        if self._held:
+            await self._released.wait()
+
+    async def compile(
+        self, bindings: Sequence[tuple[int, dict[str, Any]]], claims: dict[str, Any] | None
+    ) -> list[tuple[tuple[str, str], Binding]]:
+        """Validate *bindings* against the database for a subscriber with *claims*: ``(table,
+        binding)`` for every published table each one covers (see :meth:`subscribe` for errors)."""
         specs = [(bid, parse_binding(params)) for bid, params in bindings]
         role = claims.get("role") if isinstance(claims, dict) else None
         if not isinstance(role, str):
@@ -393,13 +430,7 @@ class PostgresChanges:
         except (psycopg2.Error, PostgresChangesError) as exc:
             log.warning("postgres changes subscription failed: %s", first_line(exc))
             raise SubscriptionError(UNAVAILABLE, transient=True) from None
-        self._index.remove(owner)
-        for table, binding in compiled:
-            self._index.add(owner, table, binding)
-        if self._pipeline is not None:
-            self._identities[owner] = identity_of(claims)
-        if self._held:
-            await self._released.wait()
+        return compiled
 
     def unsubscribe(self, owner: Hashable) -> None:
         """Drop every binding of *owner* (no error if it has none)."""
@@ -441,6 +472,173 @@ class PostgresChanges:
         except (psycopg2.Error, PostgresChangesError):
             return None
 
+    # -- resuming and polling ----------------------------------------------------------------
+
+    async def resume(
+        self, owner: Hashable, since: str | None, epoch: str | None, *, max_changes: int, max_bytes: int
+    ) -> ChangesReplay:
+        """The changes after *since* that *owner*'s bindings (subscribed just before) match now.
+
+        Filters, ``select``, column privileges and RLS checks apply with the owner's current
+        claims, as to live changes. *owner* must be subscribed (:meth:`subscribe`) before this is
+        called: every change after the returned ``position`` then reaches it live, every change
+        up to it that matches is in the replay (``recovered``) or the replay says it is not.
+
+        Raises:
+            ResumeRefused: *since* is ahead of the database.
+        """
+        return await self._replay(
+            self._index.bindings_of(owner), self._identities.get(owner), since, epoch, max_changes, max_bytes
+        )
+
+    async def poll(
+        self,
+        bindings: Sequence[tuple[int, dict[str, Any]]],
+        claims: dict[str, Any] | None,
+        since: str | None,
+        epoch: str | None,
+        *,
+        max_changes: int,
+        max_bytes: int,
+    ) -> ChangesReplay:
+        """What a resume of these bindings would replay, for a client with *claims* that holds no
+        subscription (``GET /api/changes``). A page cut by the limits ends at its last change.
+
+        Raises:
+            SubscriptionError: bad bindings (as :meth:`subscribe`).
+            ResumeRefused: *since* is ahead of the database.
+        """
+        bound: Bound = {}
+        for table, binding in await self.compile(bindings, claims):
+            bound.setdefault(table, []).append(binding)
+        ident = identity_of(claims) if self._pipeline is not None else None
+        return await self._replay(bound, ident, since, epoch, max_changes, max_bytes, page=True)
+
+    async def wait_for_change(self, tables: Sequence[tuple[str, str]], timeout: float) -> None:
+        """Return once a change of one of *tables* was logged (or received), or after *timeout*."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        for table in tables:
+            self._table_waiters.setdefault(table, []).append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            for table in tables:
+                waiting = self._table_waiters.get(table)
+                if waiting is not None and fut in waiting:
+                    waiting.remove(fut)
+                    if not waiting:
+                        del self._table_waiters[table]
+
+    async def _replay(
+        self,
+        bound: Bound,
+        ident: Identity | None,
+        since: str | None,
+        epoch: str | None,
+        max_changes: int,
+        max_bytes: int,
+        page: bool = False,
+    ) -> ChangesReplay:
+        state = await self.log.state()
+        current = state.epoch or ""
+        if since is not None and since > state.baseline:
+            await self._refuse_if_ahead(since)
+        # The baseline is read before the tables: every change up to it is in the log now (or
+        # trimmed, which the reads tell), every later one is logged after the owner subscribed.
+        position = max(state.baseline, since or "")
+        if since is None:
+            return ChangesReplay([], True, position, current)
+        if not self.log.enabled:
+            return ChangesReplay([], False, position, current, "the change log is off (DB_CHANGE_LOG_SIZE=0)")
+        if state.epoch is None:
+            return ChangesReplay([], False, position, current, "the change log has not started yet")
+        reason = ""
+        if epoch is not None and epoch != state.epoch:
+            reason = "the change log started over (another epoch): changes may be missing"
+        elif since < state.after:
+            reason = "the change log does not reach back to this position"
+        changes: list[Change] = []
+        size = max(1, self.log.size)
+        for table, bindings in bound.items():
+            candidates: list[Candidates] | None = []
+            for b in bindings:
+                f = b.filter
+                if f.index_column is None or f.index_keys is None or f.index_key is None:
+                    candidates = None
+                    break
+                assert candidates is not None
+                candidates.append(Candidates(f.index_column, f.index_keys, f.index_key))
+            read = await self.log.read(table, since, size, candidates)
+            if not read.complete and not reason:
+                reason = "changes after this position were trimmed from the change log"
+            changes += [c for c in read.changes if c.position <= state.baseline]
+        if len(bound) > 1:
+            changes.sort(key=lambda c: c.position)
+        items: list[tuple[str, list[int], dict[str, Any]]] = []
+        total = 0
+        cut = False
+
+        def collect(change: Change, matched: dict[Hashable, list[Binding]]) -> None:
+            nonlocal total, cut
+            bindings = matched.get(_REPLAY_OWNER)
+            if not bindings or cut:
+                return
+            ids, data = _view(change, bindings)
+            total += len(orjson.dumps(data))
+            if len(items) >= max_changes or (total > max_bytes and items):
+                cut = True
+                return
+            items.append((change.position, ids, data))
+
+        def match(change: Change) -> dict[Hashable, list[Binding]]:
+            hits = [
+                b
+                for b in bound.get((change.schema, change.table), ())
+                if change.type in b.events and b.filter.matches(change.row)
+            ]
+            return {_REPLAY_OWNER: hits} if hits else {}
+
+        if self._pipeline is not None:
+            checker = RlsPipeline(
+                match=match,
+                identity=lambda _: ident,
+                row_security=self._row_security,
+                check=self._visible,
+                deliver=collect,
+                counters=self._pipeline.counters,
+            )
+            await checker.judge(changes)
+        else:
+            for change in changes:
+                matched = match(change)
+                if matched:
+                    collect(change, matched)
+        if cut:
+            if page:
+                return ChangesReplay(items, not reason, items[-1][0], current, reason)
+            reason = reason or (
+                f"more changes to replay than the limits allow ({max_changes} changes, {max_bytes} bytes)"
+            )
+        return ChangesReplay(items, not reason, position, current, reason)
+
+    async def _refuse_if_ahead(self, since: str) -> None:
+        """Refuse a position beyond the database's WAL: no stream of this database produced it."""
+        lsn = position_of(since)[0]
+        if lsn <= self._wal_lsn:
+            return
+        try:
+            self._wal_lsn = max(self._wal_lsn, await self._db(catalog.current_wal_lsn))
+        except (psycopg2.Error, PostgresChangesError):
+            return  # cannot tell: the log's own answer stands (nothing to replay after it)
+        if lsn > self._wal_lsn:
+            raise ResumeRefused(
+                f"{RESUME_INVALID}: position {since} is ahead of the database "
+                f"(its WAL ends at {format_lsn(self._wal_lsn)})"
+            )
+
     # -- delivery (loop thread) ---------------------------------------------------------------
 
     def _on_batch(self, batch: Batch) -> None:
@@ -450,6 +648,7 @@ class PostgresChanges:
             if not self._running or stream is None:
                 return
             forwarder = self.forwarder
+            self._log_batch(batch)  # before delivery, and (cluster) queued before the publishes
             if forwarder is None and self._pipeline is not None:
                 # RLS checks: the pipeline delivers in order, confirms, and releases the batch.
                 self._pipeline.put_batch(batch, stream)
@@ -483,11 +682,41 @@ class PostgresChanges:
         queued and delivered (in order, after its checks) on the loop; must then be called on
         the loop thread.
         """
+        if self._table_waiters:
+            self._wake_table((change.schema, change.table))
         if self._pipeline is not None:
             if not self._stopped:
                 self._pipeline.put_change(change)
             return
         self._dispatch(change)
+
+    def _log_batch(self, batch: Batch) -> None:
+        """Log a batch before any of it is delivered: a resume that reads the log after its
+        subscription was made then misses nothing that was delivered before it."""
+        change_log, waiters = self.log, self._table_waiters
+        for item in batch:
+            if isinstance(item, TransactionEnd):
+                change_log.transaction_end(item.end_lsn)
+                continue
+            try:
+                change_log.append(item)
+            except Exception:
+                log.exception("logging change %s failed", item.id)
+            if waiters:
+                self._wake_table((item.schema, item.table))
+
+    def _session_started(self, loop: asyncio.AbstractEventLoop, start_lsn: int) -> None:
+        # The reader thread: before any batch of the session is handed to the loop.
+        loop.call_soon_threadsafe(self._stream_started, start_lsn)
+
+    def _stream_started(self, start_lsn: int) -> None:
+        """A replication session streams from *start_lsn*: the log continues there, or starts over."""
+        self.log.begin(start_lsn)
+
+    def _wake_table(self, table: tuple[str, str]) -> None:
+        for fut in self._table_waiters.pop(table, ()):
+            if not fut.done():
+                fut.set_result(None)
 
     def _match(self, change: Change) -> dict[Hashable, list[Binding]]:
         return self._index.match((change.schema, change.table), change.type, change.row)
@@ -498,13 +727,17 @@ class PostgresChanges:
             self._deliver_matched(change, matched)
 
     def _deliver_matched(self, change: Change, matched: dict[Hashable, list[Binding]]) -> None:
+        # At least once from the slot (a restart, a new leader): a change seen recently is dropped
+        # here, once for all its deliveries (not per call: one change may make several).
+        recent = self._recent
+        if change.id in recent:
+            return
+        recent[change.id] = None
+        if len(recent) > RECENT_CHANGES:
+            recent.popitem(last=False)
         groups: dict[frozenset[str] | None, dict[Hashable, list[int]]] = {}
         for owner, bound in matched.items():
-            # The owner sees the union of what its matching bindings may see.
-            visible: frozenset[str] | None = None
-            if all(b.visible is not None for b in bound):
-                visible = frozenset().union(*(b.visible for b in bound if b.visible is not None))
-            groups.setdefault(visible, {})[owner] = sorted({b.id for b in bound})
+            groups.setdefault(_visible_columns(bound), {})[owner] = sorted({b.id for b in bound})
         self.delivered += 1
         for visible, owners in groups.items():
             data = change.data if visible is None else narrow(change.data, visible)
@@ -641,6 +874,19 @@ class PostgresChanges:
     def rls_dropped(self) -> int:
         """Changes a cluster node dropped because its RLS checks fell too far behind."""
         return 0 if self._pipeline is None else self._pipeline.dropped
+
+
+def _visible_columns(bound: list[Binding]) -> frozenset[str] | None:
+    """What an owner whose bindings *bound* matched may see: the union of theirs (None: all)."""
+    if all(b.visible is not None for b in bound):
+        return frozenset().union(*(b.visible for b in bound if b.visible is not None))
+    return None
+
+
+def _view(change: Change, bound: list[Binding]) -> tuple[list[int], dict[str, Any]]:
+    """The binding ids and the (narrowed) data one owner gets for *change* (as delivered live)."""
+    visible = _visible_columns(bound)
+    return sorted({b.id for b in bound}), change.data if visible is None else narrow(change.data, visible)
 
 
 def _compile(bid: int, spec: BindingSpec, columns: list[ColumnInfo], timezone: str) -> Binding:

@@ -232,14 +232,19 @@ def encode_close(serializer: Serializer, join_ref: str | None, topic: str, event
     return _text({"topic": topic, "event": event, "payload": payload, "ref": join_ref})
 
 
-def encode_change(serializer: Serializer, topic: str, ids: list[int], data_json: bytes) -> bytes:
+def encode_change(
+    serializer: Serializer, topic: str, ids: list[int], data_json: bytes, ref: str | None = None
+) -> bytes:
     """A ``postgres_changes`` push; ``data_json`` is the change's ``data`` already as JSON.
 
     The change is serialised once; each channel's frame only adds its topic and binding ids.
+    ``ref`` (the change's position, for channels that resume) goes in the message's ref, which
+    realtime-js passes to the callback as its second argument.
     """
+    ref_json = b"null" if ref is None else orjson.dumps(ref)
     head = orjson.dumps(topic) + b',"postgres_changes",{"ids":' + orjson.dumps(ids) + b',"data":'
     if serializer is Serializer.V2:
-        return encode_frame(OP_TEXT, b"[null,null," + head + data_json + b"}]")
+        return encode_frame(OP_TEXT, b"[null," + ref_json + b"," + head + data_json + b"}]")
     return encode_frame(
         OP_TEXT,
         b'{"topic":'
@@ -248,7 +253,9 @@ def encode_change(serializer: Serializer, topic: str, ids: list[int], data_json:
         + orjson.dumps(ids)
         + b',"data":'
         + data_json
-        + b'},"ref":null}',
+        + b'},"ref":'
+        + ref_json
+        + b"}",
     )
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "REALTIME_RESTARTING",
     "REPLAY_FAILED",
     "REPLAY_PARAMS_INVALID",
+    "RESUME_INVALID",
     "REPLICATION_NOT_READY",
     "REPLICATION_READY_MESSAGE",
     "TOO_MANY_MESSAGES",
@@ -69,6 +70,9 @@ DATABASE_UNAVAILABLE_MESSAGE = "Realtime was unable to connect to the project da
 MISSING_PARTITION = "MissingPartition: Realtime was unable to find the expected messages partition"
 
 # Broadcast from Database and replay from realtime.messages (realtime_channel.ex).
+RESUME_INVALID = "PostgresChangesResumeInvalid"
+"""The code of the join error for a ``postgres_changes_options.resume`` that is not
+``{since: <position>, epoch}`` (the reason goes on after a colon)."""
 REPLAY_PARAMS_INVALID = "UnableToReplayMessages: Replay params are not valid"
 """The join error for a ``config.broadcast.replay`` that is not ``{since: <ms epoch>, limit}``."""
 REPLAY_FAILED = "UnableToReplayMessages: Realtime was unable to replay messages"

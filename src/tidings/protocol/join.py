@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from . import errors
+from .positions import ChangesResume, PositionError
 
 __all__ = [
     "MAX_NAME_BYTES",
@@ -68,6 +69,8 @@ class JoinConfig:
     #: ``postgres_changes_options.wait``: hold the join reply until the subscription is live.
     changes_wait: bool = False
     changes_wait_timeout: float = 15.0
+    #: ``postgres_changes_options.resume`` (Tidings): resume Postgres Changes after a position.
+    changes_resume: ChangesResume | None = None
     #: ``broadcast.replication_ready``: push ``system`` once Broadcast from Database is live.
     replication_ready: bool = False
     warnings: tuple[str, ...] = ()
@@ -190,6 +193,12 @@ def parse_join(
 
     options = config.get("postgres_changes_options")
     changes_wait, changes_wait_timeout = False, 15.0
+    changes_resume = None
+    if isinstance(options, dict) and options.get("resume") is not None:
+        try:
+            changes_resume = ChangesResume.parse(options["resume"])
+        except PositionError as exc:
+            raise JoinError(f"{errors.RESUME_INVALID}: {exc}") from None
     if isinstance(options, dict):
         changes_wait = parse_bool(options.get("wait")) is True
         timeout_ms = _int(options.get("timeout"))
@@ -214,6 +223,7 @@ def parse_join(
         replay=replay,
         changes_wait=changes_wait,
         changes_wait_timeout=changes_wait_timeout,
+        changes_resume=changes_resume,
         replication_ready=flag(broadcast, "replication_ready", "broadcast"),
         warnings=tuple(warnings),
     )

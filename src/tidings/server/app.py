@@ -172,9 +172,19 @@ async def start_changes(node: Node, config: Config) -> LeaseHolder | None:
     replayed by the slot as soon as it streams, and only subscriptions made by then see them,
     so clients get that long to reconnect and rejoin first.
     """
+    from ..cdc.changelog import ChangeLog, MemoryChangeLog
     from ..cdc.service import PostgresChanges, PostgresChangesError
 
     assert config.database_url is not None
+    # The change log resumes read: in Redis for a cluster (the lease holder writes it), else here.
+    change_log: ChangeLog
+    log_bounds = (config.db_change_log_size, config.db_change_log_bytes, config.db_change_log_ttl)
+    if node.broker.change_bus is not None:
+        from ..cdc.cluster import BusChangeLog
+
+        change_log = BusChangeLog(node.broker.change_bus, *log_bounds)
+    else:
+        change_log = MemoryChangeLog(*log_bounds)
     try:
         cdc = PostgresChanges(
             config.database_url,
@@ -185,6 +195,7 @@ async def start_changes(node: Node, config: Config) -> LeaseHolder | None:
             deliver=node.deliver_change,
             rls=config.db_rls,
             counters=node.metrics,
+            change_log=change_log,
         )
     except PostgresChangesError as exc:
         raise StartupError(f"DATABASE_URL: {exc}", code=3) from None

@@ -92,6 +92,31 @@ _COUNTERS = (
         "changes_rls_hidden",
     ),
     (
+        "tidings_postgres_changes_resumes_total",
+        "Postgres Changes resumes (a rejoin with a position) answered recovered: true.",
+        "changes_resumes_complete",
+    ),
+    (
+        "tidings_postgres_changes_resumes_incomplete_total",
+        "Postgres Changes resumes answered recovered: false (log too short, limits, another epoch).",
+        "changes_resumes_incomplete",
+    ),
+    (
+        "tidings_postgres_changes_resumes_refused_total",
+        "Postgres Changes resumes and polls refused: a malformed position or one ahead of the database.",
+        "changes_resumes_refused",
+    ),
+    (
+        "tidings_postgres_changes_replayed_total",
+        "Postgres Changes sent in resume replays (after the join reply, before live changes).",
+        "changes_replayed",
+    ),
+    (
+        "tidings_postgres_changes_polls_total",
+        "Answers of GET /api/changes (the change log polled over HTTP).",
+        "changes_polls",
+    ),
+    (
         "tidings_postgres_changes_rls_rechecks_total",
         "RLS checks run again because their snapshot did not see the streamed commit yet.",
         "changes_rls_rechecks",
