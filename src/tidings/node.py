@@ -159,6 +159,21 @@ class ChangeFeed(Protocol):
     ) -> ChangesReplay:
         """The changes after ``since`` that ``owner``'s bindings match now (raises ``ResumeRefused``)."""
 
+    async def poll(
+        self,
+        bindings: Sequence[tuple[int, dict[str, Any]]],
+        claims: dict[str, Any] | None,
+        since: str | None,
+        epoch: str | None,
+        *,
+        max_changes: int,
+        max_bytes: int,
+        timeout: float = 0.0,
+        stop: asyncio.Future[None] | None = None,
+    ) -> ChangesReplay:
+        """One page of the change log for bindings without a subscription (``GET /api/changes``;
+        raises ``SubscriptionError``, ``ResumeRefused``)."""
+
 
 class MessagesFeed(Protocol):
     """Broadcast from Database, as ``replication_ready`` joins see it
@@ -671,6 +686,41 @@ class Node:
         held = self._change_buffers.pop(channel, [])
         self._change_floors[channel] = replayed_to
         return [frame for position, frame in held if position > replayed_to]
+
+    async def poll_changes(
+        self,
+        binding: dict[str, Any],
+        claims: dict[str, Any] | None,
+        since: str | None,
+        epoch: str | None,
+        timeout: float,
+        stop: asyncio.Future[None] | None = None,
+    ) -> ChangesReplay:
+        """One page of the change log after ``since`` for one binding, as a resume with these
+        claims would replay it (filters, columns, RLS); waits up to ``timeout`` for a first change.
+
+        Raises:
+            SubscriptionError: a bad binding.
+            ResumeRefused: a position ahead of the database (counted).
+        """
+        assert self.cdc is not None
+        config = self.config
+        try:
+            page = await self.cdc.poll(
+                [(self.cdc.binding_id(binding), binding)],
+                claims,
+                since,
+                epoch,
+                max_changes=config.db_replay_max_changes,
+                max_bytes=config.db_replay_max_bytes,
+                timeout=timeout,
+                stop=stop,
+            )
+        except ResumeRefused:
+            self.metrics.changes_resumes_refused += 1
+            raise
+        self.metrics.changes_polls += 1
+        return page
 
     async def resume_changes(self, channel: Subscriber, resume: ChangesResume) -> ChangesReplay:
         """What ``channel`` (subscribed, its changes held) missed after ``resume.since``: the

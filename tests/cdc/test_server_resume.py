@@ -10,9 +10,13 @@ broker, one Redis and a Redis Cluster; a restart of Tidings in between.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,8 +25,10 @@ import pytest
 from tests.support.phx import PhxClient
 from tests.support.redis import RedisClusterServers, RedisServer
 from tests.support.server import ServerProcess
+from tidings.auth.tokens import mint_token
 
-from .conftest import Database, unique_slot
+from .conftest import Database, ensure_role, unique_slot
+from .test_rls import SCHEMA
 from .test_server_changes import ORDERS
 
 pytestmark = pytest.mark.postgres
@@ -328,3 +334,122 @@ async def test_a_restart_of_tidings_in_between(
         while 3 not in totals(client, "realtime:o"):
             await asyncio.sleep(0.05)
     assert len(totals(client, "realtime:o")) == len(set(totals(client, "realtime:o")))
+
+
+def get_changes(server: ServerProcess, token: str | None = None, **params: Any) -> tuple[int, dict[str, Any]]:
+    """``GET /api/changes`` (a blocking call: run it in a thread)."""
+    query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+    request = urllib.request.Request(f"{server.http_url}/api/changes?{query}")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+async def poll(server: ServerProcess, token: str | None = None, **params: Any) -> tuple[int, dict[str, Any]]:
+    return await asyncio.to_thread(get_changes, server, token, **params)
+
+
+ORDER_42_QUERY = {"schema": "public", "table": "orders", "filter": "id=eq.42", "event": "UPDATE"}
+
+
+async def test_polling_the_log_pages_without_gaps_or_duplicates(
+    orders_db: Database, tidings: Callable[..., ServerProcess], broker: dict[str, str]
+) -> None:
+    server = tidings(DB_REPLAY_MAX_CHANGES="2", **broker)
+    watcher = await observer(server)
+    status, first = await poll(server, **ORDER_42_QUERY)
+    assert status == 200 and first["changes"] == [] and POSITION.match(first["position"]), first
+    for i in range(1, 6):
+        orders_db.execute("UPDATE orders SET total = %s WHERE id = 42", (i,))
+        orders_db.execute("UPDATE orders SET total = %s WHERE id = 7", (i,))
+    await seen_total(watcher, 5)
+    got: list[Any] = []
+    since, pages = first["position"], 0
+    while True:  # pages of at most DB_REPLAY_MAX_CHANGES, each from where the last ended
+        status, page = await poll(server, **ORDER_42_QUERY, since=since, epoch=first["epoch"])
+        assert status == 200 and page["recovered"] is True, page
+        got += [c["data"]["record"]["total"] for c in page["changes"]]
+        assert all(c["data"]["position"] > since for c in page["changes"])
+        since, pages = page["position"], pages + 1
+        if not page["more"]:
+            break
+    assert got == [1, 2, 3, 4, 5] and pages == 3
+    # A long-poll: nothing newer yet, so it waits for the next matching change.
+    waiting = asyncio.ensure_future(poll(server, **ORDER_42_QUERY, since=since, timeout=20))
+    await asyncio.sleep(0.3)
+    orders_db.execute("UPDATE orders SET total = 99 WHERE id = 7")  # not for it: it keeps waiting
+    orders_db.execute("UPDATE orders SET total = 6 WHERE id = 42")
+    status, page = await asyncio.wait_for(waiting, 30)
+    assert status == 200 and [c["data"]["record"]["total"] for c in page["changes"]] == [6]
+
+
+async def test_polling_refuses_bad_input(tidings: Callable[..., ServerProcess]) -> None:
+    server = tidings()
+    status, body = await poll(server, **ORDER_42_QUERY, since="nope")
+    assert status == 422 and body["error"].startswith("PostgresChangesResumeInvalid: ")
+    status, body = await poll(server, **ORDER_42_QUERY, since="7FFFFFFFFFFFFFFF/00000000")
+    assert status == 422 and "is ahead of the database" in body["error"]
+    status, body = await poll(server, schema="public", table="orders", filter="ghost=eq.1")
+    assert status == 422 and "ghost" in body["error"]
+    status, body = await poll(server, schema="public", table="nope")
+    assert status == 422 and "Unable to subscribe" in body["error"]
+    status, body = await poll(server, **ORDER_42_QUERY, timeout="soon")
+    assert status == 422 and body["errors"] == {"timeout": ["must be a number"]}
+
+
+SECRET = "resume-test-secret-resume-test-32"
+
+
+def notes_of(client: PhxClient, topic: str) -> list[int]:
+    return [m[4]["data"]["record"]["id"] for m in pushes(client, topic)]
+
+
+async def test_rls_applies_to_the_replay_and_to_polls(
+    db: Database, tidings: Callable[..., ServerProcess]
+) -> None:
+    """A replay never holds a row the live stream would not deliver: alice and bob resume the same
+    binding on the notes table (row level security, own notes only) and get their own rows."""
+    ensure_role(db, "authenticated")
+    db.execute(SCHEMA)
+    server = tidings(JWT_SECRET=SECRET)
+    apikey = mint_token(SECRET, role="anon")
+    binding = {"event": "INSERT", "schema": "public", "table": "notes"}
+    tokens = {sub: mint_token(SECRET, role="authenticated", sub=sub) for sub in ("alice", "bob")}
+    baseline: dict[str, dict[str, Any]] = {}
+    for sub, token in tokens.items():
+        client = await PhxClient.open(server.http_url, "&apikey=" + apikey)
+        config = {"postgres_changes": [binding], "postgres_changes_options": {"resume": True}}
+        ref = await client.push("realtime:notes", "phx_join", {"config": config, "access_token": token}, "j")
+        reply = await client.wait(lambda m, ref=ref: m[3] == "phx_reply" and m[1] == ref)
+        assert reply[4]["status"] == "ok", reply
+        baseline[sub] = reply[4]["response"]["postgres_changes_resume"]
+        await client.close()
+    watcher = await PhxClient.open(server.http_url, "&apikey=" + apikey)
+    await watcher.push(
+        "realtime:w", "phx_join", {"config": {"postgres_changes": [{**binding, "table": "plain"}]}}, "w"
+    )
+    await watcher.wait(lambda m: m[3] == "system" and m[2] == "realtime:w", timeout=30)
+    db.execute("INSERT INTO notes VALUES (1, 'alice', 'a'), (2, 'bob', 'b'), (3, 'alice', 'c')")
+    db.execute("INSERT INTO plain VALUES (10, 'anyone')")
+    await watcher.wait(lambda m: m[3] == "postgres_changes", timeout=30)  # the notes are logged too
+    for sub, want in (("alice", [1, 3]), ("bob", [2])):
+        client = await PhxClient.open(server.http_url, "&apikey=" + apikey)
+        resume = {"since": baseline[sub]["position"], "epoch": baseline[sub]["epoch"]}
+        config = {"postgres_changes": [binding], "postgres_changes_options": {"resume": resume}}
+        ref = await client.push(
+            "realtime:notes", "phx_join", {"config": config, "access_token": tokens[sub]}, "j2"
+        )
+        reply = await client.wait(lambda m, ref=ref: m[3] == "phx_reply" and m[1] == ref)
+        assert reply[4]["response"]["postgres_changes_resume"]["recovered"] is True, reply
+        await client.wait(lambda m: m[3] == "system" and m[2] == "realtime:notes", timeout=30)
+        assert notes_of(client, "realtime:notes") == want, sub
+        status, page = await poll(
+            server, tokens[sub], schema="public", table="notes", since=baseline[sub]["position"]
+        )
+        assert status == 200 and [c["data"]["record"]["id"] for c in page["changes"]] == want, page
+    status, _ = await poll(server, None, schema="public", table="notes")
+    assert status == 401  # no token: as a join without one

@@ -8,6 +8,7 @@ converts values by column type).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from collections.abc import Iterator
@@ -159,3 +160,45 @@ async def test_realtime_py(db: Db, db_server: ServerProcess, py_client: PyFactor
         insert["payload"]["data"]["record"]["id"] == 3 and insert["payload"]["data"]["record"]["data"] is None
     )
     assert len(a.find("postgres", ch=channel_name)) == 2
+
+
+@pytest.mark.parametrize("lib", ["supabase-js", "realtime-js"])
+async def test_supabase_js_resumes_through_its_channel_config(
+    db: Db, db_server: ServerProcess, js_client: JsFactory, channel_name: str, lib: str
+) -> None:
+    """Recovery (issue 16) with the official JS client, unchanged: supabase-js passes
+    ``config.postgres_changes_options`` through to the join as it is, and hands a callback the
+    message's ref as its second argument, which is each change's position for a channel that
+    resumes (realtime-js keeps no unknown field of ``data``). The ``system`` push after the replay
+    says ``recovered``."""
+    a = await js_client(db_server.ws_url, lib=lib, name="A")
+    config = {"postgres_changes_options": {"resume": True}}
+    await a.subscribed(channel_name, config=config, postgres=[UPDATE_1])
+    await a.wait_for("system", ch=channel_name, timeout=30)
+    db.execute("UPDATE items SET n = 1 WHERE id = 1")
+    first = await a.wait_for("postgres", ch=channel_name, timeout=30)
+    assert first["payload"]["new"]["n"] == 1
+    position = first["ref"]
+    assert isinstance(position, str) and len(position) == 25 and position[16] == "/"
+    # realtime-js does not hand data.position to the callback, but it is on the wire.
+    raw = [
+        m for m in a.text_frames("in") if (m[3] if isinstance(m, list) else m["event"]) == "postgres_changes"
+    ]
+    assert raw[0][4]["data"]["position"] == position
+    await a.call("unsubscribe", ch=channel_name)
+    for n in (2, 3, 4):  # committed while the page is away
+        db.execute(f"UPDATE items SET n = {n} WHERE id = 1")
+        db.execute(f"UPDATE items SET n = {n} WHERE id = 2")
+    again = channel_name + "-again"
+    config = {"postgres_changes_options": {"resume": {"since": position}}}
+    await a.subscribed(again, config=config, postgres=[UPDATE_1])
+    system = await a.wait_for("system", ch=again, timeout=30)
+    assert system["payload"]["message"] == "Subscribed to PostgreSQL"
+    assert system["payload"]["recovered"] is True, system
+    async with asyncio.timeout(30):
+        while len(a.find("postgres", ch=again)) < 3:
+            await asyncio.sleep(0.05)
+    got = a.find("postgres", ch=again)
+    assert [g["payload"]["new"]["n"] for g in got] == [2, 3, 4]
+    refs = [g["ref"] for g in got]
+    assert refs == sorted(refs) and refs[0] > position

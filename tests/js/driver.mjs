@@ -16,7 +16,7 @@
 //   broadcast {ch, payload}                    a broadcast listener fired
 //   presence  {ch, event, key?, state, ...}    presence sync / join / leave
 //   system    {ch, payload}                    a `system` listener fired
-//   postgres  {ch, binding, payload}           a postgres_changes listener fired (binding = its index)
+//   postgres  {ch, binding, payload, ref}      a postgres_changes listener fired (binding = its index)
 //   heartbeat {status, latency}                the client's heartbeatCallback
 //   socket    {event: open|close|error, code?, reason?, message?}   the underlying `ws` socket
 //   frame     {dir: in|out, binary, kind?, topic?, event?, text?}   every WebSocket message
@@ -171,7 +171,10 @@ function makeChannel({ ch: name, config = {}, broadcast = ['*'], presence = fals
   channels.set(name, channel)
   // postgres: [{event, schema, table?, filter?}, ...], one listener each (index = binding number).
   postgres.forEach((binding, index) => {
-    channel.on('postgres_changes', binding, (payload) => emit({ t: 'postgres', ch: name, binding: index, payload }))
+    // `ref`: the second argument realtime-js passes (the message ref: Tidings' position, when resuming).
+    channel.on('postgres_changes', binding, (payload, ref) =>
+      emit({ t: 'postgres', ch: name, binding: index, payload, ref: ref ?? null }),
+    )
   })
   for (const event of broadcast) {
     channel.on('broadcast', { event }, (payload) => emit({ t: 'broadcast', ch: name, payload: jsonable(payload) }))

@@ -500,9 +500,13 @@ class PostgresChanges:
         *,
         max_changes: int,
         max_bytes: int,
+        timeout: float = 0.0,
+        stop: asyncio.Future[None] | None = None,
     ) -> ChangesReplay:
         """What a resume of these bindings would replay, for a client with *claims* that holds no
-        subscription (``GET /api/changes``). A page cut by the limits ends at its last change.
+        subscription (``GET /api/changes``). A page cut by the limits ends at its last change
+        (``truncated``: ask again from there). With nothing to send and a *timeout*, waits up to
+        that long for a matching change (or until *stop* is done).
 
         Raises:
             SubscriptionError: bad bindings (as :meth:`subscribe`).
@@ -512,18 +516,29 @@ class PostgresChanges:
         for table, binding in await self.compile(bindings, claims):
             bound.setdefault(table, []).append(binding)
         ident = identity_of(claims) if self._pipeline is not None else None
-        return await self._replay(bound, ident, since, epoch, max_changes, max_bytes, page=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            replay = await self._replay(bound, ident, since, epoch, max_changes, max_bytes, page=True)
+            remaining = deadline - loop.time()
+            if replay.items or since is None or not replay.recovered or remaining <= 0:
+                return replay
+            if stop is not None and stop.done():
+                return replay
+            await self.wait_for_change(list(bound), remaining, stop)
 
-    async def wait_for_change(self, tables: Sequence[tuple[str, str]], timeout: float) -> None:
-        """Return once a change of one of *tables* was logged (or received), or after *timeout*."""
+    async def wait_for_change(
+        self, tables: Sequence[tuple[str, str]], timeout: float, stop: asyncio.Future[None] | None = None
+    ) -> None:
+        """Return once a change of one of *tables* was logged (or received), after *timeout*, or
+        once *stop* is done."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         for table in tables:
             self._table_waiters.setdefault(table, []).append(fut)
+        wake: set[asyncio.Future[Any]] = {fut} if stop is None else {fut, stop}
         try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            pass
+            await asyncio.wait(wake, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for table in tables:
                 waiting = self._table_waiters.get(table)
@@ -618,7 +633,7 @@ class PostgresChanges:
                     collect(change, matched)
         if cut:
             if page:
-                return ChangesReplay(items, not reason, items[-1][0], current, reason)
+                return ChangesReplay(items, not reason, items[-1][0], current, reason, truncated=True)
             reason = reason or (
                 f"more changes to replay than the limits allow ({max_changes} changes, {max_bytes} bytes)"
             )

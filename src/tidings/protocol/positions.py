@@ -112,3 +112,6 @@ class ChangesReplay:
     position: str
     epoch: str
     reason: str = ""
+    truncated: bool = False
+    """A page (``GET /api/changes``) that ended at the limits: ``position`` is its last change,
+    and the next page starts after it."""

@@ -25,6 +25,7 @@ from ..history import HistoryRecord, ReplayResult
 from ..node import READ, WRITE, Node, group_key
 from ..protocol import errors as reasons
 from ..protocol.join import name_too_long
+from .changes_api import changes
 from .edge import origin_policy
 from .metrics_http import render_prometheus
 from .state import monitor_of, node_of, polls_of
@@ -333,6 +334,7 @@ def build_routes() -> list[Route]:
             ),
             Route(f"{prefix}/health", health, methods=["GET"]),
             Route(f"{prefix}/channels/{{subtopic:path}}/messages", channel_messages, methods=["GET"]),
+            Route(f"{prefix}/changes", changes, methods=["GET"]),
         ]
     return routes + web_routes(PREFIXES)  # dashboard, demo, /api/metrics, /api/config
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..node import Node
 
-__all__ = ["HistoryPolls"]
+__all__ = ["ChangePolls", "HistoryPolls"]
 
 
 class HistoryPolls:
@@ -59,3 +59,27 @@ class HistoryPolls:
         for fut in list(self._waiting):
             if not fut.done():
                 fut.set_result(None)
+
+
+class ChangePolls:
+    """The long-polls of the change log (``GET /api/changes?timeout=S``) of one node: each waits for
+    a change of its table, at most ``S`` seconds; all answer at once when the node drains."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._stop: asyncio.Future[None] | None = None
+        node.on_drain(self.close)
+
+    @property
+    def stop(self) -> asyncio.Future[None]:
+        """Done once the node drains: a poll waiting on it answers with what it has."""
+        if self._stop is None:
+            self._stop = self.node.loop.create_future()
+            if self.node.draining:
+                self._stop.set_result(None)
+        return self._stop
+
+    def close(self) -> None:
+        """Shutting down: every waiting poll answers now."""
+        if not self.stop.done():
+            self.stop.set_result(None)

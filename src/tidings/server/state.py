@@ -12,14 +12,26 @@ from starlette.requests import Request
 
 from ..node import Node
 from .monitor import Monitor
-from .polls import HistoryPolls
+from .polls import ChangePolls, HistoryPolls
 
-__all__ = ["lifespan_state", "monitor_of", "node_of", "polls_of"]
+__all__ = ["change_polls_of", "lifespan_state", "monitor_of", "node_of", "polls_of"]
 
 
 def lifespan_state(node: Node) -> dict[str, Any]:
-    """The node, its once-a-second :class:`Monitor` and its :class:`HistoryPolls`, created here."""
-    return {"node": node, "monitor": Monitor(node), "polls": HistoryPolls(node)}
+    """The node, its once-a-second :class:`Monitor`, its :class:`HistoryPolls` and
+    :class:`ChangePolls`, created here."""
+    return {
+        "node": node,
+        "monitor": Monitor(node),
+        "polls": HistoryPolls(node),
+        "change_polls": ChangePolls(node),
+    }
+
+
+def change_polls_of(request: Request) -> ChangePolls:
+    """The node's waiting change-log long-polls."""
+    polls: ChangePolls = request.state.change_polls
+    return polls
 
 
 def node_of(request: Request) -> Node:
