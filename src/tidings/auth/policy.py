@@ -167,7 +167,7 @@ class AuthorizationContext:
             upgrade, all headers of a REST request); names are lower-cased, a later duplicate wins.
     """
 
-    __slots__ = ("claims", "claims_json", "headers", "headers_json", "key", "role", "sub", "topic")
+    __slots__ = ("_claims_json", "_headers_json", "claims", "headers", "role", "sub", "topic")
 
     def __init__(
         self,
@@ -183,10 +183,29 @@ class AuthorizationContext:
         self.sub: str | None = None if sub is None else str(sub)
         pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
         self.headers: dict[str, str] = {str(k).lower(): str(v) for k, v in pairs}
-        self.claims_json = _compact_json(dict(self.claims))
-        self.headers_json = _compact_json(self.headers)
-        self.key: tuple[str, str, str] = (topic, self.claims_json, self.headers_json)
+        # Serialised on first use: the declarative policy never needs them (a private join
+        # without a database then costs no JSON encoding).
+        self._claims_json: str | None = None
+        self._headers_json: str | None = None
+
+    @property
+    def claims_json(self) -> str:
+        """The claims as compact JSON with sorted keys (``request.jwt.claims``)."""
+        if self._claims_json is None:
+            self._claims_json = _compact_json(dict(self.claims))
+        return self._claims_json
+
+    @property
+    def headers_json(self) -> str:
+        """The headers as compact JSON with sorted keys (``request.headers``)."""
+        if self._headers_json is None:
+            self._headers_json = _compact_json(self.headers)
+        return self._headers_json
+
+    @property
+    def key(self) -> tuple[str, str, str]:
         """What results are cached by: sub-topic, claims and headers."""
+        return (self.topic, self.claims_json, self.headers_json)
 
     @property
     def is_service_role(self) -> bool:
