@@ -627,7 +627,8 @@ SETTINGS: tuple[Setting, ...] = (
         "DB_POOL_SIZE",
         _positive_int,
         5,
-        "Connections for catalog queries of Postgres Changes.",
+        "Connections for catalog queries of Postgres Changes, and (a pool of its own) for the "
+        "permission checks of private channels (Realtime Authorization).",
     ),
     Setting(
         "db_ssl", "DB_SSL", _bool, False, "Require TLS to PostgreSQL (unless DATABASE_URL sets sslmode)."
