@@ -10,6 +10,8 @@ to :class:`~tidings.session.Session`. No task per connection: everything happens
 from __future__ import annotations
 
 import asyncio
+import binascii
+import hashlib
 import logging
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, cast
@@ -22,7 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import OPEN, Protocol
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
-from websockets.utils import accept_key
+from websockets.utils import GUID as WEBSOCKET_GUID
 
 from ..auth.tokens import AuthError, Principal
 from ..metrics import GOODBYE_CODES
@@ -54,6 +56,7 @@ UNBOUNDED_MARK = 2**31 - 1  # the highest write-buffer mark uvloop takes (a C in
 ORIGIN_NOT_ALLOWED = "Origin not allowed"
 TOO_MANY_FROM_ADDRESS = "Too many connections from this address"
 TOO_MANY_ANONYMOUS = "Too many anonymous connections from this address"
+_WEBSOCKET_GUID = WEBSOCKET_GUID.encode()
 _TWICE = "\0twice"  # stands for a header given twice where one is read (websockets raises then)
 #: ``ws`` of a connection whose request head has not been read yet (never used for I/O).
 AWAITING_HEAD = ServerProtocol()
@@ -563,8 +566,10 @@ class WebSocketConnection(Session, asyncio.Protocol):
 
 
 def switching_protocols(key: str) -> bytes:
-    """The ``101`` answering a (valid) Sec-WebSocket-Key."""
-    return SWITCHING_PROTOCOLS % accept_key(key).encode()
+    """The ``101`` answering a (valid) Sec-WebSocket-Key (websockets' ``accept_key``, without
+    its str round trips)."""
+    digest = hashlib.sha1(key.encode() + _WEBSOCKET_GUID).digest()
+    return SWITCHING_PROTOCOLS % binascii.b2a_base64(digest, newline=False)
 
 
 def query_values(query: str) -> tuple[str | None, str | None]:
@@ -651,7 +656,9 @@ def open_server_protocol(max_size: int) -> ServerProtocol:
         elif name == "events" or name == "writes":
             value = []
         setattr_(ws, name, value)  # "parser" too: replaced below, once the reader is there
-    ws.parser = ws.parse()
+    # The frame parser itself (ServerProtocol.parse would only add a generator that delegates
+    # to it once OPEN): what _restart_parser starts too.
+    ws.parser = Protocol.parse(ws)
     next(ws.parser)
     return ws
 
