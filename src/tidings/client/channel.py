@@ -5,6 +5,13 @@ rejoin, a history fetch to fill a gap, fallback polling): sequence ordering, the
 message id, then the callbacks. That is what makes the switches between WebSocket and polling
 invisible to the application: one ordered stream without gaps (or with a reported gap) or
 duplicates.
+
+Postgres Changes get the same guarantees from Tidings' change log: the channel remembers the
+position of the last change it delivered (``data.position``, which compares in stream order) and
+asks to resume after it on every rejoin (``postgres_changes_options.resume``); while the
+connection is poor it polls ``GET /api/changes`` from there. A change at or before the position
+delivered last is a repeat and dropped; a resume or poll the server cannot prove complete is
+reported as a :class:`RecoveryGap` (``changes_incomplete``).
 """
 
 from __future__ import annotations
@@ -187,6 +194,12 @@ class RealtimeChannel:
         # rejoin and history fetches so the server can tell a lost history from a current one.
         self._epoch: str | None = None
         self._join_ws: object = None
+        # Postgres Changes: the greatest position delivered (or vouched for by the server), the
+        # change log epoch it belongs to, and the join reply's baseline (applied once its replay
+        # was delivered: the announcement after it).
+        self._pg_position: str | None = None
+        self._pg_epoch: str | None = None
+        self._pg_baseline: str | None = None
 
     def __repr__(self) -> str:
         return f"<RealtimeChannel {self.topic} {self.state}>"
@@ -272,6 +285,11 @@ class RealtimeChannel:
     def last_seq(self) -> int | None:
         """The sequence number of the last broadcast delivered in order (``None`` before any)."""
         return self._order.last_released
+
+    @property
+    def last_position(self) -> str | None:
+        """The position in the change stream this channel resumes after (``None``: none known)."""
+        return self._pg_position
 
     async def subscribe(self, timeout: float | None = None) -> RealtimeChannel:
         """Join the channel, connecting the client first if needed.
@@ -410,15 +428,21 @@ class RealtimeChannel:
         presence_enabled = (
             bool(self._presence_handlers) or self._tracked is not None or bool(self.presence_key)
         )
-        return {
-            "config": {
-                "broadcast": broadcast,
-                "presence": {"key": self.presence_key, "enabled": presence_enabled},
-                "postgres_changes": [b.request() for b in self._pg_bindings],
-                "private": self.private,
-            },
-            "access_token": self.client.access_token,
+        config: dict[str, Any] = {
+            "broadcast": broadcast,
+            "presence": {"key": self.presence_key, "enabled": presence_enabled},
+            "postgres_changes": [b.request() for b in self._pg_bindings],
+            "private": self.private,
         }
+        if self._pg_bindings and settings.recovery:
+            # Tidings resumes after the last position (a server without the extension ignores it).
+            resume: Any = True
+            if self._pg_position is not None:
+                resume = {"since": self._pg_position}
+                if self._pg_epoch is not None:
+                    resume["epoch"] = self._pg_epoch
+            config["postgres_changes_options"] = {"resume": resume}
+        return {"config": config, "access_token": self.client.access_token}
 
     def _start_join(self) -> None:
         task = self._join_task
@@ -501,6 +525,7 @@ class RealtimeChannel:
         self.presence.reset()
         epoch = response.get("epoch")
         self._epoch = epoch if isinstance(epoch, str) else None
+        self._on_resume_reply(response.get("postgres_changes_resume"))
         if not self.client.settings.recovery:
             return
         if since is not None and response.get("recovered") is False:
@@ -511,6 +536,34 @@ class RealtimeChannel:
         baseline = response.get("seq")
         if self._order.expected is None and isinstance(baseline, int) and not isinstance(baseline, bool):
             self._order.reset(baseline + 1)
+
+    def _on_resume_reply(self, resume: object) -> None:
+        """The join reply's ``postgres_changes_resume``: the epoch, the baseline, and whether the
+        replay that follows holds everything after the position the join asked from."""
+        self._pg_baseline = None
+        if not isinstance(resume, dict):
+            return
+        epoch, position = resume.get("epoch"), resume.get("position")
+        if isinstance(epoch, str) and epoch:
+            self._pg_epoch = epoch
+        if isinstance(position, str):
+            self._pg_baseline = position
+        if resume.get("recovered") is False:
+            reason = resume.get("reason")
+            self._report_gap(
+                RecoveryGap(
+                    self.topic,
+                    None,
+                    None,
+                    "changes_incomplete",
+                    self._pg_position,
+                    reason if isinstance(reason, str) else "",
+                )
+            )
+
+    def _advance(self, position: str | None) -> None:
+        if position is not None and (self._pg_position is None or position > self._pg_position):
+            self._pg_position = position
 
     @staticmethod
     def _binding_matches(binding: _PgBinding, entry: dict[str, Any]) -> bool:
@@ -578,11 +631,50 @@ class RealtimeChannel:
         self._resolve_waiters(error)
 
     async def poll_history(self) -> None:
-        """One fallback poll: fetch what this channel may have missed since its last message."""
+        """One fallback poll: fetch what this channel may have missed since its last message, and
+        the Postgres Changes after its last position."""
+        if not self._wanted:
+            return
+        if self._pg_bindings and self.client.settings.recovery and self._pg_position is not None:
+            await self._poll_changes()
         since = self._order.last_released
-        if since is None or not self._wanted:
+        if since is None:
             return
         await self._fetch_history(since)
+
+    async def _poll_changes(self) -> None:
+        """Fetch the changes after the last position, one request per binding, and deliver, in
+        order, those that every answer covers (up to the smallest position answered); a change
+        several bindings match is delivered once, to each of them. Pages go on while the server
+        says there is more (bounded by ``history_max_pages``)."""
+        history, settings = self.client.history, self.client.settings
+        for _ in range(settings.history_max_pages):
+            since = self._pg_position
+            if since is None:
+                return
+            pages = [
+                (binding, await history.fetch_changes(binding.request(), since, self._pg_epoch))
+                for binding in self._pg_bindings
+            ]
+            through = min(page.position for _, page in pages)
+            merged: dict[str, tuple[list[_PgBinding], dict[str, Any]]] = {}
+            for binding, page in pages:
+                if not page.recovered:
+                    gap = RecoveryGap(self.topic, None, None, "changes_incomplete", since, page.reason)
+                    self._report_gap(gap)
+                if page.epoch is not None:
+                    self._pg_epoch = page.epoch
+                for entry in page.changes:
+                    position = entry["data"].get("position")
+                    if isinstance(position, str) and since < position <= through:
+                        merged.setdefault(position, ([], entry["data"]))[0].append(binding)
+            async with self._lock:
+                for position in sorted(merged):
+                    bindings, data = merged[position]
+                    await self._dispatch_change(data, [b.id for b in bindings if b.id is not None], bindings)
+                self._advance(through)
+            if not any(page.more for _, page in pages) or through <= since:
+                return
 
     # ------------------------------------------------------------------ internals: sending
 
@@ -610,6 +702,10 @@ class RealtimeChannel:
         elif event == "postgres_changes":
             await self._dispatch_postgres(payload)
         elif event == "system":
+            if payload.get("extension") == "postgres_changes" and "recovered" in payload:
+                # After a resume's replay: everything up to the join's baseline was delivered.
+                self._advance(self._pg_baseline)
+                self._pg_baseline = None
             system = SystemMessage(
                 self.topic,
                 str(payload.get("extension", "")),
@@ -643,6 +739,20 @@ class RealtimeChannel:
         ids = payload.get("ids")
         if not isinstance(data, dict) or not isinstance(ids, list):
             return
+        async with self._lock:
+            await self._dispatch_change(data, [i for i in ids if isinstance(i, int)], None)
+
+    async def _dispatch_change(
+        self, data: dict[str, Any], ids: list[int], bindings: list[_PgBinding] | None
+    ) -> None:
+        """Deliver one change to its bindings (by ``ids``, or the polled ``bindings``), unless its
+        position shows it was delivered already (under the channel's lock)."""
+        position = data.get("position")
+        position = position if isinstance(position, str) else None
+        if position is not None and self._pg_position is not None and position <= self._pg_position:
+            self.client.metrics.record_duplicate()
+            return
+        self._advance(position)
         kind = str(data.get("type", ""))
         record, old = data.get("record"), data.get("old_record")
         columns, errors = data.get("columns"), data.get("errors")
@@ -658,10 +768,13 @@ class RealtimeChannel:
             old_record=old if isinstance(old, dict) else None,
             columns=columns if isinstance(columns, list) else [],
             errors=errors if isinstance(errors, list) else None,
-            ids=[i for i in ids if isinstance(i, int)],
+            ids=ids,
+            position=position,
+            source="websocket" if bindings is None else "poll",
         )
-        for binding in list(self._pg_bindings):
-            if binding.id in change.ids and binding.event.upper() in ("*", kind.upper()):
+        targets = list(self._pg_bindings) if bindings is None else bindings
+        for binding in targets:
+            if (bindings is not None or binding.id in ids) and binding.event.upper() in ("*", kind.upper()):
                 await _call(binding.callback, change)
 
     async def _ingest(self, payload: dict[str, Any], source: str) -> None:

@@ -118,6 +118,11 @@ class PostgresChange:
     errors: list[str] | None
     ids: list[int]
     """Subscription ids this change matched."""
+    position: str | None = None
+    """Where the change is in the stream (Tidings' ``data.position``); compares in stream order.
+    The channel resumes after the greatest it delivered (``None`` from servers without it)."""
+    source: str = "websocket"
+    """``websocket``, or ``poll`` (fetched from ``GET /api/changes`` while the connection is poor)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -159,4 +164,10 @@ class RecoveryGap:
     first_seq: int | None
     last_seq: int | None
     reason: str
-    """``replay_incomplete``, ``history_incomplete``, ``history_unavailable`` or ``buffer_overflow``."""
+    """``replay_incomplete``, ``history_incomplete``, ``history_unavailable`` or ``buffer_overflow``
+    (broadcasts); ``changes_incomplete`` (Postgres Changes: the server could not prove it sent
+    every change after :attr:`position`; refetch the rows)."""
+    position: str | None = None
+    """Postgres Changes: the position after which changes may be missing."""
+    detail: str = ""
+    """The server's reason, when it gave one."""

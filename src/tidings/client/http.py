@@ -20,7 +20,14 @@ import orjson
 
 from .errors import HistoryError
 
-__all__ = ["HistoryClient", "HistoryPage", "build_socket_url", "derive_http_base", "request_json"]
+__all__ = [
+    "ChangesPage",
+    "HistoryClient",
+    "HistoryPage",
+    "build_socket_url",
+    "derive_http_base",
+    "request_json",
+]
 
 
 def _ws_scheme(url: str) -> urllib.parse.SplitResult:
@@ -120,6 +127,22 @@ class HistoryPage:
     """The channel's current epoch (Tidings servers; ``None`` when the server sends none)."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChangesPage:
+    """One answer of ``GET /api/changes`` (Tidings' change log of Postgres Changes)."""
+
+    changes: list[dict[str, Any]]
+    """``{"ids", "data"}`` entries, oldest first (``data`` as in a ``postgres_changes`` push)."""
+    position: str
+    """Where the next page starts: every change up to it that matches was in this one."""
+    epoch: str | None
+    recovered: bool
+    """False when the log could not prove it held every change after ``since``."""
+    more: bool
+    """The page ended at the server's limits: ask again from :attr:`position` at once."""
+    reason: str = ""
+
+
 class HistoryClient:
     """``GET {base}/api/channels/{sub_topic}/messages?since_seq=N&limit=M``.
 
@@ -189,4 +212,47 @@ class HistoryClient:
             messages=messages,
             complete=bool(body.get("complete", True)),
             epoch=epoch if isinstance(epoch, str) else None,
+        )
+
+    def changes_url(self, binding: Mapping[str, Any], since: str | None, epoch: str | None = None) -> str:
+        """The ``GET /api/changes`` URL for one binding (``event``, ``schema``, ``table``, ``filter``)."""
+        params: dict[str, Any] = {k: v for k, v in binding.items() if isinstance(v, str)}
+        if since is not None:
+            params["since"] = since
+        if epoch is not None:
+            params["epoch"] = epoch
+        return f"{self.base}/api/changes?{urllib.parse.urlencode(params)}"
+
+    async def fetch_changes(
+        self, binding: Mapping[str, Any], since: str | None, epoch: str | None = None
+    ) -> ChangesPage:
+        """The changes after ``since`` that ``binding`` matches, from the server's change log.
+
+        Raises:
+            HistoryError: when the endpoint is unreachable or answers anything but a valid page.
+        """
+        headers = {"apikey": self.apikey, "Authorization": f"Bearer {self.access_token or self.apikey}"}
+        try:
+            status, body = await request_json(
+                "GET", self.changes_url(binding, since, epoch), headers=headers, timeout=self.timeout
+            )
+        except OSError as exc:
+            raise HistoryError(f"changes request failed: {exc}") from exc
+        if (
+            status != 200
+            or not isinstance(body, dict)
+            or not isinstance(body.get("changes"), list)
+            or not isinstance(body.get("position"), str)
+        ):
+            raise HistoryError(f"changes endpoint answered HTTP {status}")
+        changes = [c for c in body["changes"] if isinstance(c, dict) and isinstance(c.get("data"), dict)]
+        epoch = body.get("epoch")
+        reason = body.get("reason")
+        return ChangesPage(
+            changes=changes,
+            position=body["position"],
+            epoch=epoch if isinstance(epoch, str) and epoch else None,
+            recovered=body.get("recovered") is True,
+            more=body.get("more") is True,
+            reason=reason if isinstance(reason, str) else "",
         )

@@ -39,7 +39,7 @@ class MetricsSnapshot:
     received_messages: int
     """Broadcasts delivered to the application."""
     duplicate_messages: int
-    """Inbound broadcasts dropped as duplicates."""
+    """Inbound broadcasts and Postgres Changes dropped as duplicates."""
     latency_samples: int
     avg_latency_ms: float | None
     p95_latency_ms: float | None
