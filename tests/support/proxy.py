@@ -205,6 +205,19 @@ class ThreadedProxy:
         """See :meth:`TcpProxy.restore`."""
         self._call(_run(self.proxy.restore))
 
+    def go_offline(self) -> None:
+        """Refuse new connections and reset the open ones (HTTP and WebSocket alike)."""
+
+        def offline() -> None:
+            self.proxy.accepting = False
+            self.proxy.cut()
+
+        self._call(_run(offline))
+
+    def go_online(self) -> None:
+        """Accept connections again."""
+        self._call(_run(lambda: setattr(self.proxy, "accepting", True)))
+
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 

@@ -153,3 +153,53 @@ def test_postgres_changes_drive_the_page_when_the_server_has_a_database(
         conn.close()
     expect(page.locator("#log li").first).to_have_attribute("data-source", "postgres")
     screenshot(page, "orders-postgres")
+
+
+@pytest.mark.postgres
+def test_postgres_changes_recover_after_a_cut(
+    tidings: Callable[..., ServerProcess], browser: BrowserContext, postgres: PostgresServer
+) -> None:
+    """The page is cut off (WebSocket and HTTP) while the order's row is updated twice. When the
+    network is back, supabase-js rejoins with the position the page kept in the channel config
+    (``postgres_changes_options.resume``): the page shows both updates once, in order, and says
+    "recovered"."""
+    dsn = postgres.create_database()
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE orders (id bigint PRIMARY KEY, status text NOT NULL)")
+        cur.execute("INSERT INTO orders VALUES (4004, 'pending')")
+    srv = tidings(DATABASE_URL=dsn, DB_SLOT="tidings_web_recovery", DB_RESUME_GRACE="0")
+    proxy = ThreadedProxy(srv.port).start()
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+
+    def update(status: str) -> None:
+        with conn.cursor() as cur:
+            cur.execute("UPDATE orders SET status = %s WHERE id = 4004", (status,))
+
+    try:
+        page = open_order(browser, proxy.http_url, "4004")
+        expect(page.get_by_test_id("transport")).to_contain_text("Postgres Changes")
+        # The first join's baseline (its position) is in the config the rejoin sends.
+        page.wait_for_function("window.tidingsDemo.resume.since", timeout=WAIT_MS)
+        status = page.get_by_test_id("status")
+        update("confirmed")
+        expect(status).to_have_text("confirmed", timeout=WAIT_MS)
+        proxy.go_offline()
+        expect(page.get_by_test_id("transport")).to_have_attribute("data-mode", "polling", timeout=WAIT_MS)
+        update("preparing")
+        update("shipped")
+        proxy.go_online()
+        expect(status).to_have_text("shipped", timeout=30_000)
+        expect(page.get_by_test_id("transport")).to_have_attribute("data-mode", "websocket", timeout=30_000)
+        recovery = page.get_by_test_id("recovery")
+        expect(recovery).to_have_attribute("data-recovery", "recovered", timeout=WAIT_MS)
+        expect(recovery).to_contain_text("recovered")
+        update("delivered")
+        expect(status).to_have_text("delivered", timeout=WAIT_MS)
+        shown = page.locator("#log li").all_inner_texts()
+        statuses = [line.split("status: ")[1].split()[0] for line in reversed(shown) if "status: " in line]
+        assert statuses == ["confirmed", "preparing", "shipped", "delivered"], shown
+        screenshot(page, "orders-recovered")
+    finally:
+        conn.close()
+        proxy.stop()

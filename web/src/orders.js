@@ -6,6 +6,13 @@
 // the page long-polls the channel's history (GET /api/channels/order:<id>/messages) and goes back
 // to the WebSocket alone when it is healthy again. Every broadcast carries meta.seq, so messages
 // seen through both paths are applied once and in order.
+//
+// Postgres Changes recover the same way (Tidings' change log): the channel config carries
+// `postgres_changes_options.resume`, which supabase-js sends with every join as it is, and the
+// page keeps the position of the last change in it (realtime-js passes it to the callback as its
+// second argument). A rejoin after a cut therefore gets every update it missed before live ones,
+// and the `system` message after them says `recovered`. While polling, the page asks
+// GET /api/changes from the same position.
 import { createClient } from "@supabase/supabase-js";
 
 const STATUSES = ["pending", "confirmed", "preparing", "shipped", "delivered"];
@@ -29,8 +36,14 @@ const state = {
   polling: false,
   pollAbort: null,
   postgres: false,
+  position: "", // the last Postgres change applied (positions compare as strings)
+  recovery: "", // what the last rejoin said: "recovered", or why not
   note: "",
 };
+
+// Sent with every join of the channel (supabase-js keeps a reference to it): the rejoin after a
+// cut resumes after `since`.
+const resume = {};
 
 const $ = (id) => document.getElementById(id);
 
@@ -84,6 +97,10 @@ function render() {
       ? "Live connection lost: following the order by polling until it is back."
       : "Connection quality degraded: polling as well.";
   $("note").textContent = state.note;
+  const recovery = $("recovery");
+  recovery.hidden = !state.recovery;
+  recovery.dataset.recovery = state.recovery.startsWith("recovered") ? "recovered" : "incomplete";
+  recovery.textContent = state.recovery;
 }
 
 function log(text, source) {
@@ -126,6 +143,65 @@ async function history(sinceSeq, timeout, signal) {
   return r.json();
 }
 
+// -- Postgres Changes from any path (WebSocket, replay after a rejoin, polling) -----------------
+
+function applyChange(data, position, source) {
+  if (typeof position === "string" && position) {
+    if (position <= state.position) return; // already applied through the other path
+    state.position = position;
+    resume.since = position;
+  }
+  apply({ status: data && data.status }, null, source);
+}
+
+async function changes(timeout, signal) {
+  const query = new URLSearchParams({ schema: "public", table: "orders", event: "UPDATE", filter: `id=eq.${orderId}`, timeout: String(timeout) });
+  if (state.position) query.set("since", state.position);
+  if (resume.epoch) query.set("epoch", resume.epoch);
+  const r = await fetch(`/api/changes?${query}`, { headers: { apikey }, cache: "no-store", signal });
+  if (!r.ok) throw new Error(`HTTP ${r.status}`);
+  return r.json();
+}
+
+async function pollChanges() {
+  let failures = 0;
+  while (state.polling && state.postgres) {
+    const ctrl = new AbortController();
+    state.changesAbort = ctrl;
+    try {
+      const body = await changes(state.position ? POLL_TIMEOUT_S : 0, ctrl.signal);
+      if (body.epoch) resume.epoch = body.epoch;
+      for (const c of body.changes) applyChange(c.data.record, c.data.position, "polling");
+      if (!state.position && body.position) state.position = resume.since = body.position;
+      else if (body.position > state.position && !body.more) state.position = resume.since = body.position;
+      if (body.recovered === false) state.recovery = `not recovered: ${body.reason || "changes may be missing"}`;
+      failures = 0;
+    } catch (err) {
+      if (ctrl.signal.aborted) break;
+      failures += 1;
+      await sleep(Math.min(10000, 500 * 2 ** failures) * (0.75 + Math.random() * 0.5));
+    }
+  }
+  state.changesAbort = null;
+}
+
+function onSystem(payload) {
+  // After a join with `resume`: the replay (if any) was delivered before this message.
+  if (!payload || payload.extension !== "postgres_changes" || !("recovered" in payload)) return;
+  if (payload.epoch) resume.epoch = payload.epoch;
+  if (typeof payload.position === "string" && payload.position > state.position) {
+    state.position = resume.since = payload.position;
+  }
+  if (state.joinedOnce) {
+    state.recovery = payload.recovered
+      ? `recovered (${payload.replayed} update${payload.replayed === 1 ? "" : "s"} replayed)`
+      : "not recovered: some updates may be missing";
+    log(state.recovery, "recovered");
+  }
+  state.joinedOnce = true;
+  render();
+}
+
 async function catchUp(source) {
   try {
     const body = await history(state.seq, 0);
@@ -164,9 +240,11 @@ function reconsider() {
   if (needPolling && !state.polling) {
     state.polling = true;
     pollLoop();
+    if (state.postgres) pollChanges();
   } else if (!needPolling && state.polling) {
     state.polling = false;
     if (state.pollAbort) state.pollAbort.abort();
+    if (state.changesAbort) state.changesAbort.abort();
     catchUp("websocket"); // anything published between the last poll and the rejoin
   }
   render();
@@ -197,14 +275,18 @@ let channel = null;
 
 function subscribe(withPostgres) {
   state.postgres = withPostgres;
-  const ch = supabase.channel(topic, { config: { broadcast: { self: true } } });
+  const config = { broadcast: { self: true } };
+  if (withPostgres) config.postgres_changes_options = { resume };
+  const ch = supabase.channel(topic, { config });
   ch.on("broadcast", { event: "status" }, (msg) => apply(msg.payload, msg.meta, "websocket"));
   if (withPostgres) {
     ch.on(
       "postgres_changes",
       { event: "UPDATE", schema: "public", table: "orders", filter: `id=eq.${orderId}` },
-      (change) => apply({ status: change.new && change.new.status }, null, "postgres"),
+      // The second argument: the change's position (Tidings, for a channel that resumes).
+      (change, position) => applyChange(change.new, position, "postgres"),
     );
+    ch.on("system", {}, onSystem);
   }
   ch.subscribe((status, err) => {
     if (ch !== channel) return;
@@ -292,7 +374,7 @@ async function main() {
       reconsider();
     }
   }, 1000);
-  window.tidingsDemo = { state, quality, mode }; // for tests and curious developers
+  window.tidingsDemo = { state, quality, mode, resume }; // for tests and curious developers
 }
 
 main();
