@@ -1,4 +1,12 @@
-"""uvicorn's HTTP protocol with limits and deadlines for what a client sends.
+"""The listening protocol (a plain WebSocket upgrade read from its head and answered in place),
+and uvicorn's HTTP protocol with limits and deadlines for everything else.
+
+:class:`DeadlineHttpProtocol` is what uvicorn creates for each accepted connection
+(``uvicorn.Config(http=...)``): a :class:`~.websocket.WebSocketConnection` waiting for its request
+head. A plain, valid upgrade (:func:`parse_upgrade_head`) is answered with a pre-built ``101``;
+anything else goes, with the bytes received so far, to :class:`AsgiHttpProtocol`, which is uvicorn's
+httptools protocol with the limits below, and from there to the ASGI app or to the websockets
+handshake. The limits hold on both paths.
 
 uvicorn reads request heads and bodies of any size and waits forever for a request head once a
 byte of it arrived. Here, for every request of a connection (the WebSocket upgrade too):
@@ -22,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import httptools  # type: ignore[import-untyped]
 import orjson
@@ -32,7 +40,7 @@ from websockets.http11 import Request
 
 from ..config import Config
 from .edge import CONNECTIONS_PER_ADDRESS, OPEN_FILES, Throttle, trusted_proxies
-from .websocket import AWAITING_HEAD, WebSocketConnection
+from .websocket import AWAITING_HEAD, UpgradeHead, WebSocketConnection
 
 __all__ = [
     "LEAN_HEAD_BYTES",
@@ -396,16 +404,6 @@ _READ = frozenset(
 )
 #: Headers that the lean path leaves to httptools and websockets: a body, a subprotocol offer.
 _DECLINE = frozenset({b"content-length", b"transfer-encoding", b"sec-websocket-protocol"})
-
-
-class UpgradeHead(NamedTuple):
-    """What the WebSocket handshake needs of an upgrade request head."""
-
-    target: str  #: the request target, ``/path?query``
-    key: str  #: Sec-WebSocket-Key (valid)
-    origin: str | None
-    api_key: str | None  #: the x-api-key header
-    forwarded_for: list[str]  #: every X-Forwarded-For value, in order
 
 
 def parse_upgrade_head(head: bytes) -> UpgradeHead | None:

@@ -1,8 +1,11 @@
 """The lean WebSocket connection: one ``asyncio.Protocol`` with ``__slots__`` per client.
 
-uvicorn parses the HTTP request and, on ``Upgrade: websocket``, hands the transport to this class
-(``uvicorn.Config(ws=WebSocketConnection)``). Framing and the handshake are done by the
-``websockets`` library's sans-I/O :class:`~websockets.server.ServerProtocol`; Phoenix messages go
+Every accepted connection starts as one (:class:`~.http_protocol.DeadlineHttpProtocol`, the
+listening protocol), which answers a plain upgrade itself (:meth:`WebSocketConnection.upgrade_head`,
+a pre-built ``101``); other upgrades reach it from uvicorn's httptools protocol as a websockets
+``Request`` (``uvicorn.Config(ws=WebSocketConnection)``, :meth:`WebSocketConnection.upgrade`).
+Framing, and the handshake of the latter, are done by the ``websockets`` library's sans-I/O
+:class:`~websockets.server.ServerProtocol`; Phoenix messages go
 to :class:`~tidings.session.Session`. No task per connection: everything happens in
 ``data_received`` and the node's shared sweeper.
 """
@@ -14,7 +17,7 @@ import binascii
 import hashlib
 import logging
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 import orjson
@@ -35,13 +38,11 @@ from ..protocol.frames import close_frame
 from ..session import Session, discard
 from .edge import ANONYMOUS_KEY_PREFIX, CONNECTIONS_PER_ADDRESS, origin_policy, trusted_proxies
 
-if TYPE_CHECKING:
-    from .http_protocol import UpgradeHead
-
 __all__ = [
     "AWAITING_HEAD",
     "SWITCHING_PROTOCOLS",
     "WEBSOCKET_PATHS",
+    "UpgradeHead",
     "WebSocketConnection",
     "open_server_protocol",
     "query_values",
@@ -81,6 +82,16 @@ def _at_frame_boundary(parser: Generator[None]) -> bool:
         if gen.gi_code is _AT_EOF:
             return True
     return False
+
+
+class UpgradeHead(NamedTuple):
+    """What the WebSocket handshake needs of an upgrade request head."""
+
+    target: str  #: the request target, ``/path?query``
+    key: str  #: Sec-WebSocket-Key (valid)
+    origin: str | None
+    api_key: str | None  #: the x-api-key header
+    forwarded_for: list[str]  #: every X-Forwarded-For value, in order
 
 
 class _Fragments:
