@@ -341,7 +341,19 @@ class Session:
             node.loop.create_task(self.authorize_join(channel, msg, cfg, response, context))
             return
         channel.permissions = permissions
+        if self.replay_refused(channel, msg, cfg):
+            return
         self.start_join(channel, msg, cfg, response)
+
+    def replay_refused(self, channel: Channel, msg: Message, cfg: JoinConfig) -> bool:
+        """A replay of a private channel needs broadcast read (Supabase's ``can_replay?``): a
+        member that may read only presence is refused, not handed the broadcasts it asked for."""
+        if cfg.replay is None or channel.permissions.broadcast_read is True:
+            return False
+        self.node.metrics.authz_denied_reads += 1
+        self.leave(channel)
+        self.refuse_join(msg, errors.unauthorized_read_reason(channel.sub_topic))
+        return True
 
     def start_join(
         self,
@@ -435,14 +447,10 @@ class Session:
                 return
             channel.permissions = permissions
         archive = node.message_archive
+        if self.replay_refused(channel, msg, cfg):
+            return
         if not self.replays_from_archive(cfg) or archive is None:
             self.start_join(channel, msg, cfg, response)
-            return
-        if channel.permissions.broadcast_read is not True:
-            # Supabase's can_replay?: a replay needs broadcast read.
-            node.metrics.authz_denied_reads += 1
-            self.leave(channel)
-            self.refuse_join(msg, errors.unauthorized_read_reason(channel.sub_topic))
             return
         replay = cfg.replay
         assert replay is not None

@@ -255,3 +255,11 @@ def test_since_replay_keeps_supabases_1_to_25() -> None:
     c.join("realtime:log", {"broadcast": {"replay": {"since": since, "limit": 100}}})
     _, *replayed = c.texts()
     assert seqs(replayed) == got[-25:]  # the newest 25, oldest first
+
+
+def test_a_replay_needs_broadcast_read() -> None:
+    p = node_pair('[{"topic": "room", "roles": ["presence_only"], "read": ["presence"]}]')
+    c = join(p, "realtime:room", token("p", role="presence_only"), broadcast={"replay": {"since_seq": 0}})
+    assert_refused(c, "realtime:room")
+    plain = join(p, "realtime:room", token("p", role="presence_only"), presence={"enabled": True})
+    assert_joined(plain)
