@@ -28,6 +28,7 @@ from tests.support.server import ServerProcess
 from tidings.auth.tokens import mint_token
 
 from .conftest import Database, ensure_role, unique_slot
+from .test_cluster_changes import wait_for_leader
 from .test_rls import SCHEMA
 from .test_server_changes import ORDERS
 
@@ -453,3 +454,47 @@ async def test_rls_applies_to_the_replay_and_to_polls(
         assert status == 200 and [c["data"]["record"]["id"] for c in page["changes"]] == want, page
     status, _ = await poll(server, None, schema="public", table="notes")
     assert status == 401  # no token: as a join without one
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("redis_kind", ["redis", "redis-cluster"])
+async def test_a_client_resumes_on_another_node_after_the_leader_died(
+    orders_db: Database, redis_kind: str
+) -> None:
+    """Two nodes: the client follows its order on the lease holder, which dies while updates
+    commit; the client resumes on the other node, which took the lease over. It gets exactly what
+    it missed: the log lives in Redis, and the survivor's own mirror of it started over at the hole."""
+    redis = RedisServer() if redis_kind == "redis" else RedisClusterServers(masters=3)
+    redis.start()
+    slot = unique_slot()
+    env = {"DATABASE_URL": orders_db.dsn, "DB_SLOT": slot, "DB_RESUME_GRACE": "0"}
+    env |= {"REDIS_URL": redis.url, "NODE_TIMEOUT": "3s"}
+    nodes = [ServerProcess(env=dict(env)).start() for _ in range(2)]
+    try:
+        leader = await wait_for_leader(nodes)
+        survivor = nodes[1] if leader is nodes[0] else nodes[0]
+        watcher = await observer(survivor)
+        client = await PhxClient.open(leader.http_url)
+        reply = await resume_join(client, "realtime:o", ORDER_42, True)
+        epoch = reply["postgres_changes_resume"]["epoch"]
+        orders_db.execute("UPDATE orders SET total = 0 WHERE id = 42")
+        await wait_totals(client, "realtime:o", 1)
+        last = pushes(client, "realtime:o")[-1][4]["data"]["position"]
+        await client.close()
+        for i in range(1, 4):  # while the client is away, with the leader still up
+            orders_db.execute("UPDATE orders SET total = %s WHERE id = 42", (i,))
+        await seen_total(watcher, 3)
+        leader.kill()
+        for i in range(4, 6):  # and once it died: the survivor streams them when it leads
+            orders_db.execute("UPDATE orders SET total = %s WHERE id = 42", (i,))
+        await seen_total(watcher, 5)
+        client = await PhxClient.open(survivor.http_url)
+        resume = (await resume_join(client, "realtime:o", ORDER_42, {"since": last, "epoch": epoch}))[
+            "postgres_changes_resume"
+        ]
+        assert resume["recovered"] is True and resume["epoch"] == epoch, resume
+        assert totals(client, "realtime:o") == [1, 2, 3, 4, 5]
+    finally:
+        for node in nodes:
+            node.stop()
+        redis.cleanup()

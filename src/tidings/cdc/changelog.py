@@ -33,7 +33,7 @@ import orjson
 
 from tidings.cdc.changes import Change
 from tidings.protocol.filters import KeyFn
-from tidings.protocol.positions import format_position
+from tidings.protocol.positions import format_position, position_of
 
 __all__ = [
     "ENTRY_BYTES",
@@ -45,6 +45,7 @@ __all__ = [
     "TableRead",
     "covered_after",
     "new_epoch",
+    "position_before",
 ]
 
 TableKey = tuple[str, str]
@@ -63,6 +64,12 @@ def new_epoch() -> str:
 def covered_after(start_lsn: int) -> str:
     """The position just before *start_lsn*: a stream starting there yields every change after it."""
     return format_position(start_lsn - 1, 0xFFFFFFFF) if start_lsn > 0 else format_position(0, 0)
+
+
+def position_before(position: str) -> str:
+    """The position just before *position*."""
+    lsn, index = position_of(position)
+    return format_position(lsn, index - 1) if index else covered_after(lsn)
 
 
 class LogState(NamedTuple):
@@ -275,6 +282,22 @@ class MemoryChangeLog:
         self.logged_lsn = start_lsn
         self._tables.clear()
         self.bytes = 0
+
+    def follow(self, change: Change, prev: str | None) -> None:
+        """Mirror a change published by the lease holder of a cluster (every node keeps one, to
+        answer resumes without reading Redis). *prev*: the holder logged nothing between it and
+        this change. A change after a hole (a lost publish, a new stream) starts the mirror over,
+        covering from *prev*."""
+        position = change.position
+        if self.epoch is not None and position <= self.head:
+            return
+        if self.epoch is None or prev is None or prev > max(self.head, self.after):
+            self.epoch = new_epoch()
+            self.after = prev if prev is not None and prev < position else position_before(position)
+            self.head = ""
+            self._tables.clear()
+            self.bytes = 0
+        self.append(change)
 
     def append(self, change: Change, now: float | None = None) -> None:
         """Log *change* (ignored when at or below the head: a stream repeating what it sent)."""

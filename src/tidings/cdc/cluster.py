@@ -20,8 +20,16 @@ from typing import Any
 import orjson
 
 from ..broker.base import ChangeBus
-from ..protocol.positions import format_position, position_of
-from .changelog import Candidates, LogState, TableRead, covered_after, new_epoch
+from ..protocol.positions import format_position
+from .changelog import (
+    Candidates,
+    LogState,
+    MemoryChangeLog,
+    TableRead,
+    covered_after,
+    new_epoch,
+    position_before,
+)
 from .changes import Change
 from .service import PostgresChanges, PostgresChangesError
 
@@ -72,16 +80,15 @@ def _table_name(schema: str, table: str) -> str:
     return f"{len(schema)}:{schema}.{table}"
 
 
-def _before(position: str) -> str:
-    """The position just before *position* (where a log starting at it covers from)."""
-    lsn, index = position_of(position)
-    return format_position(lsn, index - 1) if index else covered_after(lsn)
-
-
 class BusChangeLog:
     """The change log of a cluster, in Redis through the :class:`ChangeBus` (see
     :mod:`tidings.cdc.changelog` for its guarantees): the lease holder appends every change it
     streams, in the order of its publishes, and every node reads it, also after a restart.
+
+    Every node also mirrors the log in memory from the changes it receives (:attr:`mirror`, fed by
+    :meth:`ChangeFeedLeader.received`): a read the mirror covers (it holds everything after the
+    position asked for, up to the head Redis reports) is answered from it, through its value
+    indexes; any other read (after a restart of this node, a lost publish) goes to Redis.
 
     Args:
         bus: the cluster's change bus.
@@ -96,6 +103,11 @@ class BusChangeLog:
         self.enabled = size > 0
         self._limits = (size, max_bytes, ttl)
         self._epoch = new_epoch()  # used only if Redis lost the log while this node streams
+        self.mirror = MemoryChangeLog(size, max_bytes, ttl)
+        """This node's copy of the log, from the changes it received."""
+        self._head = ""  # Redis' head at the last state() (reads follow a state)
+        self.mirror_reads = 0
+        """Table reads answered from the mirror (the rest went to Redis)."""
 
     def begin(self, start_lsn: int) -> None:
         """See :class:`~tidings.cdc.changelog.ChangeLog` (queued on the bus)."""
@@ -109,7 +121,7 @@ class BusChangeLog:
         position = change.position
         entry = orjson.dumps(encode_change(change))
         table = _table_name(change.schema, change.table)
-        self.bus.log_change(table, position, entry, self._limits, self._epoch, _before(position))
+        self.bus.log_change(table, position, entry, self._limits, self._epoch, position_before(position))
 
     def transaction_end(self, end_lsn: int) -> None:
         """Queued on the bus after the transaction's changes."""
@@ -120,7 +132,8 @@ class BusChangeLog:
         """Read from Redis (in order with this node's queued commands)."""
         meta = await self.bus.log_state()
         epoch = meta.get("epoch") or None
-        return LogState(epoch, meta.get("after") or format_position(0, 0), meta.get("head", ""))
+        self._head = meta.get("head", "")
+        return LogState(epoch, meta.get("after") or format_position(0, 0), self._head)
 
     async def read(
         self, table: tuple[str, str], since: str, limit: int, candidates: Sequence[Candidates] | None
@@ -131,6 +144,10 @@ class BusChangeLog:
         age: entries older than ``ttl`` count as trimmed) and the newest change logged for the
         table (``last:``) is among what was read (a stream evicted from Redis is not complete).
         """
+        mirror = self.mirror
+        if mirror.epoch is not None and since >= mirror.after and mirror.head >= self._head:
+            self.mirror_reads += 1
+            return mirror.read_now(table, since, limit, candidates)
         name = _table_name(*table)
         meta = await self.bus.log_state()
         trimmed, last = meta.get("trim:" + name, ""), meta.get("last:" + name, "")
@@ -173,13 +190,25 @@ class ChangeFeedLeader:
         self.first_delay = first_delay
         self.leader = False
         self._failed = False
+        # The position after which this stream published everything (its start, then its last
+        # change): sent with each change, so a node's mirror of the log sees a hole in it.
+        self._prev: str | None = None
         cdc.forwarder = self
 
     # -- Forwarder ---------------------------------------------------------------------------
 
+    def started(self, start_lsn: int) -> None:
+        """This node streams from *start_lsn*: its first change follows the position just before."""
+        self._prev = covered_after(start_lsn)
+
     def change(self, change: Change) -> None:
-        """Publish one streamed change to every node."""
-        self.broker.publish_change(CHANGES_KEY, encode_change(change), self._published)
+        """Publish one streamed change to every node (with the position it follows)."""
+        raw = encode_change(change)
+        raw["pv"] = self._prev
+        position = change.position
+        if self._prev is None or position > self._prev:
+            self._prev = position
+        self.broker.publish_change(CHANGES_KEY, raw, self._published)
 
     def end(self, end_lsn: int, confirm: Any) -> None:
         """Confirm ``end_lsn`` once Redis answered every publish queued before it."""
@@ -192,8 +221,14 @@ class ChangeFeedLeader:
         self.broker.after_queued(done)
 
     def received(self, raw: dict[str, Any]) -> None:
-        """A change from the bus (``Node.on_change``): match it against this node's subscriptions."""
-        self.cdc.dispatch(decode_change(raw))
+        """A change from the bus (``Node.on_change``): mirrored into this node's copy of the log,
+        then matched against this node's subscriptions."""
+        change = decode_change(raw)
+        change_log = self.cdc.log
+        if isinstance(change_log, BusChangeLog) and change_log.enabled:
+            prev = raw.get("pv")
+            change_log.mirror.follow(change, prev if isinstance(prev, str) else None)
+        self.cdc.dispatch(change)
 
     def _published(self, result: Any) -> None:
         if isinstance(result, Exception) and not self._failed:

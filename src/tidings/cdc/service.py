@@ -129,6 +129,9 @@ class Forwarder(Protocol):
     def end(self, end_lsn: int, confirm: Callable[[int], None]) -> None:
         """A transaction ended: call ``confirm(end_lsn)`` once every change before it was handed over."""
 
+    def started(self, start_lsn: int) -> None:
+        """A stream starts at the slot position *start_lsn* (before any of its changes)."""
+
 
 class PostgresChanges:
     """Streams INSERT/UPDATE/DELETE of published tables to matching subscribers.
@@ -727,6 +730,8 @@ class PostgresChanges:
     def _stream_started(self, start_lsn: int) -> None:
         """A replication session streams from *start_lsn*: the log continues there, or starts over."""
         self.log.begin(start_lsn)
+        if self.forwarder is not None:
+            self.forwarder.started(start_lsn)
 
     def _wake_table(self, table: tuple[str, str]) -> None:
         for fut in self._table_waiters.pop(table, ()):
