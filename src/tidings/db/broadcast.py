@@ -529,6 +529,11 @@ class BroadcastFromDatabase:
             raise BroadcastFromDatabaseError(f"invalid database URL: {first_line(exc)}") from None
         self._where = catalog.describe_dsn(self._dsn)
         self._bucket = TokenBucket(self.rate, self.rate, time.monotonic())
+        # Batches not yet delivered, oldest first, and the timer of a rate-limit pause.
+        self._backlog: collections.deque[tuple[list[MessageRow | TransactionEnd], int, _Ledger]] = (
+            collections.deque()
+        )
+        self._throttled: asyncio.TimerHandle | None = None
         self._stream: ReplicationStream | None = None
         self._ledger: _Ledger | None = None
         self._running = False
@@ -783,15 +788,34 @@ class BroadcastFromDatabase:
     # -- delivery (loop thread) ---------------------------------------------------------------
 
     def _on_batch(self, ledger: _Ledger, batch: list[MessageRow | TransactionEnd]) -> None:
-        self._deliver(batch, 0, ledger)
+        self._backlog.append((batch, 0, ledger))
+        if self._throttled is None:
+            self._deliver_backlog()
 
-    def _deliver(self, batch: list[MessageRow | TransactionEnd], start: int, ledger: _Ledger) -> None:
+    def _deliver_backlog(self) -> None:
+        """Deliver waiting batches in stream order; a throttled one holds back every later one."""
+        self._throttled = None
+        backlog = self._backlog
+        while backlog:
+            batch, start, ledger = backlog[0]
+            paused = self._deliver(batch, start, ledger)
+            if paused is not None:
+                index, wait = paused
+                backlog[0] = (batch, index, ledger)
+                self._throttled = asyncio.get_running_loop().call_later(wait, self._deliver_backlog)
+                return
+            backlog.popleft()
+
+    def _deliver(
+        self, batch: list[MessageRow | TransactionEnd], start: int, ledger: _Ledger
+    ) -> tuple[int, float] | None:
+        """Publish ``batch[start:]``; ``(index, seconds)`` when the rate limit pauses it there."""
         stream = ledger.stream
         if stream is None:
-            return
+            return None
         if not ledger.alive:  # stopped, or a publish failed: the next reader streams these again
             stream.batch_done()
-            return
+            return None
         bucket, now = self._bucket, time.monotonic()
         counters, publish = self.counters, self._publish
         for i in range(start, len(batch)):
@@ -804,9 +828,8 @@ class BroadcastFromDatabase:
                 continue
             if not bucket.take(now):
                 counters.db_broadcasts_throttled += 1
-                wait = max(0.001, (1.0 - bucket.available(now)) / self.rate)
-                asyncio.get_running_loop().call_later(wait, self._deliver, batch, i, ledger)
-                return  # the batch stays in flight: the reader pauses once enough are
+                # The batch stays in flight: the reader pauses once enough are.
+                return i, max(0.001, (1.0 - bucket.available(now)) / self.rate)
             txn = ledger.current()
             txn.waiting += 1
             try:
@@ -819,6 +842,7 @@ class BroadcastFromDatabase:
                 break
             counters.db_broadcasts += 1
         stream.batch_done()
+        return None
 
     def _drop(self, row: MessageRow) -> None:
         counters = self.counters
