@@ -4,8 +4,9 @@ The order page in miniature: ``--clients`` WebSocket clients, each following its
 (``orders``, ``id=eq.<k>``) with ``postgres_changes_options.resume``. All connections are dropped;
 ``--updates`` updates commit at ``--rate`` per second, spread over the orders; then every client
 rejoins at once with the position of the last change it got. Measured per client: the updates of
-its order it got (replayed or live) against those committed, and the time from sending its rejoin
-to its ``system`` message (the replay delivered: caught up).
+its order it got (replayed or live) against those committed, and the time from its reconnect
+(after a backoff drawn from ``--spread`` seconds) to its ``system`` message (the replay delivered:
+caught up), which includes the WebSocket handshake.
 
 Runs a real server (``python -m tidings serve``) against a throwaway PostgreSQL
 (``tests/support/postgres.py``), with the memory broker or ``--redis`` (a throwaway redis-server).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import sys
 import threading
@@ -54,11 +56,12 @@ class Page:
         config = {"postgres_changes": [binding], "postgres_changes_options": {"resume": resume}}
         return json.dumps(["1", "1", f"realtime:order:{self.order}", "phx_join", {"config": config}])
 
-    async def run(self, url: str, resume: Any) -> None:
+    async def run(self, url: str, resume: Any, delay: float = 0.0) -> None:
         self.ready.clear()
-        async with connect(url, open_timeout=30, max_size=None, ping_interval=None) as ws:
+        await asyncio.sleep(delay)  # its reconnect backoff
+        self.sent_at = time.perf_counter()
+        async with connect(url, open_timeout=60, max_size=None, ping_interval=None) as ws:
             self.ws = ws
-            self.sent_at = time.perf_counter()
             await ws.send(self.join(resume))
             async for raw in ws:
                 msg = json.loads(raw)
@@ -75,6 +78,12 @@ class Page:
                     if payload.get("position", "") > self.position:
                         self.position = payload["position"]
                     self.ready.set()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0  # utime, stime in clock ticks (100/s)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -98,6 +107,7 @@ async def run(args: argparse.Namespace) -> None:
             "MAX_CONNECTIONS_PER_IP": str(args.clients * 3),
             "MAX_ANONYMOUS_CONNECTIONS_PER_IP": str(args.clients * 3),
             "MAX_JOINS_PER_SECOND": str(args.clients * 2),
+            "MAX_CONNECTIONS": str(args.clients * 2),
             "LOG_LEVEL": "warning",
         }
         if redis is not None:
@@ -105,8 +115,10 @@ async def run(args: argparse.Namespace) -> None:
         server = ServerProcess(env=env).start()
         url = f"ws://127.0.0.1:{server.port}/realtime/v1/websocket?vsn=2.0.0"
         pages = [Page(k) for k in range(1, args.clients + 1)]
+        joined = time.perf_counter()
         tasks = [asyncio.ensure_future(p.run(url, True)) for p in pages]
-        await asyncio.wait_for(asyncio.gather(*(p.ready.wait() for p in pages)), 120)
+        await asyncio.wait_for(asyncio.gather(*(p.ready.wait() for p in pages)), 300)
+        joined = time.perf_counter() - joined
         for p in pages:  # the cut
             await p.ws.close()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -132,8 +144,19 @@ async def run(args: argparse.Namespace) -> None:
         for i in range(args.updates):
             committed.setdefault(i % args.clients + 1, []).append(i + 1)
         await asyncio.sleep(args.settle)  # the stream delivers (and logs) the last updates
-        tasks = [asyncio.ensure_future(p.run(url, {"since": p.position, "epoch": p.epoch})) for p in pages]
+        cpu_before = cpu_seconds(server.proc.pid), time.process_time()
+        rejoin_started = time.perf_counter()
+        spread = random.Random(7)
+        tasks = [
+            asyncio.ensure_future(
+                p.run(url, {"since": p.position, "epoch": p.epoch}, spread.uniform(0, args.spread))
+            )
+            for p in pages
+        ]
         await asyncio.wait_for(asyncio.gather(*(p.ready.wait() for p in pages)), 300)
+        rejoin_wall = time.perf_counter() - rejoin_started
+        server_cpu = cpu_seconds(server.proc.pid) - cpu_before[0]
+        bench_cpu = time.process_time() - cpu_before[1]
         deadline = time.perf_counter() + 30
         while time.perf_counter() < deadline and any(p.got != committed.get(p.order, []) for p in pages):
             await asyncio.sleep(0.1)
@@ -145,11 +168,13 @@ async def run(args: argparse.Namespace) -> None:
         caught_up = [(p.caught_up_at - p.sent_at) * 1000 for p in pages]
         broker = "redis" if redis is not None else "memory"
         print(
-            f"broker {broker}: {args.clients} clients, {args.updates} updates in {wrote:.1f} s while away; "
+            f"broker {broker}: {args.clients} clients rejoining over {args.spread:.0f} s, "
+            f"{args.updates} updates in {wrote:.1f} s while away; "
             f"missed {missed}, repeated {repeated}, recovered: true for "
             f"{sum(p.recovered is True for p in pages)}/{len(pages)}; rejoin -> caught up: "
             f"p50 {statistics.median(caught_up):.0f} ms, p99 {pct(caught_up, 0.99):.0f} ms, "
-            f"max {max(caught_up):.0f} ms"
+            f"max {max(caught_up):.0f} ms (the first joins, all at once: {joined:.1f} s); the rejoins took "
+            f"{rejoin_wall:.1f} s, server CPU {server_cpu:.1f} s, load generator CPU {bench_cpu:.1f} s"
         )
     finally:
         if server is not None:
@@ -164,7 +189,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--updates", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=1000.0)
-    parser.add_argument("--settle", type=float, default=1.0, help="seconds between the last update and the rejoins")
+    parser.add_argument(
+        "--settle", type=float, default=1.0, help="seconds between the last update and the rejoins"
+    )
+    parser.add_argument("--spread", type=float, default=0.0, help="rejoins spread over this many seconds (backoff)")
     parser.add_argument("--redis", action="store_true")
     asyncio.run(run(parser.parse_args()))
 
