@@ -19,6 +19,7 @@ from tidings.protocol.codec import (
     Serializer,
     decode_binary,
     decode_text,
+    encode_change,
     encode_close,
     encode_push,
     encode_reply,
@@ -533,3 +534,18 @@ def test_close_frame_truncation_keeps_the_reason_valid_utf8() -> None:
     assert len(frame.data) <= 125
     close = Close.parse(bytes(frame.data))  # raises on a reason cut inside a character
     assert close.code == 1001 and set(close.reason) == {"é"}
+
+
+@pytest.mark.parametrize("ref", [None, "0000000016B3A2F8/00000003"])
+def test_postgres_changes_push_with_and_without_the_position_as_ref(ref: str | None) -> None:
+    data = {"type": "UPDATE", "position": "0000000016B3A2F8/00000003", "record": {"id": 1}}
+    data_json = orjson.dumps(data)
+    v2 = text_json(encode_change(V2, "realtime:o", [7, 9], data_json, ref))
+    assert v2 == [None, ref, "realtime:o", "postgres_changes", {"ids": [7, 9], "data": data}]
+    v1 = text_json(encode_change(V1, "realtime:o", [7], data_json, ref))
+    assert v1 == {
+        "topic": "realtime:o",
+        "event": "postgres_changes",
+        "payload": {"ids": [7], "data": data},
+        "ref": ref,
+    }

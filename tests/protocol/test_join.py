@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from tidings.protocol import errors
 from tidings.protocol.join import JoinConfig, JoinError, Replay, parse_bool, parse_join
+from tidings.protocol.positions import ChangesResume
 
 REPLAY_INVALID = "UnableToReplayMessages: Replay params are not valid"
 
@@ -187,6 +188,25 @@ def test_postgres_changes_are_echoed_verbatim_and_nulls_removed() -> None:
 def test_postgres_changes_entry_not_an_object_is_an_error() -> None:
     with pytest.raises(JoinError):
         parse_join("realtime:r", {"config": {"postgres_changes": ["public:t"]}})
+
+
+def test_postgres_changes_resume_option() -> None:
+    """``postgres_changes_options.resume`` (Tidings): true or {since, epoch}; positions normalised."""
+
+    def resume(value: Any) -> Any:
+        options = {"postgres_changes_options": {"wait": True, "resume": value}}
+        return parse_join("realtime:r", {"config": options}).changes_resume
+
+    assert parse_join("realtime:r", {"config": {}}).changes_resume is None
+    assert resume(None) is None
+    assert resume(True) == ChangesResume()
+    assert resume({"since": "0000000016b3a2f8/00000003", "epoch": "e"}) == ChangesResume(
+        "0000000016B3A2F8/00000003", "e"
+    )
+    for bad in ("true", {"since": "16B3A2F8/3"}, {"since": 5}, {"epoch": 5}, 0):
+        with pytest.raises(JoinError) as info:
+            resume(bad)
+        assert info.value.reason.startswith(errors.RESUME_INVALID + ": ")
 
 
 def test_access_token_and_legacy_user_token() -> None:
