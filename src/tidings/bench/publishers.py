@@ -246,6 +246,15 @@ class PostgresUpdateSource(UpdateSource):
                 for col in ("t bigint NOT NULL DEFAULT 0", "n bigint NOT NULL DEFAULT 0", "p text"):
                     cur.execute(f"ALTER TABLE {ORDERS_TABLE} ADD COLUMN IF NOT EXISTS {col}")
                 cur.execute(f"ALTER TABLE {ORDERS_TABLE} REPLICA IDENTITY DEFAULT")
+                # Subscribers read as their JWT role (anon in open mode): where the API roles
+                # exist, give them what a Supabase project's default privileges give.
+                cur.execute(
+                    "SELECT string_agg(quote_ident(rolname), ', ') FROM pg_roles "
+                    "WHERE rolname IN ('anon', 'authenticated')"
+                )
+                roles = cur.fetchone()[0]
+                if roles:
+                    cur.execute(f"GRANT SELECT ON {ORDERS_TABLE} TO {roles}")
                 cur.execute(
                     f"INSERT INTO {ORDERS_TABLE} (id) SELECT g FROM generate_series(0, %s) g "
                     "ON CONFLICT (id) DO NOTHING",
