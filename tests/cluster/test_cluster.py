@@ -79,7 +79,9 @@ async def test_broadcast_and_presence_cross_nodes(redis_url: str) -> None:
 
 
 async def test_workers_share_the_port_and_the_channels(redis_url: str) -> None:
-    server = ServerProcess(env={"REDIS_URL": redis_url}, args=["--workers", "2"]).start()
+    # Two workers each prepare a node (on a Redis Cluster: a slot map per worker) before the
+    # port answers; on a loaded machine that takes more than the default 20 s.
+    server = ServerProcess(env={"REDIS_URL": redis_url}, args=["--workers", "2"]).start(timeout=60.0)
     try:
         assert server.proc is not None
         children = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == server.proc.pid]

@@ -23,10 +23,11 @@ from tidings.protocol import errors
 from tidings.server.app import build_app
 
 SECRET = "http-api-test-secret-that-is-long-enough-for-hs256"
-SERVICE = mint_token(SECRET, role="service_role", ttl=600)
-USER = mint_token(SECRET, role="authenticated", sub="u1", ttl=600)
-OTHER_USER = mint_token(SECRET, role="authenticated", sub="u2", ttl=600)
-ANON = mint_token(SECRET, role="anon", ttl=600)
+# Minted at collection: a day outlives any run of the suite (600 s did not).
+SERVICE = mint_token(SECRET, role="service_role", ttl=86_400)
+USER = mint_token(SECRET, role="authenticated", sub="u1", ttl=86_400)
+OTHER_USER = mint_token(SECRET, role="authenticated", sub="u2", ttl=86_400)
+ANON = mint_token(SECRET, role="anon", ttl=86_400)
 WAIT = 5.0
 
 
