@@ -12,7 +12,8 @@ Runs a real server (``python -m tidings serve``) against a throwaway PostgreSQL
 (``tests/support/postgres.py``), with the memory broker or ``--redis`` (a throwaway redis-server).
 From the repo root::
 
-    .venv/bin/python benchmarks/postgres_changes_resume.py [--clients 1000] [--updates 5000] [--rate 1000] [--redis]
+    .venv/bin/python benchmarks/postgres_changes_resume.py \
+        [--clients 1000] [--updates 5000] [--rate 1000] [--redis]
 """
 
 from __future__ import annotations
@@ -192,7 +193,9 @@ def main() -> None:
     parser.add_argument(
         "--settle", type=float, default=1.0, help="seconds between the last update and the rejoins"
     )
-    parser.add_argument("--spread", type=float, default=0.0, help="rejoins spread over this many seconds (backoff)")
+    parser.add_argument(
+        "--spread", type=float, default=0.0, help="rejoins spread over this many seconds (backoff)"
+    )
     parser.add_argument("--redis", action="store_true")
     asyncio.run(run(parser.parse_args()))
 
