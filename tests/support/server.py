@@ -117,6 +117,10 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def __enter__(self) -> ServerProcess:
+        # ``with ServerProcess(...).start() as server`` is started already: a second process on
+        # the same port (SO_REUSEPORT) would never be stopped.
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
